@@ -1,0 +1,172 @@
+"""The ``jaxdp`` command line.
+
+``jaxdp train ...`` parses every option into a :class:`jaxdp.config.TrainConfig`, validates all of it (and the
+environment id) before any work starts, and only then imports JAX and trains. A bad option or value prints one
+line naming it and exits with status 2; no log directory is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Sequence
+
+from jaxdp import config as config_lib
+
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+_D = config_lib.TrainConfig()
+
+# (flag, field, type, help). One table so that --help documents every option with its default.
+_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--algo", "algo", str, f"agent: {', '.join(config_lib.ALGOS)}"),
+    ("--env", "env", str, "environment id: envpool (Pong-v5, Breakout-v5, CartPole-v1, Acrobot-v1, ...) "
+                          "or gymnasium"),
+    ("--total-steps", "total_steps", int, "environment steps per seed, all workers and envs together"),
+    ("--num-envs", "num_envs", int, "environments per worker (0 = algorithm default: dqn 4, a2c 16, reinforce 8)"),
+    ("--optimizer", "optimizer", str, "inner optimizer: adam, rmsprop or sgd"),
+    ("--lr", "lr", float, "learning rate (0 = algorithm default: dqn 2.5e-4, a2c/reinforce 2e-3)"),
+    ("--max-grad-norm", "max_grad_norm", float, "clip gradients to this global norm (0 = off)"),
+    ("--gamma", "gamma", float, "discount factor"),
+    ("--torso", "torso", str, "network torso: auto (mlp for vectors, nature for Atari), mlp, nature, a3c"),
+    ("--layer-norm", "layer_norm", "flag", "LayerNorm after each hidden layer"),
+    ("--buffer-size", "buffer_size", int, "DQN replay capacity (transitions)"),
+    ("--batch-size", "batch_size", int, "DQN minibatch size"),
+    ("--learning-starts", "learning_starts", int, "DQN: env steps of random play before learning"),
+    ("--train-frequency", "train_frequency", int, "DQN: env steps (all envs) per gradient update"),
+    ("--target-update", "target_update", int, "DQN: env steps between hard target-network copies"),
+    ("--tau", "tau", float, "DQN: Polyak rate of the target network per update (1 = hard copies)"),
+    ("--eps-start", "eps_start", float, "DQN: initial epsilon"),
+    ("--eps-end", "eps_end", float, "DQN: final epsilon"),
+    ("--eps-fraction", "eps_fraction", float, "DQN: fraction of --total-steps over which epsilon decays"),
+    ("--n-step", "n_step", int, "DQN: n-step returns"),
+    ("--no-replay", "replay", "noflag", "DQN ablation: learn from the latest transitions only"),
+    ("--no-target-network", "target_network", "noflag", "DQN ablation: bootstrap from the online network"),
+    ("--rollout-len", "rollout_len", int, "A2C n-step / REINFORCE rollout length (0 = default: 8 / 500)"),
+    ("--ent-coef", "ent_coef", float, "A2C/REINFORCE entropy bonus"),
+    ("--vf-coef", "vf_coef", float, "A2C/REINFORCE value-loss coefficient"),
+    ("--baseline", "baseline", str, "REINFORCE baseline: value, mean or none"),
+    ("--strategy", "strategy", str, f"how workers cooperate: {', '.join(config_lib.STRATEGIES)}"),
+    ("--runtime", "runtime", str, f"where workers run: {', '.join(config_lib.RUNTIMES)}"),
+    ("--workers", "workers", int, "number of workers N"),
+    ("--local-steps", "local_steps", int, "DPSGD: local steps B between pushes"),
+    ("--master-batch", "master_batch", int, "DPSGD: update vectors M aggregated per master update"),
+    ("--global-lr", "global_lr", float, "DPSGD: the master's step size on the update vectors"),
+    ("--delay", "delay", str, "async (vmap): delay distribution: fixed, uniform, geometric, zipf"),
+    ("--max-delay", "max_delay", int, "async (vmap): largest gradient delay in steps"),
+    ("--threads", "threads", int, "hogwild: lock-free threads per worker"),
+    ("--overwrite-prob", "overwrite_prob", float, "hogwild: probability that a coordinate's write is lost"),
+    ("--logdir", "logdir", str, "output directory (metrics.jsonl, summary.json, TensorBoard, checkpoints)"),
+    ("--log-interval", "log_interval", float, "seconds between log points"),
+    ("--checkpoint-interval", "checkpoint_interval", float, "seconds between checkpoints"),
+    ("--resume", "resume", "flag", "continue from the latest checkpoint in --logdir"),
+    ("--eval-episodes", "eval_episodes", int, "greedy evaluation episodes at the end (0 = none)"),
+    ("--no-progress", "progress", "noflag", "no progress bar"),
+    ("--no-tensorboard", "tensorboard", "noflag", "no TensorBoard events"),
+]
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="train an agent",
+        description="Train an RL agent, alone or as N workers cooperating by a distributed-SGD strategy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for flag, field, kind, help_text in _OPTIONS:
+        default = getattr(_D, field)
+        if kind == "flag":
+            p.add_argument(flag, dest=field, action="store_true", help=help_text)
+        elif kind == "noflag":
+            p.add_argument(flag, dest=field, action="store_false", help=help_text)
+        else:
+            p.add_argument(flag, dest=field, type=kind, default=default, help=help_text)
+    p.add_argument("--hidden", type=int, nargs="+", default=list(_D.hidden), help="MLP hidden sizes")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="several seeds trained as one vmapped program")
+    seeds.add_argument("--num-seeds", type=int, default=None, help="seeds 0..S-1 as one vmapped program")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="jaxdp",
+        description="jaxdp: distributed and parallel SGD as optax transforms, and the deep RL trained with it. "
+                    "'DPSGD' here is Distributed-Parallel SGD (Mohamad et al.), not differentially-private SGD.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    _train_parser(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
+    fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    kw["hidden"] = tuple(args.hidden)
+    if args.seeds is not None:
+        kw["seeds"] = tuple(args.seeds)
+    elif args.num_seeds is not None:
+        if args.num_seeds < 1:
+            raise config_lib.ConfigError(f"--num-seeds must be a positive integer, got {args.num_seeds}")
+        kw["seeds"] = tuple(range(args.num_seeds))
+    elif args.seed is not None:
+        kw["seeds"] = (args.seed,)
+    return config_lib.TrainConfig(**kw)
+
+
+def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
+    """Picks a fresh run directory, or checks the given one: never overwrite a run, never resume from nothing."""
+    import os
+    import time
+
+    logdir = cfg.logdir
+    if not logdir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        env = cfg.env.replace("/", "_")
+        logdir = os.path.join("runs", f"{cfg.algo}_{env}_{cfg.strategy}_{stamp}")
+    has_run = os.path.exists(os.path.join(logdir, "metrics.jsonl")) or os.path.isdir(
+        os.path.join(logdir, "checkpoints"))
+    if cfg.resume and not os.path.isdir(os.path.join(logdir, "checkpoints")):
+        raise config_lib.ConfigError(f"--resume: no checkpoints in --logdir {logdir!r}")
+    if has_run and not cfg.resume:
+        raise config_lib.ConfigError(f"--logdir {logdir!r} already holds a run: pass --resume to continue it "
+                                     f"or choose another --logdir")
+    return dataclasses.replace(cfg, logdir=logdir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        cfg = config_lib.validate(config_from_args(args))
+        from jaxdp.envs import validate_env_id  # cheap: creates no environment
+
+        validate_env_id(cfg.env)
+        cfg = resolve_logdir(cfg)
+    except (config_lib.ConfigError, ValueError) as e:
+        sys.stderr.write(f"jaxdp train: error: {e}\n")
+        return EXIT_USAGE
+
+    from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
+
+    summary = train_lib.run(cfg)
+    return 0 if summary is not None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""One typed, frozen configuration for a training run, and its validation.
+
+Everything a run needs lives in :class:`TrainConfig` (CleanRL's ``Args`` idea, but one place for every
+algorithm). :func:`validate` checks every value and every combination *before* any work starts, and raises
+:class:`ConfigError` with one line that names the offending option -- the CLI prints that line and exits with
+status 2. Defaults are the small, fast main job of the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+ALGOS = ("dqn", "double_dqn", "a2c", "reinforce")
+STRATEGIES = ("single", "sync", "async", "dpsgd", "hogwild")
+RUNTIMES = ("vmap", "devices", "async_sim", "mpi", "distributed")
+TORSOS = ("auto", "mlp", "nature", "a3c")
+DELAY_KINDS = ("fixed", "uniform", "geometric", "zipf")
+
+
+class ConfigError(ValueError):
+    """A bad option or combination of options; the message is one line naming it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # What to train.
+    algo: Literal["dqn", "double_dqn", "a2c", "reinforce"] = "a2c"
+    env: str = "CartPole-v1"
+    total_steps: int = 300_000  # environment steps per seed, summed over all workers and their envs
+    num_envs: int = 0  # per worker; 0 = the algorithm's default
+    seeds: tuple[int, ...] = (0,)
+
+    # Optimizer (the inner optax chain every strategy wraps).
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
+    lr: float = 0.0  # 0 = the algorithm's default
+    max_grad_norm: float = 0.5
+    gamma: float = 0.99
+
+    # Network.
+    torso: str = "auto"  # mlp for vector observations, nature for Atari
+    hidden: tuple[int, ...] = (64, 64)
+    layer_norm: bool = False
+
+    # DQN / Double DQN.
+    buffer_size: int = 50_000
+    batch_size: int = 128
+    learning_starts: int = 10_000
+    train_frequency: int = 10  # env steps (all envs together) per gradient update
+    target_update: int = 500  # env steps between hard target copies; ignored when tau < 1
+    tau: float = 1.0
+    eps_start: float = 1.0
+    eps_end: float = 0.05
+    eps_fraction: float = 0.5
+    n_step: int = 1
+    replay: bool = True  # False: learn from the latest transitions only (the lecture's ablation)
+    target_network: bool = True  # False: bootstrap from the online network (the lecture's ablation)
+
+    # A2C / REINFORCE.
+    rollout_len: int = 0  # 0 = the algorithm's default (a2c: 8, reinforce: 500)
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    baseline: Literal["value", "mean", "none"] = "value"
+
+    # How workers cooperate (see jaxdp.strategies) and where they run (see jaxdp.runtime).
+    strategy: str = "single"
+    runtime: str = "vmap"
+    workers: int = 1
+    local_steps: int = 1  # B
+    master_batch: int = 1  # M
+    global_lr: float = 1.0  # the master's outer step size on the update vector
+    delay: str = "uniform"  # async: the delay distribution
+    max_delay: int = 4
+    threads: int = 1  # hogwild threads per worker
+    overwrite_prob: float = 0.0
+
+    # Outputs.
+    logdir: str = ""  # "" = runs/<algo>_<env>_<strategy>_<time>
+    log_interval: float = 2.0  # seconds between log points
+    checkpoint_interval: float = 60.0  # seconds between checkpoints
+    resume: bool = False
+    eval_episodes: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def is_dqn(self) -> bool:
+        return self.algo in ("dqn", "double_dqn")
+
+    @property
+    def envs_per_worker(self) -> int:
+        if self.num_envs:
+            return self.num_envs
+        return {"dqn": 4, "double_dqn": 4, "a2c": 16, "reinforce": 8}[self.algo]
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr:
+            return self.lr
+        return {"dqn": 2.5e-4, "double_dqn": 2.5e-4, "a2c": 2e-3, "reinforce": 2e-3}[self.algo]
+
+    @property
+    def rollout(self) -> int:
+        if self.rollout_len:
+            return self.rollout_len
+        return {"a2c": 8, "reinforce": 500}.get(self.algo, 1)
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Environment steps (all workers, all envs of one seed) taken by one iteration of the loop."""
+        e = self.envs_per_worker * self.workers
+        if self.is_dqn:
+            return e * self.env_steps_per_update
+        return e * self.rollout
+
+    @property
+    def env_steps_per_update(self) -> int:
+        """DQN: vectorised env steps between two gradient updates (train_frequency counts single steps)."""
+        return max(1, round(self.train_frequency / self.envs_per_worker))
+
+    @property
+    def num_iterations(self) -> int:
+        return max(1, self.total_steps // self.steps_per_iteration)
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Checks every option and combination; raises ConfigError naming the first bad one. Creates nothing."""
+    if cfg.algo not in ALGOS:
+        _fail(f"--algo {cfg.algo!r} is not one of {', '.join(ALGOS)}")
+    if cfg.strategy not in STRATEGIES:
+        _fail(f"--strategy {cfg.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if cfg.runtime not in RUNTIMES:
+        _fail(f"--runtime {cfg.runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if cfg.torso not in TORSOS:
+        _fail(f"--torso {cfg.torso!r} is not one of {', '.join(TORSOS)}")
+    if cfg.delay not in DELAY_KINDS:
+        _fail(f"--delay {cfg.delay!r} is not one of {', '.join(DELAY_KINDS)}")
+    positive_ints = {
+        "--total-steps": cfg.total_steps,
+        "--workers": cfg.workers,
+        "--local-steps": cfg.local_steps,
+        "--master-batch": cfg.master_batch,
+        "--buffer-size": cfg.buffer_size,
+        "--batch-size": cfg.batch_size,
+        "--train-frequency": cfg.train_frequency,
+        "--target-update": cfg.target_update,
+        "--n-step": cfg.n_step,
+        "--threads": cfg.threads,
+    }
+    for name, value in positive_ints.items():
+        if not isinstance(value, int) or value < 1:
+            _fail(f"{name} must be a positive integer, got {value}")
+    for name, value in {"--num-envs": cfg.num_envs, "--rollout-len": cfg.rollout_len,
+                        "--learning-starts": cfg.learning_starts, "--max-delay": cfg.max_delay,
+                        "--eval-episodes": cfg.eval_episodes}.items():
+        if not isinstance(value, int) or value < 0:
+            _fail(f"{name} must be a non-negative integer, got {value}")
+    for name, value in {"--lr": cfg.lr, "--max-grad-norm": cfg.max_grad_norm, "--ent-coef": cfg.ent_coef,
+                        "--vf-coef": cfg.vf_coef}.items():
+        if not math.isfinite(value) or value < 0:
+            _fail(f"{name} must be a finite number >= 0, got {value}")
+    if not (0.0 < cfg.gamma <= 1.0):
+        _fail(f"--gamma must be in (0, 1], got {cfg.gamma}")
+    if not (0.0 < cfg.tau <= 1.0):
+        _fail(f"--tau must be in (0, 1], got {cfg.tau}")
+    if not (0.0 < cfg.global_lr) or not math.isfinite(cfg.global_lr):
+        _fail(f"--global-lr must be a positive number, got {cfg.global_lr}")
+    for name, value in {"--eps-start": cfg.eps_start, "--eps-end": cfg.eps_end,
+                        "--eps-fraction": cfg.eps_fraction, "--overwrite-prob": cfg.overwrite_prob}.items():
+        if not (0.0 <= value <= 1.0):
+            _fail(f"{name} must be in [0, 1], got {value}")
+    if not cfg.seeds:
+        _fail("--seeds needs at least one seed")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        _fail(f"--seeds has duplicates: {list(cfg.seeds)}")
+    if any(s < 0 for s in cfg.seeds):
+        _fail(f"--seeds must be non-negative, got {list(cfg.seeds)}")
+    if any(h < 1 for h in cfg.hidden):
+        _fail(f"--hidden sizes must be positive, got {list(cfg.hidden)}")
+    if cfg.log_interval <= 0 or cfg.checkpoint_interval <= 0:
+        _fail("--log-interval and --checkpoint-interval must be positive")
+
+    # Sizes that must fit together.
+    if cfg.is_dqn:
+        if cfg.batch_size > cfg.buffer_size:
+            _fail(f"--batch-size {cfg.batch_size} is larger than --buffer-size {cfg.buffer_size}")
+        if cfg.buffer_size < cfg.envs_per_worker * 2:
+            _fail(f"--buffer-size {cfg.buffer_size} must hold at least two steps of --num-envs "
+                  f"{cfg.envs_per_worker}")
+        if cfg.learning_starts >= cfg.total_steps:
+            _fail(f"--learning-starts {cfg.learning_starts} must be below --total-steps {cfg.total_steps}")
+    if cfg.steps_per_iteration > cfg.total_steps:
+        _fail(f"--total-steps {cfg.total_steps} is smaller than one iteration "
+              f"({cfg.steps_per_iteration} steps = workers x num-envs x rollout)")
+
+    # Strategy x runtime x workers: reject what makes no sense, with the reason.
+    if cfg.strategy == "single" and cfg.workers != 1:
+        _fail(f"--strategy single trains one learner; use --strategy sync/async/dpsgd for --workers {cfg.workers}")
+    if cfg.strategy != "dpsgd" and cfg.local_steps != 1 and cfg.runtime != "async_sim":
+        _fail(f"--local-steps {cfg.local_steps} needs --strategy dpsgd (or the async_sim runtime)")
+    if cfg.master_batch > cfg.workers:
+        _fail(f"--master-batch M={cfg.master_batch} is larger than --workers N={cfg.workers}")
+    if cfg.master_batch != 1 and cfg.runtime not in ("async_sim", "mpi"):
+        _fail(f"--master-batch needs an asynchronous master (--runtime async_sim or mpi), not {cfg.runtime}")
+    if cfg.strategy == "async" and cfg.runtime == "devices":
+        _fail("--strategy async on --runtime devices is not supported: use vmap (stale-gradient model) "
+              "or async_sim / mpi (a real asynchronous master)")
+    if cfg.runtime == "async_sim" and cfg.strategy not in ("async", "dpsgd"):
+        _fail(f"--runtime async_sim simulates an asynchronous master: use --strategy async or dpsgd, "
+              f"not {cfg.strategy}")
+    if cfg.runtime == "async_sim" and cfg.strategy == "async" and cfg.local_steps != 1:
+        _fail("--strategy async is Downpour SGD (one local step); use --strategy dpsgd for --local-steps > 1")
+    if cfg.runtime == "devices" and cfg.strategy == "single":
+        _fail("--runtime devices lays out several workers over devices: use --strategy sync or dpsgd")
+    if cfg.strategy == "hogwild" and cfg.threads < 2 and cfg.overwrite_prob == 0.0:
+        _fail("--strategy hogwild needs --threads >= 2 or --overwrite-prob > 0 (otherwise it is --strategy single)")
+    if len(cfg.seeds) > 1 and cfg.runtime in ("mpi", "distributed", "async_sim"):
+        _fail(f"--seeds with several seeds runs as one vmapped program; --runtime {cfg.runtime} takes one seed")
+    if cfg.algo == "reinforce" and cfg.baseline not in ("value", "mean", "none"):
+        _fail(f"--baseline {cfg.baseline!r} is not one of value, mean, none")
+    return cfg
+
+
+def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
+    return dataclasses.replace(cfg, **kw)
+

@@ -1,0 +1,402 @@
+"""The host side of a run: progress bar, metrics files, TensorBoard, checkpoints, evaluation, seed aggregates.
+
+The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir``:
+
+* ``metrics.jsonl`` -- one JSON object per log point: ``step`` (env steps per seed), ``episodic_return`` (mean real-game
+  return of the episodes finished since the last point, or null), ``episodes``, ``sps`` (env steps per second, all
+  seeds and workers), learner metrics. With several seeds: ``seed_<s>/metrics.jsonl`` for each seed, and the
+  top-level file holds the mean over seeds.
+* ``summary.json`` -- ``total_steps``, ``wall_seconds``, ``final_return`` (mean return of the last 10% of finished
+  episodes), ``eval_return``, ``config``; with several seeds also per-seed values and the mean, std and a 95%
+  confidence interval over seeds (Student t), and ``learning_curves.png``.
+* ``tb/`` -- TensorBoard events; ``checkpoints/`` -- orbax checkpoints that ``--resume`` continues from.
+
+A crash loses at most the work since the last checkpoint (``--checkpoint-interval`` seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdp.config import TrainConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Episode bookkeeping (host).
+# ---------------------------------------------------------------------------------------------------------------
+def episodes_by_seed(info, num_seeds: int) -> list[list[tuple[int, float, int]]]:
+    """Flattens a chunk's StepInfo into per-seed lists of (order, return, length) in the order they finished.
+
+    info arrays have shape [iterations, S, N, (k,) E] (scan axes first, then lanes, then per-iteration steps).
+    """
+    finished = np.asarray(info.finished)
+    returns = np.asarray(info.returns)
+    lengths = np.asarray(info.lengths)
+    # Move the seed axis first, keep time order within the rest.
+    finished = np.moveaxis(finished, 1, 0).reshape(num_seeds, finished.shape[0], -1)
+    returns = np.moveaxis(returns, 1, 0).reshape(num_seeds, returns.shape[0], -1)
+    lengths = np.moveaxis(lengths, 1, 0).reshape(num_seeds, lengths.shape[0], -1)
+    out = []
+    for s in range(num_seeds):
+        idx = np.nonzero(finished[s])
+        out.append([(int(i), float(returns[s][i, j]), int(lengths[s][i, j])) for i, j in zip(*idx)])
+    return out
+
+
+def final_return(returns: list[float]) -> float | None:
+    """Mean return of the last 10% of finished episodes (at least one)."""
+    if not returns:
+        return None
+    n = max(1, math.ceil(0.1 * len(returns)))
+    return float(np.mean(returns[-n:]))
+
+
+def confidence_interval(values: list[float]) -> dict[str, float] | None:
+    vals = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if len(vals) == 0:
+        return None
+    mean = float(vals.mean())
+    if len(vals) == 1:
+        return {"mean": mean, "std": 0.0, "ci95_low": mean, "ci95_high": mean, "n": 1}
+    from scipy import stats
+
+    std = float(vals.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(vals) - 1) * std / math.sqrt(len(vals)))
+    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": int(len(vals))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------------------------------------------
+def _json_default(x: Any):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends JSON lines (flushed per line, so a crash keeps what was logged) and mirrors to TensorBoard."""
+
+    def __init__(self, path: str, tb_dir: str | None):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._f = open(path, "a")
+        self._tb = None
+        if tb_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(tb_dir)
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, default=_json_default) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints (orbax). The env handle is not saved: envpool's state lives outside JAX. On resume the pool is
+# recreated and reset; learner, optimizer, replay and keys continue.
+# ---------------------------------------------------------------------------------------------------------------
+def _checkpoint_manager(logdir: str):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(logdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+    )
+
+
+def save_checkpoint(manager, iteration: int, lanes, host_state: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(iteration, args=ocp.args.Composite(
+        lanes=ocp.args.StandardSave(lanes), host=ocp.args.JsonSave(host_state)))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, lanes_template):
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, lanes_template)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        lanes=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+    return restored["lanes"], restored["host"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy episodes of the real game (no episodic life), host API.
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int) -> list[float]:
+    from jaxdp import envs as envs_lib
+
+    if episodes <= 0:
+        return []
+    n = min(episodes, 8)
+    env = envs_lib.make_host(cfg.env, n, seed=10_000 + seed, episodic_life=False)
+    apply = jax.jit(network.apply)
+    obs = env.reset()
+    ret = np.zeros(n)
+    out: list[float] = []
+    max_steps = (env.spec.max_episode_steps or 27_000) + 10
+    for _ in range(max_steps * math.ceil(episodes / n)):
+        y = apply(params, jnp.asarray(obs))
+        logits = y if cfg.is_dqn else y[0]
+        actions = np.asarray(jnp.argmax(logits, axis=-1), dtype=np.int32)
+        st = env.step(actions)
+        ret += np.asarray(st.reward) * ~np.asarray(st.first)
+        for i in np.nonzero(np.asarray(st.game_over))[0]:
+            out.append(float(ret[i]))
+            ret[i] = 0.0
+        obs = st.obs
+        if len(out) >= episodes:
+            break
+    env.close()
+    return out[:episodes]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------------------------
+def _lane_params(lanes, seed_index: int):
+    return jax.tree.map(lambda x: x[seed_index, 0], lanes.params)
+
+
+def _progress(cfg: TrainConfig, total: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, desc=f"{cfg.algo} {cfg.env}")
+
+
+def plot_seed_curves(path: str, curves: list[list[tuple[int, float]]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = sorted({s for c in curves for s, _ in c})
+    if not grid:
+        return
+    ys = []
+    for c in curves:
+        xs = np.array([s for s, _ in c], dtype=float)
+        vs = np.array([v for _, v in c], dtype=float)
+        ys.append(np.interp(grid, xs, vs) if len(xs) else np.full(len(grid), np.nan))
+    ys = np.array(ys)
+    mean = np.nanmean(ys, axis=0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for y in ys:
+        ax.plot(grid, y, lw=0.6, alpha=0.4)
+    ax.plot(grid, mean, lw=2, label=f"mean of {len(curves)} seeds")
+    if len(curves) > 1:
+        from scipy import stats
+
+        sem = np.nanstd(ys, axis=0, ddof=1) / math.sqrt(len(curves))
+        half = stats.t.ppf(0.975, len(curves) - 1) * sem
+        ax.fill_between(grid, mean - half, mean + half, alpha=0.25, label="95% CI")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episodic return")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Trains ``cfg`` with logging and checkpoints; returns the summary dict (also written to summary.json)."""
+    from jaxdp import train as train_lib
+
+    t_start = time.time()
+    S = len(cfg.seeds)
+    os.makedirs(cfg.logdir, exist_ok=True)
+    trainer = train_lib.make_train(cfg)
+    keys = train_lib.seed_keys(cfg)
+    handle = trainer.env.handle
+    lanes = trainer.init(keys)
+
+    manager = _checkpoint_manager(cfg.logdir)
+    iteration = 0  # loop iterations done (warmup included)
+    episodes: list[list[tuple[int, float, int]]] = [[] for _ in range(S)]  # (step, return, length)
+    if cfg.resume:
+        restored = restore_checkpoint(manager, lanes)
+        if restored is None:
+            raise SystemExit(f"jaxdp train: error: --resume: no checkpoint in {cfg.logdir}/checkpoints")
+        saved, host = restored
+        # The env pool is new: keep its fresh observations and episode accumulators, restore the rest.
+        lanes = saved._replace(obs=lanes.obs, stats=lanes.stats)
+        iteration = int(host["iteration"])
+        episodes = [[tuple(e) for e in per_seed] for per_seed in host["episodes"]]
+
+    per_seed_dirs = [cfg.logdir] if S == 1 else [os.path.join(cfg.logdir, f"seed_{s}") for s in cfg.seeds]
+    writers = [MetricsWriter(os.path.join(d, "metrics.jsonl"), os.path.join(d, "tb") if cfg.tensorboard else None)
+               for d in per_seed_dirs]
+    mean_writer = MetricsWriter(os.path.join(cfg.logdir, "metrics.jsonl"), None) if S > 1 else None
+    steps_per_iter = trainer.env_steps_per_iteration
+    total_iters = trainer.warmup_iterations + trainer.num_chunks * trainer.chunk_iterations
+    bar = _progress(cfg, total_iters * steps_per_iter)
+    if bar is not None:
+        bar.update(iteration * steps_per_iter)
+
+    last_log_t = time.time()
+    last_log_iter = iteration
+    last_ckpt_t = time.time()
+    pending: list[list[float]] = [[] for _ in range(S)]
+    pending_metrics: list[dict] = []
+    compile_seconds = None
+
+    def record_episodes(info, first_iteration: int, iters_per_row: int = 1):
+        for s, eps in enumerate(episodes_by_seed(info, S)):
+            for i, r, ln in eps:
+                step = (first_iteration + (i + 1) * iters_per_row) * steps_per_iter
+                episodes[s].append((step, r, ln))
+                pending[s].append(r)
+
+    def log_point(force: bool = False):
+        nonlocal last_log_t, last_log_iter
+        now = time.time()
+        if not force and now - last_log_t < cfg.log_interval:
+            return
+        sps = (iteration - last_log_iter) * steps_per_iter * S / max(now - last_log_t, 1e-9)
+        # Learner metrics: mean over the chunks since the last point, per seed (workers averaged).
+        means = {k: np.mean([m[k] for m in pending_metrics], axis=0) for k in (pending_metrics[0] if
+                                                                              pending_metrics else {})}
+        recs = []
+        for s in range(S):
+            rec = {"step": iteration * steps_per_iter,
+                   "episodic_return": float(np.mean(pending[s])) if pending[s] else None,
+                   "episodes": len(pending[s]), "sps": sps,
+                   **{k: float(v[s]) for k, v in means.items()}}
+            writers[s].write(rec)
+            recs.append(rec)
+        if mean_writer is not None:
+            rets = [r["episodic_return"] for r in recs if r["episodic_return"] is not None]
+            mean_writer.write({"step": iteration * steps_per_iter,
+                               "episodic_return": float(np.mean(rets)) if rets else None,
+                               "episodes": sum(r["episodes"] for r in recs), "sps": sps})
+        if bar is not None:
+            recent = [r for s in range(S) for _, r, _ in episodes[s][-20:]]
+            bar.set_postfix({"sps": f"{sps:,.0f}", "return": f"{np.mean(recent):.1f}" if recent else "-"})
+        for p in pending:
+            p.clear()
+        pending_metrics.clear()
+        last_log_t, last_log_iter = now, iteration
+
+    def maybe_checkpoint(force: bool = False):
+        nonlocal last_ckpt_t
+        if force or time.time() - last_ckpt_t >= cfg.checkpoint_interval:
+            save_checkpoint(manager, iteration, lanes, {"iteration": iteration, "episodes": episodes})
+            last_ckpt_t = time.time()
+
+    # Warmup (DQN random play before learning starts).
+    if trainer.warmup is not None and iteration < trainer.warmup_iterations:
+        n = trainer.warmup_iterations - iteration
+        t0 = time.time()
+        handle, lanes, info = trainer.warmup(handle, lanes, n)
+        jax.block_until_ready(lanes.params)
+        compile_seconds = time.time() - t0
+        record_episodes(info, iteration)
+        iteration += n
+        if bar is not None:
+            bar.update(n * steps_per_iter)
+        log_point(force=True)
+
+    chunk_iters = trainer.chunk_iterations
+    while iteration < total_iters:
+        t0 = time.time()
+        handle, lanes, (info, metrics) = trainer.chunk(handle, lanes, jnp.int32(iteration), chunk_iters)
+        metrics = jax.device_get(metrics)
+        if compile_seconds is None or iteration == trainer.warmup_iterations:
+            compile_seconds = (compile_seconds or 0.0) + (time.time() - t0)
+        record_episodes(info, iteration)
+        iteration += chunk_iters
+        # metrics arrays are [iterations, S, N]: keep one value per seed.
+        pending_metrics.append({k: np.asarray(v).reshape(v.shape[0], S, -1).mean(axis=(0, 2))
+                                for k, v in metrics.items()})
+        if bar is not None:
+            bar.update(chunk_iters * steps_per_iter)
+        log_point()
+        maybe_checkpoint()
+    log_point(force=True)
+    maybe_checkpoint(force=True)
+    if bar is not None:
+        bar.close()
+
+    # Greedy evaluation of each seed's (worker 0) parameters on the real game.
+    eval_returns = [evaluate(cfg, trainer.network, _lane_params(lanes, s), cfg.eval_episodes, seed)
+                    for s, seed in enumerate(cfg.seeds)]
+    wall = time.time() - t_start
+    per_seed = []
+    for s, seed in enumerate(cfg.seeds):
+        rets = [r for _, r, _ in episodes[s]]
+        per_seed.append({
+            "seed": seed,
+            "episodes": len(rets),
+            "final_return": final_return(rets),
+            "eval_return": float(np.mean(eval_returns[s])) if eval_returns[s] else None,
+        })
+    summary = {
+        "total_steps": iteration * steps_per_iter,
+        "wall_seconds": wall,
+        "compile_seconds": compile_seconds,
+        "sps": iteration * steps_per_iter * S / wall,
+        "final_return": per_seed[0]["final_return"] if S == 1 else
+        (confidence_interval([p["final_return"] for p in per_seed]) or {}).get("mean"),
+        "eval_return": per_seed[0]["eval_return"] if S == 1 else
+        (confidence_interval([p["eval_return"] for p in per_seed]) or {}).get("mean"),
+        "config": dataclasses.asdict(cfg),
+    }
+    if S > 1:
+        summary["seeds"] = per_seed
+        summary["final_return_over_seeds"] = confidence_interval([p["final_return"] for p in per_seed])
+        summary["eval_return_over_seeds"] = confidence_interval([p["eval_return"] for p in per_seed])
+        for s, d in enumerate(per_seed_dirs):
+            write_json_atomic(os.path.join(d, "summary.json"), {**per_seed[s], "config": summary["config"]})
+        curves = [_curve(episodes[s]) for s in range(S)]
+        plot_seed_curves(os.path.join(cfg.logdir, "learning_curves.png"), curves, f"{cfg.algo} on {cfg.env}")
+    write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
+    for w in writers:
+        w.close()
+    if mean_writer is not None:
+        mean_writer.close()
+    trainer.env.close()
+    return summary
+
+
+def _curve(eps: list[tuple[int, float, int]], window: int = 20) -> list[tuple[int, float]]:
+    """Running mean of the last `window` episode returns against env steps."""
+    out = []
+    rets: list[float] = []
+    for step, r, _ in eps:
+        rets.append(r)
+        out.append((step, float(np.mean(rets[-window:]))))
+    return out

@@ -1,0 +1,397 @@
+"""The training loop: agent + environments + optimizer (strategy) + worker layout, as pure jitted functions.
+
+Layout of one run (PureJaxRL's idea, made explicit):
+
+* A *lane* is one worker of one seed: its own ``E`` environments, its own parameter copy, optimizer state, replay
+  buffer and PRNG key. Everything in :class:`Lane` is written for ONE lane, unbatched, so an algorithm reads top to
+  bottom like CleanRL.
+* Workers are a ``jax.vmap`` with ``axis_name="workers"``, so the strategies' collectives (``allreduce``,
+  ``local_steps(axis_name=...)``) see them; seeds are an outer ``jax.vmap`` without an axis name.
+* All lanes share ONE envpool pool of ``seeds x workers x E`` environments stepped through envpool's XLA interface
+  inside ``lax.scan``; :mod:`jaxdp.envs` batches the env step under ``vmap`` (``custom_vmap``) so the per-lane code
+  never sees the flattening. One compile serves every seed and worker.
+* :func:`make_train` returns a :class:`Trainer` of jitted pieces (``init``, ``warmup``, ``chunk``); the host loop
+  :func:`run` calls them, logs between chunks and checkpoints. ``Trainer.train(key)`` is the whole run as one
+  pure function, which a user may ``jax.vmap`` over keys (and hyperparameters held as arrays).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxdp
+from jaxdp import envs as envs_lib
+from jaxdp import nets as nets_lib
+from jaxdp.agents import a2c, dqn, reinforce, replay as replay_lib
+from jaxdp.config import TrainConfig
+
+PyTree = Any
+WORKERS = "workers"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer: the inner optax chain, wrapped by the strategy.
+# ---------------------------------------------------------------------------------------------------------------
+def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None) -> optax.GradientTransformation:
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
+    opt = {
+        "adam": lambda: optax.adam(lr, eps=1e-5),
+        "rmsprop": lambda: optax.rmsprop(lr, decay=0.99, eps=1e-5),
+        "sgd": lambda: optax.sgd(lr),
+    }[cfg.optimizer]()
+    if cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
+    return opt
+
+
+def _delay_distribution(cfg: TrainConfig):
+    d = jaxdp.delays
+    return {
+        "fixed": lambda: cfg.max_delay,
+        "uniform": lambda: d.uniform(cfg.max_delay),
+        "geometric": lambda: d.geometric(0.5, cfg.max_delay),
+        "zipf": lambda: d.zipf(1.5, cfg.max_delay),
+    }[cfg.delay]()
+
+
+def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None) -> optax.GradientTransformation:
+    """The per-worker update rule for ``cfg.strategy`` (run under ``vmap(axis_name="workers")``).
+
+    * single: the inner optimizer.
+    * sync: ``allreduce`` then inner -- every worker applies the mean gradient (synchronous data parallelism).
+    * async: ``allreduce`` then ``delayed(inner)`` -- a parameter server applying gradients that are
+      ``max_delay`` steps stale (the stale-gradient model of asynchronous SGD; the real asynchronous master is the
+      ``async_sim`` / ``mpi`` runtime).
+    * dpsgd: ``local_steps(inner, sgd(global_lr), B, "workers")`` -- B local steps, then the mean update vector.
+    * hogwild: ``hogwild(inner)`` per worker (stale reads, lost writes), gradients all-reduced across workers.
+    """
+    inner = make_inner_optimizer(cfg, learning_rate)
+    many = cfg.workers > 1
+    if cfg.strategy == "single":
+        return inner
+    if cfg.strategy == "sync":
+        return optax.chain(jaxdp.allreduce(WORKERS), inner)
+    if cfg.strategy == "async":
+        stale = jaxdp.delayed(inner, _delay_distribution(cfg), seed=cfg.seeds[0])
+        return optax.chain(jaxdp.allreduce(WORKERS), stale) if many else stale
+    if cfg.strategy == "dpsgd":
+        return jaxdp.local_steps(inner, optax.sgd(cfg.global_lr), cfg.local_steps, axis_name=WORKERS if many else None)
+    if cfg.strategy == "hogwild":
+        wild = jaxdp.hogwild(inner, num_threads=cfg.threads, overwrite_prob=cfg.overwrite_prob, seed=cfg.seeds[0])
+        return optax.chain(jaxdp.allreduce(WORKERS), wild) if many else wild
+    raise ValueError(f"unknown strategy {cfg.strategy!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-lane state.
+# ---------------------------------------------------------------------------------------------------------------
+class Lane(NamedTuple):
+    """Everything one worker of one seed owns."""
+
+    params: PyTree
+    target_params: PyTree  # DQN target network (== params, unused, for A2C/REINFORCE)
+    opt_state: PyTree
+    replay: PyTree  # DQN replay buffer; () otherwise
+    obs: jax.Array  # [E, ...] current observations
+    stats: PyTree  # episode statistics accumulators
+    key: jax.Array
+    updates: jax.Array  # gradient updates done (int32)
+
+
+class StepInfo(NamedTuple):
+    """Per-environment episode ends emitted by every env step (reduced on the host)."""
+
+    finished: jax.Array  # bool [E]
+    returns: jax.Array  # f32 [E] real-game return of the finished episodes
+    lengths: jax.Array  # i32 [E]
+
+
+class Trainer(NamedTuple):
+    """Jitted pieces of one run; see the module docstring."""
+
+    cfg: TrainConfig
+    env: Any
+    init: Callable  # (keys[S]) -> (handle, lanes[S, N])
+    warmup: Callable | None  # DQN random play before learning: (handle, lanes) -> (handle, lanes, info)
+    chunk: Callable  # (handle, lanes) -> (handle, lanes, (info, metrics))
+    chunk_iterations: int
+    warmup_iterations: int
+    num_chunks: int
+    env_steps_per_iteration: int  # per seed, all workers together
+    network: Any
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks.
+# ---------------------------------------------------------------------------------------------------------------
+def make_network(cfg: TrainConfig, spec) -> Any:
+    torso_name = cfg.torso
+    if torso_name == "auto":
+        torso_name = "nature" if spec.is_atari else "mlp"
+    torso = nets_lib.make_torso(torso_name, hidden=cfg.hidden, layer_norm=cfg.layer_norm)
+    if cfg.is_dqn:
+        return nets_lib.QNetwork(torso=torso, num_actions=spec.num_actions)
+    return nets_lib.ActorCritic(torso=torso, num_actions=spec.num_actions)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithms, one lane at a time.
+# ---------------------------------------------------------------------------------------------------------------
+def _env_step(env, handle, obs_actions):
+    return env.step(handle, obs_actions)
+
+
+def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
+    spec = env.spec
+    E = cfg.envs_per_worker
+    k_steps = cfg.env_steps_per_update
+    steps_per_update_all = k_steps * E * cfg.workers  # per seed
+    target_every = max(1, round(cfg.target_update / steps_per_update_all))
+    eps_duration = max(1.0, cfg.eps_fraction * cfg.total_steps)
+    atari = spec.is_atari
+
+    def epsilon(env_steps):
+        frac = jnp.clip(env_steps / eps_duration, 0.0, 1.0)
+        return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
+
+    def collect(handle, lane: Lane, eps):
+        key, k_act = jax.random.split(lane.key)
+        q = network.apply(lane.params, lane.obs)
+        actions = dqn.epsilon_greedy(q, eps, k_act)
+        handle, st = env.step(handle, actions)
+        reward = dqn.clip_reward(st.reward) if atari else st.reward
+        buf = replay_lib.add(lane.replay, lane.obs, actions, reward, st.terminated, st.truncated, st.first)
+        stats, finished, rets, lens = envs_lib.episode_stats_update(lane.stats, st)
+        lane = lane._replace(replay=buf, obs=st.obs, stats=stats, key=key)
+        return handle, lane, StepInfo(finished, rets, lens)
+
+    def learn(lane: Lane):
+        key, k_sample = jax.random.split(lane.key)
+        batch = replay_lib.sample(lane.replay, k_sample, cfg.batch_size, n_step=cfg.n_step, gamma=cfg.gamma)
+        target = lane.target_params if cfg.target_network else lane.params
+
+        def loss_fn(p):
+            return dqn.loss(p, target, network.apply, batch, double=cfg.algo == "double_dqn")
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lane.params)
+        updates, opt_state = tx.update(grads, lane.opt_state, lane.params)
+        params = optax.apply_updates(lane.params, updates)
+        n = lane.updates + 1
+        if cfg.tau < 1.0:
+            target_params = dqn.polyak_update(lane.target_params, params, cfg.tau)
+        else:  # hard copy every `target_every` updates; a select, so it needs no branch
+            copy = (n % target_every) == 0
+            target_params = jax.tree.map(lambda p, t: jnp.where(copy, p, t), params, lane.target_params)
+        metrics = {"loss": loss, **metrics}
+        return lane._replace(params=params, target_params=target_params, opt_state=opt_state, key=key,
+                             updates=n), metrics
+
+    def warmup_iteration(handle, lane):
+        def body(carry, _):
+            h, ln = carry
+            h, ln, info = collect(h, ln, 1.0)
+            return (h, ln), info
+
+        (handle, lane), info = jax.lax.scan(body, (handle, lane), None, length=k_steps)
+        return handle, lane, info
+
+    def iteration(handle, lane: Lane, env_steps):
+        eps = epsilon(env_steps)
+
+        def body(carry, _):
+            h, ln = carry
+            h, ln, info = collect(h, ln, eps)
+            return (h, ln), info
+
+        (handle, lane), info = jax.lax.scan(body, (handle, lane), None, length=k_steps)
+        lane, metrics = learn(lane)
+        metrics["epsilon"] = eps
+        return handle, lane, info, metrics
+
+    return warmup_iteration, iteration
+
+
+def _rollout(env, network, handle, lane: Lane, length: int):
+    """Acts for ``length`` steps with the current stochastic policy; returns the trajectory."""
+
+    def body(carry, _):
+        h, ln = carry
+        key, k_act = jax.random.split(ln.key)
+        logits, _ = network.apply(ln.params, ln.obs)
+        actions = a2c.sample_action(logits, k_act)
+        h, st = env.step(h, actions)
+        stats, finished, rets, lens = envs_lib.episode_stats_update(ln.stats, st)
+        step = a2c.Transition(obs=ln.obs, action=actions, reward=st.reward, terminated=st.terminated,
+                              truncated=st.truncated, valid=~st.first, next_obs=st.obs)
+        return (h, ln._replace(obs=st.obs, stats=stats, key=key)), (step, StepInfo(finished, rets, lens))
+
+    (handle, lane), (traj, info) = jax.lax.scan(body, (handle, lane), None, length=length)
+    return handle, lane, traj, info
+
+
+def _actor_critic_lane_fns(cfg: TrainConfig, env, network, tx):
+    atari = env.spec.is_atari
+
+    def iteration(handle, lane: Lane, env_steps):
+        del env_steps
+        handle, lane, traj, info = _rollout(env, network, handle, lane, cfg.rollout)
+        if atari:
+            traj = traj._replace(reward=dqn.clip_reward(traj.reward))
+
+        def loss_fn(p):
+            if cfg.algo == "a2c":
+                return a2c.loss(p, network.apply, traj, gamma=cfg.gamma, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
+            return reinforce.loss(p, network.apply, traj, gamma=cfg.gamma, baseline=cfg.baseline,
+                                  ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lane.params)
+        updates, opt_state = tx.update(grads, lane.opt_state, lane.params)
+        params = optax.apply_updates(lane.params, updates)
+        lane = lane._replace(params=params, opt_state=opt_state, updates=lane.updates + 1)
+        return handle, lane, info, {"loss": loss, **metrics}
+
+    return None, iteration
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make_train
+# ---------------------------------------------------------------------------------------------------------------
+def env_seed(cfg: TrainConfig) -> int:
+    """Pool seed: lane k of a run with first seed s gets envs seeded (s + k)·E·N + i.
+
+    So a single-seed run with seed s and lane s−s0 of a contiguous sweep s0, s0+1, ... see the same environments.
+    """
+    return cfg.seeds[0] * cfg.envs_per_worker * cfg.workers
+
+
+def default_chunk_iterations(cfg: TrainConfig) -> int:
+    # ~100 log points over a run, but never more than the run.
+    return max(1, min(cfg.num_iterations, math.ceil(cfg.num_iterations / 100)))
+
+
+def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
+               learning_rate: float | jax.Array | None = None) -> Trainer:
+    """Builds the environments, network, optimizer and jitted loop pieces for ``cfg``.
+
+    Args:
+      cfg: a validated :class:`TrainConfig`.
+      chunk_iterations: loop iterations per jitted chunk (the host logs and checkpoints between chunks).
+      learning_rate: optional override of ``cfg.learning_rate``; may be a traced array (hyperparameter sweeps).
+
+    Returns:
+      A :class:`Trainer`.
+    """
+    S, N, E = len(cfg.seeds), cfg.workers, cfg.envs_per_worker
+    env = envs_lib.make_xla(cfg.env, E, seed=env_seed(cfg), lanes=S * N, episodic_life=True)
+    spec = env.spec
+    network = make_network(cfg, spec)
+    tx = make_optimizer(cfg, learning_rate)
+    if cfg.is_dqn:
+        warmup_iteration, iteration = _dqn_lane_fns(cfg, env, network, tx)
+    else:
+        warmup_iteration, iteration = _actor_critic_lane_fns(cfg, env, network, tx)
+
+    def init_lane(seed_key: jax.Array, worker: jax.Array) -> Lane:
+        # Every worker of a seed starts from the same parameters (the global model); keys differ per worker.
+        k_params, _ = jax.random.split(seed_key)
+        key = jax.random.fold_in(seed_key, worker)
+        obs = env.initial_observation(key)
+        params = network.init(k_params, obs)
+        buf = ()
+        if cfg.is_dqn:
+            capacity = cfg.buffer_size if cfg.replay else max(cfg.batch_size, 2 * E)
+            frame_stack = spec.obs_shape[0] if spec.is_atari else 1
+            buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
+        return Lane(params=params, target_params=params, opt_state=tx.init(params), replay=buf, obs=obs,
+                    stats=envs_lib.episode_stats_init(E), key=key, updates=jnp.zeros((), jnp.int32))
+
+    workers = jnp.arange(N)
+
+    def init(keys: jax.Array) -> Lane:
+        chex.assert_shape(keys, (S, 2))
+        return jax.vmap(lambda k: jax.vmap(lambda w: init_lane(k, w))(workers))(keys)
+
+    def over_lanes(fn, with_metrics: bool):
+        # Workers: vmap with the collective axis; seeds: vmap without. The env handle is shared (unbatched).
+        out_axes = (None, 0, 0, 0) if with_metrics else (None, 0, 0)
+        per_seed = jax.vmap(fn, in_axes=(None, 0, None), out_axes=out_axes, axis_name=WORKERS)
+        return jax.vmap(per_seed, in_axes=(None, 0, None), out_axes=out_axes)
+
+    steps_per_iteration = cfg.steps_per_iteration
+    lane_iteration = over_lanes(iteration, with_metrics=True)
+
+    def chunk_fn(handle, lanes: Lane, start_iteration: jax.Array, length: int):
+        def body(carry, i):
+            h, ln = carry
+            env_steps = (start_iteration + i) * steps_per_iteration
+            h, ln, info, metrics = lane_iteration(h, ln, env_steps)
+            return (h, ln), (info, metrics)
+
+        (handle, lanes), out = jax.lax.scan(body, (handle, lanes), jnp.arange(length))
+        return handle, lanes, out
+
+    if chunk_iterations is None:
+        chunk_iterations = default_chunk_iterations(cfg)
+    warmup_iters = 0
+    warmup = None
+    if warmup_iteration is not None:
+        warmup_iters = cfg.learning_starts // steps_per_iteration
+        lane_warmup = over_lanes(lambda h, ln, _: warmup_iteration(h, ln), with_metrics=False)
+
+        def warmup_fn(handle, lanes, length: int):
+            def body(carry, _):
+                h, ln = carry
+                h, ln, info = lane_warmup(h, ln, None)
+                return (h, ln), info
+
+            (handle, lanes), info = jax.lax.scan(body, (handle, lanes), None, length=length)
+            return handle, lanes, info
+
+        warmup = jax.jit(warmup_fn, static_argnums=2, donate_argnums=1)
+    learn_iters = max(1, cfg.num_iterations - warmup_iters)
+    num_chunks = max(1, math.ceil(learn_iters / chunk_iterations))
+    chunk = jax.jit(chunk_fn, static_argnums=3, donate_argnums=1)
+    return Trainer(cfg=cfg, env=env, init=jax.jit(init), warmup=warmup, chunk=chunk,
+                   chunk_iterations=chunk_iterations, warmup_iterations=warmup_iters, num_chunks=num_chunks,
+                   env_steps_per_iteration=steps_per_iteration, network=network)
+
+
+def train(trainer: Trainer, keys: jax.Array):
+    """The whole run as one pure function of ``keys[S]`` (no logging): returns the final lanes and every episode.
+
+    Jittable; the env step is batched by ``custom_vmap`` so this may itself be vmapped when the pool was built
+    with enough lanes.
+    """
+    handle = trainer.env.handle
+    lanes = trainer.init(keys)
+    warm_info = None
+    if trainer.warmup is not None and trainer.warmup_iterations > 0:
+        handle, lanes, warm_info = trainer.warmup(handle, lanes, trainer.warmup_iterations)
+    outs = []
+    for c in range(trainer.num_chunks):
+        start = trainer.warmup_iterations + c * trainer.chunk_iterations
+        handle, lanes, out = trainer.chunk(handle, lanes, jnp.int32(start), trainer.chunk_iterations)
+        outs.append(out)
+    return lanes, warm_info, outs
+
+
+def seed_keys(cfg: TrainConfig) -> jax.Array:
+    return jnp.stack([jax.random.PRNGKey(s) for s in cfg.seeds])
+
+
+def run(cfg: TrainConfig):
+    """The host loop with logging and checkpoints; see :mod:`jaxdp.outputs`."""
+    from jaxdp import loop  # host side: progress, metrics files, checkpoints
+
+    return loop.run(cfg)
+
+
+__all__ = ["Lane", "StepInfo", "Trainer", "make_inner_optimizer", "make_network", "make_optimizer",
+           "make_train", "run", "seed_keys", "train", "env_seed"]
+

@@ -1,0 +1,32 @@
+"""The one interface every runtime drives: what a single worker does between two talks with the master.
+
+A runtime (vmap, devices, async_sim, mpi, distributed) owns the layout of the workers and the communication;
+a workload owns the data (a dataset, or environments and a replay buffer) and the loss. They meet here:
+
+* ``init(key) -> (params, worker_state)`` -- the initial global parameters and one worker's private state
+  (its data stream, env state, replay buffer...). Runtimes stack ``worker_state`` along a leading worker axis.
+* ``local_step(worker_state, params, key) -> (worker_state, grads, metrics)`` -- one stochastic gradient at
+  ``params`` from the worker's own data; ``metrics`` is a flat dict of scalars.
+* ``evaluate(params) -> metrics`` -- a dict of scalars for logging (test accuracy, greedy return...).
+
+Keeping the gradient computation separate from the optimizer lets every strategy (allreduce, delayed, local_steps,
+hogwild) wrap the same workload, and keeps ``strategies/`` free of any knowledge of data or RL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+class Workload(NamedTuple):
+    """A worker's side of training: see the module docstring for the contract of each function."""
+
+    init: Callable[[jax.Array], tuple[PyTree, PyTree]]
+    local_step: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree, Metrics]]
+    evaluate: Callable[[PyTree], Metrics]
+    name: str = "workload"
