@@ -11,7 +11,8 @@ Three tables, printed as markdown:
    ``--repeats`` rounds is reported, so a slow moment of the shared machine hits every row alike.
    ``allreduce`` is timed under ``jax.vmap`` with one worker (axis size 1), the only layout a single
    CPU device offers; the all-reduce itself is then free, so the row measures the transform's own
-   cost, not communication.
+   cost, not communication; the row ``adam (vmap, 1 worker)`` shows what the layout alone does, and the
+   column "same layout" (on which the verdicts are based) divides by the adam row of the same layout.
 2. **State memory** of each strategy in units of the parameter size (bytes of the optimizer state
    pytree / bytes of the parameters; ``adam`` alone is 2).
 3. **async_sim throughput**: simulated master updates per second of
@@ -93,6 +94,7 @@ def strategies() -> dict[str, tuple[Callable[[], optax.GradientTransformation], 
     adam = lambda: optax.adam(1e-3)  # noqa: E731
     return {
         "adam (inner alone)": (adam, False),
+        "adam (vmap, 1 worker)": (adam, True),  # the layout allreduce needs, without allreduce
         "allreduce + adam (vmap, 1 worker)": (lambda: optax.chain(jaxdp.allreduce(AXIS), adam()), True),
         "local_steps(adam, sgd(1), B=4)": (lambda: jaxdp.local_steps(adam(), optax.sgd(1.0), 4), False),
         "delayed(adam, fixed 8)": (lambda: jaxdp.delayed(adam(), jaxdp.delays.fixed(8)), False),
@@ -222,18 +224,20 @@ def machine() -> str:
 
 def report_times(tree_name: str, params, results: dict[str, dict]) -> list[tuple[str, str, float, float, bool]]:
     base = results["adam (inner alone)"]["step_s"]
+    base_vmapped = results["adam (vmap, 1 worker)"]["step_s"]
+    vmapped = {name: v for name, (_, v) in strategies().items()}
     print(f"\n### Per-step time, {tree_name} ({num_params(params):,} parameters)\n")
-    print("| strategy | µs / step (median) | min–max µs | × adam | target | verdict |")
-    print("|---|---|---|---|---|---|")
+    print("| strategy | µs / step (median) | min–max µs | × adam | × adam, same layout | target | verdict |")
+    print("|---|---|---|---|---|---|---|")
     verdicts = []
     for name, r in results.items():
-        ratio = r["step_s"] / base
+        ratio = r["step_s"] / (base_vmapped if vmapped[name] else base)  # the transform's own cost
         target = TARGETS.get(name)
         met = target is not None and ratio <= target
         verdict = "—" if target is None else ("met" if met else "not met")
         lo, hi = r["spread"]
-        print(f"| {name} | {r['step_s'] * 1e6:.1f} | {lo * 1e6:.1f}–{hi * 1e6:.1f} | {ratio:.2f} | "
-              f"{'—' if target is None else f'<= {target:.2f}'} | {verdict} |")
+        print(f"| {name} | {r['step_s'] * 1e6:.1f} | {lo * 1e6:.1f}–{hi * 1e6:.1f} | {r['step_s'] / base:.2f} | "
+              f"{ratio:.2f} | {'—' if target is None else f'<= {target:.2f}'} | {verdict} |")
         if target is not None:
             verdicts.append((tree_name, name, ratio, target, met))
     return verdicts
@@ -280,7 +284,7 @@ def main(argv=None) -> None:
     report_memory(trees, results)
 
     print("\n### Targets\n")
-    print("| tree | strategy | × adam | target | verdict |\n|---|---|---|---|---|")
+    print("| tree | strategy | × adam, same layout | target | verdict |\n|---|---|---|---|---|")
     for tree_name, name, ratio, target, met in verdicts:
         print(f"| {tree_name} | {name} | {ratio:.2f} | <= {target:.2f} | {'met' if met else 'NOT met'} |")
 

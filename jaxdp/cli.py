@@ -50,6 +50,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--eps-end", "eps_end", float, "DQN: final epsilon"),
     ("--eps-fraction", "eps_fraction", float, "DQN: fraction of --total-steps over which epsilon decays"),
     ("--n-step", "n_step", int, "DQN: n-step returns"),
+    ("--loss", "loss", str, "DQN TD loss: auto (huber for Atari, mse otherwise), mse or huber"),
     ("--no-replay", "replay", "noflag", "DQN ablation: learn from the latest transitions only"),
     ("--no-target-network", "target_network", "noflag", "DQN ablation: bootstrap from the online network"),
     ("--rollout-len", "rollout_len", int, "A2C n-step / REINFORCE rollout length (0 = default: 8 / 500)"),

@@ -17,6 +17,7 @@ STRATEGIES = ("single", "sync", "async", "dpsgd", "hogwild")
 RUNTIMES = ("vmap", "devices", "async_sim", "mpi", "distributed")
 TORSOS = ("auto", "mlp", "nature", "a3c")
 DELAY_KINDS = ("fixed", "uniform", "geometric", "zipf")
+LOSSES = ("auto", "mse", "huber")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,7 @@ class TrainConfig:
     eps_end: float = 0.05
     eps_fraction: float = 0.5
     n_step: int = 1
+    loss: str = "auto"  # auto: huber for Atari (clipped rewards), mse for vector observations
     replay: bool = True  # False: learn from the latest transitions only (the lecture's ablation)
     target_network: bool = True  # False: bootstrap from the online network (the lecture's ablation)
 
@@ -139,6 +141,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--runtime {cfg.runtime!r} is not one of {', '.join(RUNTIMES)}")
     if cfg.torso not in TORSOS:
         _fail(f"--torso {cfg.torso!r} is not one of {', '.join(TORSOS)}")
+    if cfg.loss not in LOSSES:
+        _fail(f"--loss {cfg.loss!r} is not one of {', '.join(LOSSES)}")
     if cfg.delay not in DELAY_KINDS:
         _fail(f"--delay {cfg.delay!r} is not one of {', '.join(DELAY_KINDS)}")
     positive_ints = {

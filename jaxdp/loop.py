@@ -241,7 +241,7 @@ def run(cfg: TrainConfig) -> dict:
     os.makedirs(cfg.logdir, exist_ok=True)
     trainer = train_lib.make_train(cfg)
     keys = train_lib.seed_keys(cfg)
-    handle = trainer.env.handle
+    handle = trainer.initial_handle()
     lanes = trainer.init(keys)
 
     manager = _checkpoint_manager(cfg.logdir)
@@ -284,7 +284,9 @@ def run(cfg: TrainConfig) -> dict:
     def log_point(force: bool = False):
         nonlocal last_log_t, last_log_iter
         now = time.time()
-        if not force and now - last_log_t < cfg.log_interval:
+        # A point every --log-interval seconds, and at least every 2% of the run (for learning curves).
+        progressed = (iteration - last_log_iter) >= max(1, total_iters // 50)
+        if not force and now - last_log_t < cfg.log_interval and not progressed:
             return
         sps = (iteration - last_log_iter) * steps_per_iter * S / max(now - last_log_t, 1e-9)
         # Learner metrics: mean over the chunks since the last point, per seed (workers averaged).
@@ -388,7 +390,7 @@ def run(cfg: TrainConfig) -> dict:
         w.close()
     if mean_writer is not None:
         mean_writer.close()
-    trainer.env.close()
+
     return summary
 
 

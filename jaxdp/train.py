@@ -99,6 +99,7 @@ class Lane(NamedTuple):
     opt_state: PyTree
     replay: PyTree  # DQN replay buffer; () otherwise
     obs: jax.Array  # [E, ...] current observations
+    first: jax.Array  # [E] bool: obs is the first observation of an episode (the replay needs it)
     stats: PyTree  # episode statistics accumulators
     key: jax.Array
     updates: jax.Array  # gradient updates done (int32)
@@ -117,7 +118,8 @@ class Trainer(NamedTuple):
 
     cfg: TrainConfig
     env: Any
-    init: Callable  # (keys[S]) -> (handle, lanes[S, N])
+    initial_handle: Callable  # () -> the env handle laid out for [S, N] lanes
+    init: Callable  # (keys[S]) -> lanes[S, N]
     warmup: Callable | None  # DQN random play before learning: (handle, lanes) -> (handle, lanes, info)
     chunk: Callable  # (handle, lanes) -> (handle, lanes, (info, metrics))
     chunk_iterations: int
@@ -134,10 +136,11 @@ def make_network(cfg: TrainConfig, spec) -> Any:
     torso_name = cfg.torso
     if torso_name == "auto":
         torso_name = "nature" if spec.is_atari else "mlp"
-    torso = nets_lib.make_torso(torso_name, hidden=cfg.hidden, layer_norm=cfg.layer_norm)
+    torso = nets_lib.make_torso(torso_name, hidden_sizes=cfg.hidden, layer_norm=cfg.layer_norm,
+                                obs_ndim=len(spec.obs_shape))
     if cfg.is_dqn:
-        return nets_lib.QNetwork(torso=torso, num_actions=spec.num_actions)
-    return nets_lib.ActorCritic(torso=torso, num_actions=spec.num_actions)
+        return nets_lib.QNetwork(torso, num_actions=spec.num_actions)
+    return nets_lib.ActorCritic(torso, num_actions=spec.num_actions)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,6 +158,8 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
     target_every = max(1, round(cfg.target_update / steps_per_update_all))
     eps_duration = max(1.0, cfg.eps_fraction * cfg.total_steps)
     atari = spec.is_atari
+    # Huber for clipped Atari rewards (Mnih et al. 2015); the squared error elsewhere (see dqn.loss).
+    huber_delta = 1.0 if (cfg.loss == "huber" or (cfg.loss == "auto" and atari)) else None
 
     def epsilon(env_steps):
         frac = jnp.clip(env_steps / eps_duration, 0.0, 1.0)
@@ -166,9 +171,9 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
         actions = dqn.epsilon_greedy(q, eps, k_act)
         handle, st = env.step(handle, actions)
         reward = dqn.clip_reward(st.reward) if atari else st.reward
-        buf = replay_lib.add(lane.replay, lane.obs, actions, reward, st.terminated, st.truncated, st.first)
+        buf = replay_lib.add(lane.replay, lane.obs, actions, reward, st.terminated, st.truncated, lane.first)
         stats, finished, rets, lens = envs_lib.episode_stats_update(lane.stats, st)
-        lane = lane._replace(replay=buf, obs=st.obs, stats=stats, key=key)
+        lane = lane._replace(replay=buf, obs=st.obs, first=st.first, stats=stats, key=key)
         return handle, lane, StepInfo(finished, rets, lens)
 
     def learn(lane: Lane):
@@ -177,7 +182,8 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
         target = lane.target_params if cfg.target_network else lane.params
 
         def loss_fn(p):
-            return dqn.loss(p, target, network.apply, batch, double=cfg.algo == "double_dqn")
+            return dqn.loss(p, target, network.apply, batch, double=cfg.algo == "double_dqn",
+                            huber_delta=huber_delta)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lane.params)
         updates, opt_state = tx.update(grads, lane.opt_state, lane.params)
@@ -218,21 +224,23 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
 
 
 def _rollout(env, network, handle, lane: Lane, length: int):
-    """Acts for ``length`` steps with the current stochastic policy; returns the trajectory."""
+    """Acts for ``length`` steps with the current stochastic policy; returns an a2c.Rollout (time-major)."""
 
     def body(carry, _):
         h, ln = carry
         key, k_act = jax.random.split(ln.key)
-        logits, _ = network.apply(ln.params, ln.obs)
+        logits, value = network.apply(ln.params, ln.obs)
         actions = a2c.sample_action(logits, k_act)
         h, st = env.step(h, actions)
         stats, finished, rets, lens = envs_lib.episode_stats_update(ln.stats, st)
-        step = a2c.Transition(obs=ln.obs, action=actions, reward=st.reward, terminated=st.terminated,
-                              truncated=st.truncated, valid=~st.first, next_obs=st.obs)
-        return (h, ln._replace(obs=st.obs, stats=stats, key=key)), (step, StepInfo(finished, rets, lens))
+        step = a2c.Rollout(obs=ln.obs, action=actions, reward=st.reward, terminated=st.terminated,
+                           truncated=st.truncated, valid=~st.first, value=value)
+        ln = ln._replace(obs=st.obs, first=st.first, stats=stats, key=key)
+        return (h, ln), (step, StepInfo(finished, rets, lens))
 
     (handle, lane), (traj, info) = jax.lax.scan(body, (handle, lane), None, length=length)
-    return handle, lane, traj, info
+    _, bootstrap_value = network.apply(lane.params, lane.obs)
+    return handle, lane, traj._replace(bootstrap_value=bootstrap_value), info
 
 
 def _actor_critic_lane_fns(cfg: TrainConfig, env, network, tx):
@@ -309,7 +317,8 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
             frame_stack = spec.obs_shape[0] if spec.is_atari else 1
             buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
         return Lane(params=params, target_params=params, opt_state=tx.init(params), replay=buf, obs=obs,
-                    stats=envs_lib.episode_stats_init(E), key=key, updates=jnp.zeros((), jnp.int32))
+                    first=jnp.ones((E,), bool), stats=envs_lib.episode_stats_init(E), key=key,
+                    updates=jnp.zeros((), jnp.int32))
 
     workers = jnp.arange(N)
 
@@ -317,11 +326,18 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
         chex.assert_shape(keys, (S, 2))
         return jax.vmap(lambda k: jax.vmap(lambda w: init_lane(k, w))(workers))(keys)
 
+    # The env handle: the pool token is shared by every lane; each lane has its own pending-reset flags.
+    handle_axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
+
     def over_lanes(fn, with_metrics: bool):
-        # Workers: vmap with the collective axis; seeds: vmap without. The env handle is shared (unbatched).
-        out_axes = (None, 0, 0, 0) if with_metrics else (None, 0, 0)
-        per_seed = jax.vmap(fn, in_axes=(None, 0, None), out_axes=out_axes, axis_name=WORKERS)
-        return jax.vmap(per_seed, in_axes=(None, 0, None), out_axes=out_axes)
+        # Workers: vmap with the collective axis; seeds: vmap without.
+        out_axes = (handle_axes, 0, 0, 0) if with_metrics else (handle_axes, 0, 0)
+        per_seed = jax.vmap(fn, in_axes=(handle_axes, 0, None), out_axes=out_axes, axis_name=WORKERS)
+        return jax.vmap(per_seed, in_axes=(handle_axes, 0, None), out_axes=out_axes)
+
+    def initial_handle() -> envs_lib.XlaHandle:
+        pending = jnp.broadcast_to(env.handle.pending_reset, (S, N, E))
+        return envs_lib.XlaHandle(pool=env.handle.pool, pending_reset=pending)
 
     steps_per_iteration = cfg.steps_per_iteration
     lane_iteration = over_lanes(iteration, with_metrics=True)
@@ -357,7 +373,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
     learn_iters = max(1, cfg.num_iterations - warmup_iters)
     num_chunks = max(1, math.ceil(learn_iters / chunk_iterations))
     chunk = jax.jit(chunk_fn, static_argnums=3, donate_argnums=1)
-    return Trainer(cfg=cfg, env=env, init=jax.jit(init), warmup=warmup, chunk=chunk,
+    return Trainer(cfg=cfg, env=env, initial_handle=initial_handle, init=jax.jit(init), warmup=warmup, chunk=chunk,
                    chunk_iterations=chunk_iterations, warmup_iterations=warmup_iters, num_chunks=num_chunks,
                    env_steps_per_iteration=steps_per_iteration, network=network)
 
@@ -368,7 +384,7 @@ def train(trainer: Trainer, keys: jax.Array):
     Jittable; the env step is batched by ``custom_vmap`` so this may itself be vmapped when the pool was built
     with enough lanes.
     """
-    handle = trainer.env.handle
+    handle = trainer.initial_handle()
     lanes = trainer.init(keys)
     warm_info = None
     if trainer.warmup is not None and trainer.warmup_iterations > 0:

@@ -61,6 +61,23 @@ def test_synchronous_schedule_is_lock_step_with_zero_staleness():
     np.testing.assert_array_equal(s.events.pulls, s.events.update_follows[:, None] & np.ones(4, bool))
 
 
+def test_comm_time_delays_push_and_reply():
+    # Sync, constant step 1, B = 2, latency 0.5 each way: first update at 2 + 0.5, then every 0.5 + 2 + 0.5.
+    s = sim.schedule(3, 2, 3, 4, sim.constant(1.0), comm_time=0.5)
+    np.testing.assert_allclose(s.updates.time, [2.5, 5.5, 8.5, 11.5])
+
+
+@pytest.mark.parametrize(
+    "distribution",
+    [sim.constant(0.7), sim.exponential(2.0), sim.lognormal(1.5, 0.8), sim.straggler(1.0, 0.2, 6.0)],
+    ids=lambda d: type(d).__name__,
+)
+def test_sampled_durations_have_the_stated_mean(distribution):
+    samples = sim.sample_durations(distribution, np.random.default_rng(0), 200_000)
+    assert (samples > 0).all()
+    np.testing.assert_allclose(samples.mean(), sim.mean_duration(distribution), rtol=0.02)
+
+
 def test_downpour_constant_times_staleness_is_n_minus_1_after_the_first_round():
     s = sim.schedule(3, 1, 1, 12, sim.constant(1.0))
     assert s.updates.staleness[:, 0].tolist() == [0, 1, 2] + [2] * 9

@@ -14,12 +14,15 @@ Semantics (measured on envpool 1.2.5; the tests re-check each point):
   API, so they are tracked here: ``first[i]`` = env ``i``'s previous step was done.
   gymnasium's vector envs (``AutoresetMode.NEXT_STEP``) behave the same way.
 * **Episodic life (Atari).** With ``episodic_life=True`` a lost life sets ``terminated`` (envpool's
-  ``done``); the following step is an auto-reset that does *not* restart the game: envpool
-  presses no-ops (1 to ``noop_max``) and FIRE, keeps the score and the remaining lives, and does not
-  advance ``elapsed_step``. The game really ends when all lives are lost (envpool's
-  ``info["terminated"]``) or at the time limit (``truncated``): that is :attr:`Step.game_over`.
-  Because the reset after a life loss presses its own buttons, a run with episodic life diverges
-  from a run without it after the first lost life, even with the same seed and actions.
+  ``done``, dm ``discount`` 0); the following step is an auto-reset that does *not* restart the
+  game: it runs envpool's own reset routine (no-ops, FIRE) instead of the agent's action, the
+  remaining lives and ``elapsed_step`` carry over (``elapsed_step`` does not advance), and the
+  reward is 0. The game really ends when all lives are lost (envpool's ``info["terminated"]`` = 1,
+  only then) or at the time limit (``truncated``; the next reset is then a full one): that is
+  :attr:`Step.game_over`. Because that reset acts on its own, a run with episodic life diverges from
+  a run without it after the first lost life, even with the same seed and actions (they agree up to
+  and including the life-loss step). envpool's dm API cannot tell a time limit from a termination
+  on Atari (``discount`` is 0 for both), hence the gymnasium API is used here.
 * **Seeds.** envpool seeds env ``i`` of a pool made with ``seed=s`` with ``s + i`` (env ``i`` of a
   pool with seed ``s`` behaves exactly like env 0 of a pool with seed ``s + i``). Same seed and
   same actions give the same observations and rewards. gymnasium's ``reset(seed=s)`` does the same.
@@ -105,15 +108,17 @@ class HostEnv:
         num_threads: int = 0,
         backend: str = "auto",
     ) -> None:
-        spec_lib.check_pool_args("HostEnv", num_envs, episodic_life, repeat_action_probability, num_threads)
+        spec_lib.check_pool_args(
+            "HostEnv", num_envs, episodic_life, repeat_action_probability, num_threads
+        )
         num_envs = int(num_envs)
         seed = spec_lib.check_seed(seed, num_envs, "HostEnv")
         if batch_size is None:
             batch_size = num_envs
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not (
-            1 <= batch_size <= num_envs
-        ):
-            raise ValueError(f"HostEnv: batch_size must be an int in [1, num_envs={num_envs}], got {batch_size!r}")
+        if not spec_lib.is_int(batch_size) or not 1 <= batch_size <= num_envs:
+            raise ValueError(
+                f"HostEnv: batch_size must be an int in [1, num_envs={num_envs}], got {batch_size!r}"
+            )
         self.backend = spec_lib.backend_of(env_id, backend)
         self.spec: EnvSpec = spec_lib.make_spec(env_id, num_envs, backend=self.backend)
         self.batch_size = int(batch_size)
@@ -129,7 +134,9 @@ class HostEnv:
                 repeat_action_probability=repeat_action_probability,
                 num_threads=int(num_threads),
             )
-            self._pool = envpool.make_gymnasium(env_id, **kwargs)
+            with spec_lib.quiet_spaces():
+                self._pool = envpool.make_gymnasium(env_id, **kwargs)
+                self._pool.observation_space  # built lazily (and cached) by the first recv
         else:
             if self.is_async:
                 raise ValueError(
@@ -159,7 +166,9 @@ class HostEnv:
         episode); make a new pool for an identical rerun.
         """
         if self.is_async:
-            raise ValueError("HostEnv.reset: the pool is asynchronous (batch_size < num_envs); use async_reset()")
+            raise ValueError(
+                "HostEnv.reset: the pool is asynchronous (batch_size < num_envs); use async_reset()"
+            )
         if self.backend == "envpool":
             obs, info = self._pool.reset()
             obs = self._sorted(obs, info["env_id"])
@@ -180,7 +189,9 @@ class HostEnv:
           ValueError: bad actions (nothing is sent), asynchronous mode, or no reset yet.
         """
         if self.is_async:
-            raise ValueError("HostEnv.step: the pool is asynchronous (batch_size < num_envs); use send()/recv()")
+            raise ValueError(
+                "HostEnv.step: the pool is asynchronous (batch_size < num_envs); use send()/recv()"
+            )
         self.send(actions)
         step, _ = self.recv()
         return step
@@ -224,7 +235,9 @@ class HostEnv:
                 want = f"({self.batch_size},)" if self.is_async else "(k,), k >= 1"
                 raise ValueError(f"HostEnv.send: env_ids must have shape {want}, got {ids.shape}")
             if ids.min() < 0 or ids.max() >= n or np.unique(ids).size != ids.size:
-                raise ValueError(f"HostEnv.send: env_ids must be distinct ints in [0, {n}), got {ids.tolist()}")
+                raise ValueError(
+                    f"HostEnv.send: env_ids must be distinct ints in [0, {n}), got {ids.tolist()}"
+                )
             ids = ids.astype(np.int32)
         actions = check_actions(actions, self.spec.num_actions, ids.size, "HostEnv.send")
         if self.backend == "envpool":

@@ -17,7 +17,10 @@ Episodic life (a life loss ends the *learning* episode) is a flag of the pool co
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import warnings
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -73,8 +76,8 @@ class Step(NamedTuple):
       reward: float32, the raw (unclipped) reward of the step.
       terminated: bool, the *learning* episode ended in a terminal state (do not bootstrap).
         With episodic life on, a lost life counts as terminal.
-      truncated: bool, the episode was cut by the time limit (bootstrap from ``obs``... which is
-        the last observation of the episode).
+      truncated: bool, the episode was cut by the time limit: not terminal, bootstrap from
+        ``obs`` (with next-step auto-reset it is still the episode's last observation).
       game_over: bool, the real game ended: all lives lost, or the time limit. The episode
         statistics (:func:`jaxdp.envs.episode_stats_update`) close an episode here and only here.
       first: bool, this step was an automatic reset: the environment ignored the action, returned
@@ -190,7 +193,7 @@ def make_spec(env_id: str, num_envs: int, *, backend: str = "auto") -> EnvSpec:
       >>> make_spec("CartPole-v1", 8).obs_shape
       (4,)
     """
-    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+    if not is_int(num_envs) or num_envs < 1:
         raise ValueError(f"make_spec: num_envs must be an int >= 1, got {num_envs!r}")
     num_envs = int(num_envs)
     if backend_of(env_id, backend) == "envpool":
@@ -269,9 +272,23 @@ def envpool_kwargs(
     return kwargs
 
 
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer, and not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+@contextlib.contextmanager
+def quiet_spaces() -> Iterator[None]:
+    """Silences gymnasium's "Box ... precision lowered" warning, which envpool's float64 bounds of
+    float32 observations (classic control) trigger at every pool creation; it is harmless here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting", category=UserWarning)
+        yield
+
+
 def check_seed(seed: Any, count: int, where: str) -> int:
     """Validates a base seed so that ``seed + count - 1`` still fits envpool's int32 seeds."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not is_int(seed):
         raise TypeError(f"{where}: seed must be an int, got {seed!r}")
     seed = int(seed)
     if not (0 <= seed and seed + count - 1 < 2**31):
@@ -283,7 +300,7 @@ def check_pool_args(
     where: str, num_envs: Any, episodic_life: Any, repeat_action_probability: Any, num_threads: Any
 ) -> None:
     """Validates the constructor arguments shared by the host and XLA pools."""
-    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+    if not is_int(num_envs) or num_envs < 1:
         raise ValueError(f"{where}: num_envs must be an int >= 1, got {num_envs!r}")
     if not isinstance(episodic_life, (bool, np.bool_)):
         raise TypeError(f"{where}: episodic_life must be a bool, got {episodic_life!r}")
@@ -291,5 +308,7 @@ def check_pool_args(
         raise ValueError(
             f"{where}: repeat_action_probability must be in [0, 1], got {repeat_action_probability!r}"
         )
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 0:
-        raise ValueError(f"{where}: num_threads must be an int >= 0 (0: envpool decides), got {num_threads!r}")
+    if not is_int(num_threads) or num_threads < 0:
+        raise ValueError(
+            f"{where}: num_threads must be an int >= 0 (0: envpool decides), got {num_threads!r}"
+        )

@@ -103,7 +103,10 @@ def _lanes_error_raise(*args: Any, message: str, out_avals: tuple) -> Any:
 
 _lanes_error_p.def_abstract_eval(_lanes_error_abstract)
 _lanes_error_p.def_impl(_lanes_error_raise)
-mlir.register_lowering(_lanes_error_p, lambda ctx, *args, message, out_avals: _lanes_error_raise(message=message, out_avals=out_avals))
+mlir.register_lowering(
+    _lanes_error_p,
+    lambda ctx, *args, message, out_avals: _lanes_error_raise(message=message, out_avals=out_avals),
+)
 
 
 def _lanes_error(message: str, like: Any, *args: Any) -> Any:
@@ -118,7 +121,9 @@ def _lane_seeds(seed: int | Sequence[int], lanes: int, num_envs: int) -> list[in
     if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, str):
         seeds = list(seed)
         if len(seeds) != lanes:
-            raise ValueError(f"make_xla: seed must be an int or one seed per lane ({lanes}), got {len(seeds)} seeds")
+            raise ValueError(
+                f"make_xla: seed must be an int or one seed per lane ({lanes}), got {len(seeds)} seeds"
+            )
         return [spec_lib.check_seed(s, num_envs, "make_xla") for s in seeds]
     base = spec_lib.check_seed(seed, lanes * num_envs, "make_xla")
     return [base + lane * num_envs for lane in range(lanes)]
@@ -166,29 +171,34 @@ def make_xla(
       >>> rewards.shape
       (10, 4)
     """
-    spec_lib.check_pool_args("make_xla", num_envs, episodic_life, repeat_action_probability, num_threads)
-    if isinstance(lanes, bool) or not isinstance(lanes, (int, np.integer)) or lanes < 1:
+    spec_lib.check_pool_args(
+        "make_xla", num_envs, episodic_life, repeat_action_probability, num_threads
+    )
+    if not spec_lib.is_int(lanes) or lanes < 1:
         raise ValueError(f"make_xla: lanes must be an int >= 1, got {lanes!r}")
     num_envs, lanes = int(num_envs), int(lanes)
     if spec_lib.backend_of(env_id) != "envpool":
-        raise ValueError(f"make_xla: {env_id!r} is a gymnasium id; the XLA API needs an envpool id (use HostEnv)")
+        raise ValueError(
+            f"make_xla: {env_id!r} is a gymnasium id; the XLA API needs an envpool id (use HostEnv)"
+        )
     spec = spec_lib.make_spec(env_id, num_envs, backend="envpool")
     total = lanes * num_envs
     env_seeds = [s + j for s in _lane_seeds(seed, lanes, num_envs) for j in range(num_envs)]
 
     import envpool
 
-    pool = envpool.make_gymnasium(
-        env_id,
-        **spec_lib.envpool_kwargs(
-            spec,
-            env_seeds,
-            batch_size=total,
-            episodic_life=episodic_life,
-            repeat_action_probability=repeat_action_probability,
-            num_threads=int(num_threads),
-        ),
+    kwargs = spec_lib.envpool_kwargs(
+        spec,
+        env_seeds,
+        batch_size=total,
+        episodic_life=episodic_life,
+        repeat_action_probability=repeat_action_probability,
+        num_threads=int(num_threads),
     )
+    with spec_lib.quiet_spaces():
+        pool = envpool.make_gymnasium(env_id, **kwargs)
+        pool.observation_space  # built lazily (and cached) by the first recv
+
     obs, info = pool.reset()
     obs = np.asarray(obs)[np.argsort(np.asarray(info["env_id"]), kind="stable")]
     pool_handle, _, _, xla_step = pool.xla()

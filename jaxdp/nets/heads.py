@@ -70,7 +70,9 @@ class ActorCritic(nn.Module):
         logits = nn.Dense(
             self.num_actions, kernel_init=nn.initializers.orthogonal(0.01), bias_init=_ZEROS, name="policy"
         )(features)
-        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), bias_init=_ZEROS, name="value")(features)
+        value = nn.Dense(
+            1, kernel_init=nn.initializers.orthogonal(1.0), bias_init=_ZEROS, name="value"
+        )(features)
         return logits, value[..., 0]
 
 
@@ -82,9 +84,11 @@ def _check_num_actions(num_actions: int, where: str) -> int:
 
 def make_q_network(torso: str, num_actions: int, **torso_kwargs: object) -> QNetwork:
     """``QNetwork(make_torso(torso, **torso_kwargs), num_actions)``, with the arguments validated."""
-    return QNetwork(make_torso(torso, **torso_kwargs), _check_num_actions(num_actions, "make_q_network"))
+    num_actions = _check_num_actions(num_actions, "make_q_network")
+    return QNetwork(make_torso(torso, **torso_kwargs), num_actions)
 
 
 def make_actor_critic(torso: str, num_actions: int, **torso_kwargs: object) -> ActorCritic:
     """``ActorCritic(make_torso(torso, **torso_kwargs), num_actions)``, with the arguments validated."""
-    return ActorCritic(make_torso(torso, **torso_kwargs), _check_num_actions(num_actions, "make_actor_critic"))
+    num_actions = _check_num_actions(num_actions, "make_actor_critic")
+    return ActorCritic(make_torso(torso, **torso_kwargs), num_actions)

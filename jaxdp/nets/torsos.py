@@ -186,7 +186,8 @@ def make_torso(
         return A3CCNN(layer_norm=layer_norm, channels_first=channels_first)
     if name == "mlp":
         sizes = tuple(hidden_sizes)
-        if not sizes or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in sizes):
+        bad = [w for w in sizes if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1]
+        if not sizes or bad:
             raise ValueError(f"make_torso: hidden_sizes must be positive ints, got {hidden_sizes!r}")
         if obs_ndim < 1:
             raise ValueError(f"make_torso: obs_ndim must be >= 1, got {obs_ndim}")

@@ -1,0 +1,134 @@
+"""Tests of jaxdp.nets: shapes, parameter counts (hand-computed), uint8 scaling, layout, LayerNorm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdp import nets
+
+FRAMES = jnp.zeros((1, 4, 84, 84), jnp.uint8)
+
+
+def count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def shapes(net, obs):
+    """The parameter tree as shapes only: no initialisation is computed (fast on a busy CPU)."""
+    return jax.eval_shape(net.init, jax.random.key(0), obs)
+
+
+def init(net, obs):
+    return jax.jit(net.init)(jax.random.key(0), obs)
+
+
+def conv(kernel: int, c_in: int, c_out: int) -> int:
+    return kernel * kernel * c_in * c_out + c_out
+
+
+def dense(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+def test_nature_q_network_param_count_on_pong():
+    net = nets.make_q_network("nature", 6)
+    params = shapes(net, FRAMES)
+    # Mnih 2015: 84 -> 20 -> 9 -> 7 with VALID padding, 7*7*64 = 3136 features into fc 512
+    expected = conv(8, 4, 32) + conv(4, 32, 64) + conv(3, 64, 64) + dense(3136, 512) + dense(512, 6)
+    assert count(params) == expected == 1_687_206
+    q = jax.eval_shape(net.apply, params, jnp.zeros((5, 4, 84, 84), jnp.uint8))
+    assert q.shape == (5, 6) and q.dtype == jnp.float32
+
+
+def test_a3c_actor_critic_shapes_and_count():
+    net = nets.make_actor_critic("a3c", 4)
+    params = shapes(net, FRAMES)
+    expected = conv(8, 4, 16) + conv(4, 16, 32) + dense(9 * 9 * 32, 256) + dense(256, 4) + dense(256, 1)
+    assert count(params) == expected
+    apply = lambda obs: jax.eval_shape(net.apply, params, obs)  # noqa: E731
+    logits, value = apply(jnp.zeros((2, 3, 4, 84, 84), jnp.uint8))  # any batch shape
+    assert logits.shape == (2, 3, 4) and value.shape == (2, 3)
+    logits, value = apply(FRAMES[0])  # unbatched
+    assert logits.shape == (4,) and value.shape == ()
+
+
+def test_mlp_shapes_count_and_heads():
+    torso = nets.make_torso("mlp", hidden_sizes=(64, 32))
+    q_net = nets.QNetwork(torso, 2)
+    params = shapes(q_net, jnp.zeros((1, 4)))
+    assert count(params) == dense(4, 64) + dense(64, 32) + dense(32, 2)
+    assert jax.eval_shape(q_net.apply, params, jnp.ones((7, 4))).shape == (7, 2)
+    ac = nets.ActorCritic(torso, 3)
+    params = shapes(ac, jnp.zeros((1, 4)))
+    logits, value = jax.eval_shape(ac.apply, params, jnp.ones((7, 4)))
+    assert logits.shape == (7, 3) and value.shape == (7,)
+    flat = nets.make_torso("mlp", hidden_sizes=(8,), obs_ndim=2)
+    out = jax.eval_shape(flat.apply, shapes(flat, jnp.zeros((1, 3, 5))), jnp.zeros((6, 3, 5)))
+    assert out.shape == (6, 8)
+
+
+@pytest.mark.parametrize("name", ["nature", "a3c"])
+def test_uint8_frames_scaled_and_channels_first(name):
+    torso = nets.make_torso(name)
+    nhwc = nets.make_torso(name, channels_first=False)
+
+    # Any parameters will do for these identities; Gaussian ones skip the (slow on CPU) QR of the
+    # orthogonal initialiser.
+    shaped = shapes(torso, FRAMES)
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32), shaped)
+
+    @jax.jit  # one compilation for the three applications
+    def outputs(frames):
+        return (
+            torso.apply(params, frames),
+            torso.apply(params, frames.astype(jnp.float32) / 255.0),
+            nhwc.apply(params, jnp.moveaxis(frames, 1, -1)),
+        )
+
+    frames = jnp.asarray(rng.integers(0, 256, (3, 4, 84, 84), dtype=np.uint8))
+    from_uint8, from_float, from_nhwc = outputs(frames)
+    assert float(jnp.abs(from_uint8).max()) > 0
+    # uint8 frames are the same as float frames scaled by 1/255
+    np.testing.assert_allclose(from_uint8, from_float, rtol=1e-5, atol=1e-6)
+    # channels-first input is the channels-last network applied to the transposed frames
+    np.testing.assert_allclose(from_uint8, from_nhwc, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_flag_changes_param_tree():
+    for name, obs in (("nature", FRAMES), ("a3c", FRAMES), ("mlp", jnp.zeros((1, 4)))):
+        plain = shapes(nets.make_q_network(name, 3), obs)
+        normed = shapes(nets.make_q_network(name, 3, layer_norm=True), obs)
+        ln = {k: v for k, v in normed["params"]["torso"].items() if k.startswith("LayerNorm")}
+        hidden = [k for k in plain["params"]["torso"] if k.startswith(("Conv", "Dense"))]
+        assert len(ln) == len(hidden)  # one LayerNorm per hidden layer
+        extra = sum(int(v["scale"].shape[0] + v["bias"].shape[0]) for v in ln.values())
+        assert count(normed) == count(plain) + extra
+        assert "LayerNorm_0" not in plain["params"]["torso"]
+
+
+def test_initialisation_scales():
+    net = nets.make_actor_critic("mlp", 4, hidden_sizes=(64,))
+    params = init(net, jnp.zeros((1, 8)))["params"]
+    # orthogonal columns scaled by the gain: W^T W = gain^2 I for a tall kernel
+    for name, gain in (("policy", 0.01), ("value", 1.0)):
+        kernel = params[name]["kernel"]
+        np.testing.assert_allclose(kernel.T @ kernel, gain**2 * np.eye(kernel.shape[1]), atol=1e-6)
+        assert not params[name]["bias"].any()
+    hidden = params["torso"]["Dense_0"]["kernel"]  # (8, 64): wide, so W W^T = 2 I
+    np.testing.assert_allclose(hidden @ hidden.T, 2.0 * np.eye(8), atol=1e-5)
+
+
+def test_make_torso_validates_arguments():
+    with pytest.raises(ValueError, match="name must be one of"):
+        nets.make_torso("resnet")
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        nets.make_torso("mlp", hidden_sizes=(64, 0))
+    with pytest.raises(ValueError, match="num_actions"):
+        nets.make_q_network("mlp", 0)
+    torso = nets.make_torso("nature")
+    with pytest.raises(ValueError, match="frames"):
+        torso.init(jax.random.key(0), jnp.zeros((84, 84)))
