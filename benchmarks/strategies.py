@@ -13,6 +13,9 @@ Three tables, printed as markdown:
    CPU device offers; the all-reduce itself is then free, so the row measures the transform's own
    cost, not communication; the row ``adam (vmap, 1 worker)`` shows what the layout alone does, and the
    column "same layout" (on which the verdicts are based) divides by the adam row of the same layout.
+   (The two layouts differ because XLA:CPU splits the large elementwise loops of the plain layout over
+   the cores but not those with a leading axis of 1; on a busy 2-core machine the unsplit one can be
+   the faster.)
 2. **State memory** of each strategy in units of the parameter size (bytes of the optimizer state
    pytree / bytes of the parameters; ``adam`` alone is 2).
 3. **async_sim throughput**: simulated master updates per second of

@@ -38,7 +38,8 @@ other side: staleness × η must stay small.
 
 Writes ``experiments/results/speedup.csv`` (one row per N), ``experiments/results/speedup_runs.csv`` (one
 row per N and seed) and ``docs/img/speedup.png``; prints the table. Run:
-``python experiments/speedup.py`` (about a minute on 2 cores; ``--quick`` for a smoke run).
+``python experiments/speedup.py`` (under a minute on 2 cores; ``--quick`` for a smoke run that writes to a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import csv
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -74,11 +76,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr-scale", type=float, default=1.0,
                         help="multiply the Corollary-1 rate (to see where staleness starts to hurt)")
     parser.add_argument("--quick", action="store_true", help="N in {1, 4}, 1 seed, K = 400: a smoke run")
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "experiments" / "results")
-    parser.add_argument("--plot", type=pathlib.Path, default=ROOT / "docs" / "img" / "speedup.png")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="folder for the CSVs (default experiments/results; --quick: a temporary folder)")
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help="PNG path (default docs/img/speedup.png; --quick: in the --out folder)")
     args = parser.parse_args(argv)
     if args.quick:
         args.workers, args.seeds, args.budget, args.target_loss = [1, 4], 1, 400, 0.2
+        # A smoke run must not overwrite the committed results.
+        args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="jaxdp_speedup_quick_"))
+    args.out = args.out or ROOT / "experiments" / "results"
+    args.plot = args.plot or (args.out / "speedup.png" if args.quick else ROOT / "docs" / "img" / "speedup.png")
     for name in ("seeds", "local_steps", "batch_size", "budget", "eval_every", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -36,11 +36,13 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--num-envs", "num_envs", int, "environments per worker (0 = algorithm default: dqn 4, a2c 16, reinforce 8)"),
     ("--optimizer", "optimizer", str, "inner optimizer: adam, rmsprop or sgd"),
     ("--lr", "lr", float, "learning rate (0 = algorithm default: dqn 2.5e-4, a2c/reinforce 2e-3)"),
-    ("--max-grad-norm", "max_grad_norm", float, "clip gradients to this global norm (0 = off)"),
+    ("--max-grad-norm", "max_grad_norm", float, "clip gradients to this global norm (0 = off, -1 = algorithm "
+                                                "default: a2c/reinforce 0.5, dqn 10)"),
     ("--gamma", "gamma", float, "discount factor"),
     ("--torso", "torso", str, "network torso: auto (mlp for vectors, nature for Atari), mlp, nature, a3c"),
     ("--layer-norm", "layer_norm", "flag", "LayerNorm after each hidden layer"),
-    ("--buffer-size", "buffer_size", int, "DQN replay capacity (transitions)"),
+    ("--buffer-size", "buffer_size", int, "DQN replay capacity in transitions (0 = 10k for vector observations, "
+                                          "1M for Atari)"),
     ("--batch-size", "batch_size", int, "DQN minibatch size"),
     ("--learning-starts", "learning_starts", int, "DQN: env steps of random play before learning"),
     ("--train-frequency", "train_frequency", int, "DQN: env steps (all envs) per gradient update"),

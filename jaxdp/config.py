@@ -36,7 +36,7 @@ class TrainConfig:
     # Optimizer (the inner optax chain every strategy wraps).
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
     lr: float = 0.0  # 0 = the algorithm's default
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = -1.0  # -1 = the algorithm's default (a2c/reinforce 0.5, dqn 10); 0 = off
     gamma: float = 0.99
 
     # Network.
@@ -45,7 +45,7 @@ class TrainConfig:
     layer_norm: bool = False
 
     # DQN / Double DQN.
-    buffer_size: int = 50_000
+    buffer_size: int = 0  # 0 = 10k transitions for vector observations, 1M for Atari (7 GB of uint8 frames)
     batch_size: int = 128
     learning_starts: int = 10_000
     train_frequency: int = 10  # env steps (all envs together) per gradient update
@@ -104,6 +104,17 @@ class TrainConfig:
         return {"dqn": 2.5e-4, "double_dqn": 2.5e-4, "a2c": 2e-3, "reinforce": 2e-3}[self.algo]
 
     @property
+    def grad_clip(self) -> float:
+        if self.max_grad_norm >= 0:
+            return self.max_grad_norm
+        return 10.0 if self.is_dqn else 0.5
+
+    def replay_capacity(self, is_atari: bool) -> int:
+        if self.buffer_size:
+            return self.buffer_size
+        return 1_000_000 if is_atari else 10_000
+
+    @property
     def rollout(self) -> int:
         if self.rollout_len:
             return self.rollout_len
@@ -150,7 +161,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "--workers": cfg.workers,
         "--local-steps": cfg.local_steps,
         "--master-batch": cfg.master_batch,
-        "--buffer-size": cfg.buffer_size,
         "--batch-size": cfg.batch_size,
         "--train-frequency": cfg.train_frequency,
         "--target-update": cfg.target_update,
@@ -162,10 +172,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _fail(f"{name} must be a positive integer, got {value}")
     for name, value in {"--num-envs": cfg.num_envs, "--rollout-len": cfg.rollout_len,
                         "--learning-starts": cfg.learning_starts, "--max-delay": cfg.max_delay,
+                        "--buffer-size": cfg.buffer_size,
                         "--eval-episodes": cfg.eval_episodes}.items():
         if not isinstance(value, int) or value < 0:
             _fail(f"{name} must be a non-negative integer, got {value}")
-    for name, value in {"--lr": cfg.lr, "--max-grad-norm": cfg.max_grad_norm, "--ent-coef": cfg.ent_coef,
+    if not math.isfinite(cfg.max_grad_norm) or (cfg.max_grad_norm < 0 and cfg.max_grad_norm != -1.0):
+        _fail(f"--max-grad-norm must be >= 0 (or -1 for the default), got {cfg.max_grad_norm}")
+    for name, value in {"--lr": cfg.lr, "--ent-coef": cfg.ent_coef,
                         "--vf-coef": cfg.vf_coef}.items():
         if not math.isfinite(value) or value < 0:
             _fail(f"{name} must be a finite number >= 0, got {value}")
@@ -192,10 +205,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     # Sizes that must fit together.
     if cfg.is_dqn:
-        if cfg.batch_size > cfg.buffer_size:
+        if cfg.buffer_size and cfg.batch_size > cfg.buffer_size:
             _fail(f"--batch-size {cfg.batch_size} is larger than --buffer-size {cfg.buffer_size}")
-        if cfg.buffer_size < cfg.envs_per_worker * 2:
-            _fail(f"--buffer-size {cfg.buffer_size} must hold at least two steps of --num-envs "
+        if cfg.buffer_size and cfg.buffer_size < cfg.envs_per_worker * 8:
+            _fail(f"--buffer-size {cfg.buffer_size} must hold at least 8 steps of --num-envs "
                   f"{cfg.envs_per_worker}")
         if cfg.learning_starts >= cfg.total_steps:
             _fail(f"--learning-starts {cfg.learning_starts} must be below --total-steps {cfg.total_steps}")

@@ -45,8 +45,8 @@ def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | No
         "rmsprop": lambda: optax.rmsprop(lr, decay=0.99, eps=1e-5),
         "sgd": lambda: optax.sgd(lr),
     }[cfg.optimizer]()
-    if cfg.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
     return opt
 
 
@@ -267,6 +267,28 @@ def _actor_critic_lane_fns(cfg: TrainConfig, env, network, tx):
     return None, iteration
 
 
+def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[[jax.Array, jax.Array], Lane]:
+    spec, E = env.spec, cfg.envs_per_worker
+
+    def init_lane(seed_key: jax.Array, worker: jax.Array) -> Lane:
+        # Every worker of a seed starts from the same parameters (the global model); keys differ per worker.
+        k_params, _ = jax.random.split(seed_key)
+        key = jax.random.fold_in(seed_key, worker)
+        obs = env.initial_observation(key)
+        params = network.init(k_params, obs)
+        buf = ()
+        if cfg.is_dqn:
+            # Without replay (the lecture's ablation) the buffer holds just the latest steps of each env.
+            capacity = cfg.replay_capacity(spec.is_atari) if cfg.replay else max(cfg.batch_size, 8 * E)
+            frame_stack = spec.obs_shape[0] if spec.is_atari else 1
+            buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
+        return Lane(params=params, target_params=params, opt_state=tx.init(params), replay=buf, obs=obs,
+                    first=jnp.ones((E,), bool), stats=envs_lib.episode_stats_init(E), key=key,
+                    updates=jnp.zeros((), jnp.int32))
+
+    return init_lane
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # make_train
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,21 +327,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
     else:
         warmup_iteration, iteration = _actor_critic_lane_fns(cfg, env, network, tx)
 
-    def init_lane(seed_key: jax.Array, worker: jax.Array) -> Lane:
-        # Every worker of a seed starts from the same parameters (the global model); keys differ per worker.
-        k_params, _ = jax.random.split(seed_key)
-        key = jax.random.fold_in(seed_key, worker)
-        obs = env.initial_observation(key)
-        params = network.init(k_params, obs)
-        buf = ()
-        if cfg.is_dqn:
-            capacity = cfg.buffer_size if cfg.replay else max(cfg.batch_size, 2 * E)
-            frame_stack = spec.obs_shape[0] if spec.is_atari else 1
-            buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
-        return Lane(params=params, target_params=params, opt_state=tx.init(params), replay=buf, obs=obs,
-                    first=jnp.ones((E,), bool), stats=envs_lib.episode_stats_init(E), key=key,
-                    updates=jnp.zeros((), jnp.int32))
-
+    init_lane = _make_init_lane(cfg, env, network, tx)
     workers = jnp.arange(N)
 
     def init(keys: jax.Array) -> Lane:
@@ -397,6 +405,76 @@ def train(trainer: Trainer, keys: jax.Array):
     return lanes, warm_info, outs
 
 
+class TrainOutput(NamedTuple):
+    """What :func:`make_train_fn`'s ``train`` returns for one seed."""
+
+    lanes: Lane  # final per-worker state, leading axis N
+    episodes: StepInfo  # every env step's episode ends, [iterations, N, (k,) E]
+    metrics: dict  # learner metrics per iteration, [iterations, N]
+
+
+def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., TrainOutput], Any]:
+    """The whole run of ONE seed as a pure function ``train(key, learning_rate=None) -> TrainOutput``.
+
+    PureJaxRL's ``make_train``: ``jax.jit(train)(key)`` is one program (warmup and learning scans, no host loop);
+    ``jax.vmap(train)(keys)`` trains ``lanes`` seeds at once, and ``jax.vmap(train)(keys, lrs)`` sweeps learning
+    rates (any optax-accepted array) -- the env pool holds ``lanes`` × workers × E envs and its step is batched
+    by ``custom_vmap``, so exactly ``lanes`` vmapped calls must share it (nested vmaps multiply). The pool is
+    stateful C++: build a new function (``make_train_fn`` again) to replay a run.
+
+    Returns:
+      ``(train, env)``.
+    """
+    N, E = cfg.workers, cfg.envs_per_worker
+    env = envs_lib.make_xla(cfg.env, E, seed=env_seed(cfg), lanes=lanes * N, episodic_life=True)
+    network = make_network(cfg, env.spec)
+    steps_per_iteration = cfg.steps_per_iteration
+    handle_axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
+    workers = jnp.arange(N)
+
+    def train(key: jax.Array, learning_rate: float | jax.Array | None = None) -> TrainOutput:
+        tx = make_optimizer(cfg, learning_rate)
+        if cfg.is_dqn:
+            warmup_iteration, iteration = _dqn_lane_fns(cfg, env, network, tx)
+        else:
+            warmup_iteration, iteration = _actor_critic_lane_fns(cfg, env, network, tx)
+        init_lane = _make_init_lane(cfg, env, network, tx)
+        lane_key = key
+        if learning_rate is not None:
+            # Every vmapped axis is a lane of the env pool: make the key carry the learning-rate axis too, so
+            # that a sweep over (keys x learning rates) steps keys x learning rates x workers lanes.
+            zero = (jax.lax.stop_gradient(jnp.asarray(learning_rate)) * 0).astype(key.dtype)
+            lane_key = key + zero[..., None]
+        state = jax.vmap(lambda w: init_lane(lane_key, w))(workers)
+        # Derive the pending-reset flags from the lanes so they carry the same (possibly vmapped) batching.
+        handle = envs_lib.XlaHandle(pool=env.handle.pool, pending_reset=jnp.zeros_like(state.first))
+        warmup_iters = 0
+        if warmup_iteration is not None:
+            warmup_iters = cfg.learning_starts // steps_per_iteration
+            per_worker_warmup = jax.vmap(warmup_iteration, in_axes=(handle_axes, 0),
+                                         out_axes=(handle_axes, 0, 0), axis_name=WORKERS)
+
+            def warm_body(carry, _):
+                h, st = carry
+                h, st, _ = per_worker_warmup(h, st)
+                return (h, st), None
+
+            (handle, state), _ = jax.lax.scan(warm_body, (handle, state), None, length=warmup_iters)
+        per_worker = jax.vmap(iteration, in_axes=(handle_axes, 0, None), out_axes=(handle_axes, 0, 0, 0),
+                              axis_name=WORKERS)
+
+        def body(carry, i):
+            h, st = carry
+            h, st, info, metrics = per_worker(h, st, (warmup_iters + i) * steps_per_iteration)
+            return (h, st), (info, metrics)
+
+        learn_iters = max(1, cfg.num_iterations - warmup_iters)
+        (_, state), (info, metrics) = jax.lax.scan(body, (handle, state), jnp.arange(learn_iters))
+        return TrainOutput(lanes=state, episodes=info, metrics=metrics)
+
+    return train, env
+
+
 def seed_keys(cfg: TrainConfig) -> jax.Array:
     return jnp.stack([jax.random.PRNGKey(s) for s in cfg.seeds])
 
@@ -408,6 +486,6 @@ def run(cfg: TrainConfig):
     return loop.run(cfg)
 
 
-__all__ = ["Lane", "StepInfo", "Trainer", "make_inner_optimizer", "make_network", "make_optimizer",
+__all__ = ["Lane", "StepInfo", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
            "make_train", "run", "seed_keys", "train", "env_seed"]
 

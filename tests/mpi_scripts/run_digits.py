@@ -1,0 +1,48 @@
+"""Launched by tests/test_mpi.py under mpirun: ``python -m jaxdp.runtime.mpi``'s command line, plus
+``--dump-params``, which makes every rank that holds the final parameters save them (flattened) to
+``LOGDIR/params_rank{r}.npy`` so the test can compare ranks with each other and with a reference.
+"""
+
+import os
+import sys
+
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jaxdp.runtime import mpi
+
+
+def main() -> int:
+    parser = mpi.build_parser()
+    parser.add_argument("--dump-params", action="store_true")
+    args = parser.parse_args()
+    from mpi4py import MPI
+
+    from jaxdp.workloads.supervised import digits_workload
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    inner, outer = mpi.make_optimizers(args)
+    result = mpi.run_mpi(
+        digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed, worker_id=rank),
+        mode=args.mode,
+        inner=inner,
+        outer=outer,
+        local_steps=args.local_steps,
+        master_batch=args.master_batch,
+        aggregate=args.aggregate,
+        total_updates=args.total_updates,
+        seed=args.seed,
+        logdir=args.logdir,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        worker_timeout=args.worker_timeout,
+        step_timeout=args.step_timeout,
+    )
+    if args.dump_params and "params" in result:
+        np.save(os.path.join(args.logdir, f"params_rank{rank}.npy"), np.asarray(ravel_pytree(result["params"])[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

