@@ -176,7 +176,8 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
         lane = lane._replace(replay=buf, obs=st.obs, first=st.first, stats=stats, key=key)
         return handle, lane, StepInfo(finished, rets, lens)
 
-    def learn(lane: Lane):
+    def gradient(lane: Lane):
+        """The DQN gradient at lane.params from a replay minibatch (no optimizer: runtimes reuse this)."""
         key, k_sample = jax.random.split(lane.key)
         batch = replay_lib.sample(lane.replay, k_sample, cfg.batch_size, n_step=cfg.n_step, gamma=cfg.gamma)
         target = lane.target_params if cfg.target_network else lane.params
@@ -186,17 +187,23 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
                             huber_delta=huber_delta)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lane.params)
-        updates, opt_state = tx.update(grads, lane.opt_state, lane.params)
-        params = optax.apply_updates(lane.params, updates)
+        return lane._replace(key=key), grads, {"loss": loss, **metrics}
+
+    def refresh_target(lane: Lane, params):
+        """After an update: Polyak, or a hard copy every `target_every` updates (a select: no branch)."""
         n = lane.updates + 1
         if cfg.tau < 1.0:
             target_params = dqn.polyak_update(lane.target_params, params, cfg.tau)
-        else:  # hard copy every `target_every` updates; a select, so it needs no branch
+        else:
             copy = (n % target_every) == 0
             target_params = jax.tree.map(lambda p, t: jnp.where(copy, p, t), params, lane.target_params)
-        metrics = {"loss": loss, **metrics}
-        return lane._replace(params=params, target_params=target_params, opt_state=opt_state, key=key,
-                             updates=n), metrics
+        return lane._replace(params=params, target_params=target_params, updates=n)
+
+    def learn(lane: Lane):
+        lane, grads, metrics = gradient(lane)
+        updates, opt_state = tx.update(grads, lane.opt_state, lane.params)
+        params = optax.apply_updates(lane.params, updates)
+        return refresh_target(lane._replace(opt_state=opt_state), params), metrics
 
     def warmup_iteration(handle, lane):
         def body(carry, _):
@@ -220,7 +227,21 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
         metrics["epsilon"] = eps
         return handle, lane, info, metrics
 
-    return warmup_iteration, iteration
+    def gradient_step(handle, lane: Lane, env_steps):
+        """Workload form: k env steps, then the gradient and the target refresh (params updated by the caller)."""
+        eps = epsilon(env_steps)
+
+        def body(carry, _):
+            h, ln = carry
+            h, ln, info = collect(h, ln, eps)
+            return (h, ln), info
+
+        (handle, lane), info = jax.lax.scan(body, (handle, lane), None, length=k_steps)
+        lane, grads, metrics = gradient(lane)
+        lane = refresh_target(lane, lane.params)
+        return handle, lane, grads, info, metrics
+
+    return warmup_iteration, iteration, gradient_step
 
 
 def _rollout(env, network, handle, lane: Lane, length: int):
@@ -246,7 +267,8 @@ def _rollout(env, network, handle, lane: Lane, length: int):
 def _actor_critic_lane_fns(cfg: TrainConfig, env, network, tx):
     atari = env.spec.is_atari
 
-    def iteration(handle, lane: Lane, env_steps):
+    def gradient_step(handle, lane: Lane, env_steps):
+        """One rollout and the A2C / REINFORCE gradient at lane.params (no optimizer: runtimes reuse this)."""
         del env_steps
         handle, lane, traj, info = _rollout(env, network, handle, lane, cfg.rollout)
         if atari:
@@ -259,12 +281,28 @@ def _actor_critic_lane_fns(cfg: TrainConfig, env, network, tx):
                                   ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lane.params)
+        return handle, lane, grads, info, {"loss": loss, **metrics}
+
+    def iteration(handle, lane: Lane, env_steps):
+        handle, lane, grads, info, metrics = gradient_step(handle, lane, env_steps)
         updates, opt_state = tx.update(grads, lane.opt_state, lane.params)
         params = optax.apply_updates(lane.params, updates)
         lane = lane._replace(params=params, opt_state=opt_state, updates=lane.updates + 1)
-        return handle, lane, info, {"loss": loss, **metrics}
+        return handle, lane, info, metrics
 
-    return None, iteration
+    return None, iteration, gradient_step
+
+
+def lane_functions(cfg: TrainConfig, env, network, tx):
+    """``(warmup_iteration | None, iteration, gradient_step)`` of ``cfg.algo`` for one lane.
+
+    ``iteration(handle, lane, env_steps) -> (handle, lane, StepInfo, metrics)`` acts and learns with ``tx``;
+    ``gradient_step(handle, lane, env_steps) -> (handle, lane, grads, StepInfo, metrics)`` acts and returns the
+    gradient at ``lane.params`` without applying it -- what a worker of an asynchronous runtime computes.
+    """
+    if cfg.is_dqn:
+        return _dqn_lane_fns(cfg, env, network, tx)
+    return _actor_critic_lane_fns(cfg, env, network, tx)
 
 
 def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[[jax.Array, jax.Array], Lane]:
@@ -322,10 +360,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
     spec = env.spec
     network = make_network(cfg, spec)
     tx = make_optimizer(cfg, learning_rate)
-    if cfg.is_dqn:
-        warmup_iteration, iteration = _dqn_lane_fns(cfg, env, network, tx)
-    else:
-        warmup_iteration, iteration = _actor_critic_lane_fns(cfg, env, network, tx)
+    warmup_iteration, iteration, _ = lane_functions(cfg, env, network, tx)
 
     init_lane = _make_init_lane(cfg, env, network, tx)
     workers = jnp.arange(N)
@@ -434,10 +469,7 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
 
     def train(key: jax.Array, learning_rate: float | jax.Array | None = None) -> TrainOutput:
         tx = make_optimizer(cfg, learning_rate)
-        if cfg.is_dqn:
-            warmup_iteration, iteration = _dqn_lane_fns(cfg, env, network, tx)
-        else:
-            warmup_iteration, iteration = _actor_critic_lane_fns(cfg, env, network, tx)
+        warmup_iteration, iteration, _ = lane_functions(cfg, env, network, tx)
         init_lane = _make_init_lane(cfg, env, network, tx)
         lane_key = key
         if learning_rate is not None:
@@ -486,6 +518,6 @@ def run(cfg: TrainConfig):
     return loop.run(cfg)
 
 
-__all__ = ["Lane", "StepInfo", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
+__all__ = ["Lane", "StepInfo", "lane_functions", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
            "make_train", "run", "seed_keys", "train", "env_seed"]
 

@@ -651,6 +651,8 @@ def _run_master(
         except MPI.Exception as error:
             if error.Get_error_class() not in (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING):
                 raise
+            if os.environ.get("JAXDP_MPI_DEBUG"):
+                _say(f"DEBUG master Test error {error.Get_error_class()} {error}")
             check_failures()  # the wildcard request stays active: test it again next time round
             arrived, progressed = False, True
         if arrived:

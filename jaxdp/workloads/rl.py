@@ -1,0 +1,95 @@
+"""An RL agent as a :class:`~jaxdp.workloads.base.Workload`: what one worker of a multi-process run computes.
+
+A worker owns its own envpool pool (``E`` envs, seeded apart from the other workers'), its episode statistics and,
+for DQN, its replay buffer and target network -- all in ``worker_state``. ``local_step(worker_state, params, key)``
+acts with ``params`` (one A2C/REINFORCE rollout, or ``train_frequency`` DQN env steps), and returns the gradient at
+``params`` (:func:`jaxdp.train.lane_functions`' ``gradient_step``): the runtime (MPI parameter server, all-reduce,
+async simulator) decides how gradients become parameters. Its metrics report the real-game episodes that ended
+(``episodes``, ``episode_return_sum``) so a master can log the episodic return.
+
+``evaluate(params)`` plays the greedy policy for ``eval_steps`` steps on a separate pool (no episodic life) and
+returns the mean return of the games that ended (NaN when none did).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdp import envs as envs_lib
+from jaxdp import train as train_lib
+from jaxdp.config import TrainConfig
+from jaxdp.workloads.base import Workload
+
+
+def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000, eval_envs: int = 4) -> Workload:
+    """The worker ``worker_id`` of ``cfg`` (algo, env, envs per worker, hyperparameters) as a Workload.
+
+    Args:
+      cfg: a validated TrainConfig; its optimizer is NOT used here (the runtime owns the update rule).
+      worker_id: this worker's index: its envs are seeded ``env_seed(cfg) + worker_id·E + i``.
+      eval_steps: greedy steps per ``evaluate`` call (0: ``evaluate`` returns ``{}``).
+      eval_envs: envs of the evaluation pool.
+    """
+    E = cfg.envs_per_worker
+    env = envs_lib.make_xla(cfg.env, E, seed=train_lib.env_seed(cfg) + worker_id * E, episodic_life=True)
+    network = train_lib.make_network(cfg, env.spec)
+    no_optimizer = optax.identity()  # lanes keep an optimizer state slot; workers here never apply updates
+    init_lane = train_lib._make_init_lane(cfg, env, network, no_optimizer)
+    _, _, gradient_step = train_lib.lane_functions(cfg, env, network, no_optimizer)
+    steps_per_local_step = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout)
+
+    def init(key: jax.Array):
+        lane = init_lane(key, jnp.int32(worker_id))
+        handle = envs_lib.XlaHandle(pool=env.handle.pool, pending_reset=jnp.zeros_like(lane.first))
+        return lane.params, (handle, lane)
+
+    def local_step(worker_state, params, key):
+        handle, lane = worker_state
+        # Env steps so far drive the DQN epsilon schedule (updates count local steps of this worker).
+        env_steps = lane.updates * steps_per_local_step * cfg.workers
+        lane = lane._replace(params=params, key=key)
+        handle, lane, grads, info, metrics = gradient_step(handle, lane, env_steps)
+        if not cfg.is_dqn:  # DQN's gradient_step counts its own updates (target refresh)
+            lane = lane._replace(updates=lane.updates + 1)
+        finished = info.finished
+        metrics = dict(metrics)
+        metrics["episodes"] = jnp.sum(finished).astype(jnp.float32)
+        metrics["episode_return_sum"] = jnp.sum(jnp.where(finished, info.returns, 0.0))
+        return (handle, lane), grads, metrics
+
+    evaluate = _make_evaluate(cfg, network, eval_steps, eval_envs, seed=10_000 + worker_id)
+    return Workload(init=init, local_step=local_step, evaluate=evaluate, name=f"{cfg.algo}:{cfg.env}")
+
+
+def _make_evaluate(cfg: TrainConfig, network, eval_steps: int, eval_envs: int, seed: int):
+    if eval_steps <= 0:
+        return lambda params: {}
+    env = envs_lib.make_xla(cfg.env, eval_envs, seed=seed, episodic_life=False)
+    state = {"handle": env.handle, "obs": env.initial_obs, "stats": envs_lib.episode_stats_init(eval_envs)}
+
+    def play(params, handle, obs, stats):
+        def body(carry, _):
+            h, o, st = carry
+            out = network.apply(params, o)
+            logits = out if cfg.is_dqn else out[0]
+            h, step = env.step(h, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            st, finished, returns, _ = envs_lib.episode_stats_update(st, step)
+            return (h, step.obs, st), (finished, returns)
+
+        (handle, obs, stats), (finished, returns) = jax.lax.scan(body, (handle, obs, stats), None,
+                                                                 length=eval_steps)
+        n = jnp.sum(finished)
+        mean = jnp.where(n > 0, jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+        return handle, obs, stats, mean
+
+    play = jax.jit(play)
+
+    def evaluate(params):
+        # The eval pool is stateful: carry its handle between calls (host side), so this is not jitted by callers.
+        handle, obs, stats, mean = play(params, state["handle"], state["obs"], state["stats"])
+        state.update(handle=handle, obs=obs, stats=stats)
+        return {"eval_return": mean}
+
+    return evaluate
