@@ -118,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields}
     kw["hidden"] = tuple(args.hidden)
+    kw.pop("seeds", None)  # --seed / --seeds / --num-seeds are folded into one tuple below
     if args.seeds is not None:
         kw["seeds"] = tuple(args.seeds)
     elif args.num_seeds is not None:
@@ -168,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
 
     summary = train_lib.run(cfg)
-    return 0 if summary is not None else 1
+    if summary is None:  # a non-zero MPI rank: rank 0 reports
+        return 0
+    final, evaluation = summary.get("final_return"), summary.get("eval_return")
+    print(f"jaxdp train: {summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s; "
+          f"final return {final if final is None else round(final, 1)}, "
+          f"greedy eval {evaluation if evaluation is None else round(evaluation, 1)}; outputs in {cfg.logdir}")
+    return 0
 
 
 if __name__ == "__main__":

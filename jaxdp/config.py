@@ -29,7 +29,7 @@ class TrainConfig:
     # What to train.
     algo: Literal["dqn", "double_dqn", "a2c", "reinforce"] = "a2c"
     env: str = "CartPole-v1"
-    total_steps: int = 300_000  # environment steps per seed, summed over all workers and their envs
+    total_steps: int = 1_000_000  # environment steps per seed, summed over all workers and their envs
     num_envs: int = 0  # per worker; 0 = the algorithm's default
     seeds: tuple[int, ...] = (0,)
 
@@ -233,6 +233,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
               f"not {cfg.strategy}")
     if cfg.runtime == "async_sim" and cfg.strategy == "async" and cfg.local_steps != 1:
         _fail("--strategy async is Downpour SGD (one local step); use --strategy dpsgd for --local-steps > 1")
+    if cfg.runtime == "devices":
+        _fail("--runtime devices is not available for RL training: envpool's XLA step cannot run inside "
+              "shard_map (every device would step the same pool); use --runtime vmap (same arithmetic on one "
+              "device) -- the devices runtime serves the optax strategies (jaxdp.runtime.devices)")
+    if cfg.runtime == "distributed":
+        _fail("--runtime distributed is the supervised workload's (python -m jaxdp.runtime.distributed); "
+              "for RL across processes use --runtime mpi")
+    if cfg.runtime == "mpi" and cfg.strategy not in ("sync", "async", "dpsgd"):
+        _fail(f"--runtime mpi runs --strategy sync, async or dpsgd, not {cfg.strategy}")
     if cfg.runtime == "devices" and cfg.strategy == "single":
         _fail("--runtime devices lays out several workers over devices: use --strategy sync or dpsgd")
     if cfg.strategy == "hogwild" and cfg.threads < 2 and cfg.overwrite_prob == 0.0:

@@ -17,6 +17,7 @@ Layout of one run (PureJaxRL's idea, made explicit):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -512,10 +513,54 @@ def seed_keys(cfg: TrainConfig) -> jax.Array:
 
 
 def run(cfg: TrainConfig):
-    """The host loop with logging and checkpoints; see :mod:`jaxdp.outputs`."""
+    """Trains ``cfg`` on its runtime, with logging and checkpoints; returns the summary dict.
+
+    * vmap: one program on one device (:mod:`jaxdp.loop`);
+    * async_sim: the deterministic asynchronous master (:mod:`jaxdp.train_async`, HSA2C / A3C / Gorila);
+    * mpi: this process is one rank under ``mpirun`` (:mod:`jaxdp.runtime.mpi`), the agent as a Workload.
+    """
+    if cfg.runtime == "async_sim":
+        from jaxdp import train_async
+
+        return train_async.run(cfg)
+    if cfg.runtime == "mpi":
+        return run_mpi(cfg)
     from jaxdp import loop  # host side: progress, metrics files, checkpoints
 
     return loop.run(cfg)
+
+
+def run_mpi(cfg: TrainConfig):
+    """One rank of ``mpirun -n K jaxdp train --runtime mpi --strategy {sync,async,dpsgd}``.
+
+    sync: all K ranks are workers that all-reduce every gradient; async (Downpour, B = 1) and dpsgd (B local
+    steps): rank 0 is the parameter server, ranks 1..K-1 are workers, each with its own envs. ``--total-steps``
+    counts env steps of all workers together; ``--workers`` is ignored (the world size decides).
+    """
+    from mpi4py import MPI
+
+    from jaxdp.runtime import mpi as mpi_runtime
+    from jaxdp.workloads.rl import rl_workload
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    mode = cfg.strategy
+    worker_id = rank if mode == "sync" else max(rank - 1, 0)
+    # The master (rank 0) holds no envs of its own; it evaluates nothing (workers report their episodes).
+    workload = rl_workload(cfg, worker_id, eval_steps=0)
+    per_local_step = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout)
+    if mode == "sync":
+        per_update = per_local_step * size
+        outer = None
+    else:
+        b = cfg.local_steps if mode == "dpsgd" else 1
+        per_update = per_local_step * b * cfg.master_batch
+        outer = optax.sgd(cfg.global_lr) if mode == "dpsgd" else None
+    return mpi_runtime.run_mpi(
+        workload, mode=mode, inner=make_inner_optimizer(cfg), outer=outer,
+        local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
+        total_updates=max(1, cfg.total_steps // per_update), seed=cfg.seeds[0], logdir=cfg.logdir,
+        resume=cfg.resume, config=dataclasses.asdict(cfg))
 
 
 __all__ = ["Lane", "StepInfo", "lane_functions", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
