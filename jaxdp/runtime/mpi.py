@@ -575,8 +575,10 @@ def _run_master(
 
     def check_failures() -> None:
         # ULFM: acknowledge the failures so that wildcard receives work again, then name the dead ranks.
-        comm.Ack_failed()
+        acked = comm.Ack_failed()
         failed = comm.Get_failed()
+        if os.environ.get("JAXDP_MPI_DEBUG"):
+            _say(f"DEBUG acked {acked} failed size {failed.Get_size()}")
         ranks = MPI.Group.Translate_ranks(failed, list(range(failed.Get_size())), comm.Get_group())
         for w in ranks:
             if w in status:
@@ -626,6 +628,39 @@ def _run_master(
         arrays.update(protocol.tree_to_arrays("outer_", outer_state))
         protocol.save_checkpoint(_checkpoint_path(logdir), arrays)
 
+    def on_push(w: int) -> None:
+        stats["bytes_received_master"] += mpi_status.Get_count(MPI.FLOAT) * 4
+        header = protocol.header_of(receive_buffer)
+        if status.get(w) == "computing" and not finished:
+            delta_sum[:] += protocol.payload_of(receive_buffer)
+            pending.append((w, int(header[protocol.VERSION])))
+            status[w] = "waiting"
+            last_heard[w] = time.monotonic()
+            stats["arrivals"][w] += 1
+            stats["gradient_steps"] += int(header[protocol.LOCAL_STEPS])
+            interval["metrics"].append({"loss": float(header[protocol.LOCAL_LOSS])})
+        else:  # after the last update, or from a worker given up on: answer "stop"
+            stats["discarded_arrivals"] += 1
+            if status.get(w) in ("computing", "waiting", "lost"):
+                status[w] = "stopped"
+                send(w, (version, 1.0), None)
+
+    def cancel_receive(request: Any) -> bool:
+        """Cancel the wildcard receive; True if it had caught a push before the cancel took effect."""
+        try:
+            request.Cancel()
+        except MPI.Exception:
+            pass
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                if request.Test(mpi_status):
+                    return not mpi_status.Is_cancelled()
+            except MPI.Exception:
+                return False  # completed in error: nothing was received into the buffer
+            time.sleep(0.001)
+        return False
+
     # Start: every worker gets θ; the header's third field is where its round counter starts, so a
     # resumed worker does not redraw the batches of its first life.
     for w in workers:
@@ -651,28 +686,16 @@ def _run_master(
         except MPI.Exception as error:
             if error.Get_error_class() not in (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING):
                 raise
-            if os.environ.get("JAXDP_MPI_DEBUG"):
-                _say(f"DEBUG master Test error {error.Get_error_class()} {error}")
-            check_failures()  # the wildcard request stays active: test it again next time round
-            arrived, progressed = False, True
+            check_failures()
+            # Open MPI can keep failing a wildcard receive that saw a failure, even after the failure is
+            # acknowledged: cancel it and post a fresh one (keeping a push it may have caught meanwhile).
+            arrived = cancel_receive(request)
+            if not arrived:
+                request = comm.Irecv(receive_buffer, source=MPI.ANY_SOURCE, tag=protocol.TAG_DELTA)
+            progressed = True
         if arrived:
             progressed = True
-            w = mpi_status.Get_source()
-            stats["bytes_received_master"] += mpi_status.Get_count(MPI.FLOAT) * 4
-            header = protocol.header_of(receive_buffer)
-            if status.get(w) == "computing" and not finished:
-                delta_sum += protocol.payload_of(receive_buffer)
-                pending.append((w, int(header[protocol.VERSION])))
-                status[w] = "waiting"
-                last_heard[w] = time.monotonic()
-                stats["arrivals"][w] += 1
-                stats["gradient_steps"] += int(header[protocol.LOCAL_STEPS])
-                interval["metrics"].append({"loss": float(header[protocol.LOCAL_LOSS])})
-            else:  # after the last update, or from a worker given up on: answer "stop"
-                stats["discarded_arrivals"] += 1
-                if status.get(w) in ("computing", "waiting", "lost"):
-                    status[w] = "stopped"
-                    send(w, (version, 1.0), None)
+            on_push(mpi_status.Get_source())
             request = comm.Irecv(receive_buffer, source=MPI.ANY_SOURCE, tag=protocol.TAG_DELTA)
 
         # 2. Deadlines: a computing worker that stays silent too long is lost.
@@ -725,6 +748,9 @@ def _run_master(
                 break
             _say(f"master: every worker is lost at update {version}/{total_updates}; stopping")
             break
+        if os.environ.get("JAXDP_MPI_DEBUG") and time.monotonic() - getattr(_say, "t", 0) > 2:
+            _say.t = time.monotonic()
+            _say(f"DEBUG master v={version} status={status} pending={pending} outbox={[(o[2], o[1].size) for o in outbox]}")
         # Back off while nothing happens, so that the master leaves the cores to the workers.
         idle_sleep = 0.0 if progressed else min(0.002, idle_sleep + 0.0001)
         if idle_sleep:
@@ -735,11 +761,7 @@ def _run_master(
     while outbox and time.monotonic() < deadline:  # let the last "stop" messages go out
         flush_outbox()
         time.sleep(0.001)
-    try:  # the wildcard receive posted for a push that will never come
-        request.Cancel()
-        request.Wait()
-    except MPI.Exception:
-        pass
+    cancel_receive(request)  # the wildcard receive posted for a push that will never come
 
     completed = version >= total_updates
     counts = np.asarray(stats["staleness_counts"] or [0], np.int64)
@@ -840,7 +862,11 @@ def _run_worker(
             # Post the receive for the reply before pushing, so the master's answer always has a home.
             request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
             push = comm.Isend(push_buffer, dest=0, tag=protocol.TAG_DELTA)
+            if os.environ.get("JAXDP_MPI_DEBUG"):
+                _say(f"DEBUG worker {rank} pushed round {rounds}")
             _wait(push, time.monotonic() + reply_timeout, "acceptance of a push", MPI)
+            if os.environ.get("JAXDP_MPI_DEBUG"):
+                _say(f"DEBUG worker {rank} push accepted round {rounds}")
             _wait(request, time.monotonic() + reply_timeout, "reply", MPI)
             header = protocol.header_of(params_buffer)
             counter += 1

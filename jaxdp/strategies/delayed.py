@@ -259,7 +259,14 @@ def delayed(
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_types[0])
             return jax.tree.map(_vary_like, (zeros, state.inner_state), out_types)
 
-        new_updates, inner_state = lax.cond(num_arrived > 0, apply_inner, skip_inner)
+        import os
+        if os.environ.get("JAXDP_SELECT"):
+            arrived = num_arrived > 0
+            applied_updates, applied_state = apply_inner()
+            new_updates = jax.tree.map(lambda u: jnp.where(arrived, u, jnp.zeros_like(u)), applied_updates)
+            inner_state = jax.tree.map(lambda n, o: jnp.where(arrived, n, o), applied_state, state.inner_state)
+        else:
+            new_updates, inner_state = lax.cond(num_arrived > 0, apply_inner, skip_inner)
         new_state = DelayedState(
             step=step + 1,
             key=state.key,
