@@ -185,6 +185,19 @@ def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int) -> lis
 # ---------------------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------------------
+def communication_per_update(cfg: TrainConfig) -> float:
+    """Communication rounds per gradient update of one worker, for the vmap runtime's strategies.
+
+    single: none; sync / async (stale-gradient server) / hogwild across workers: every update is one round;
+    dpsgd: one round every B local steps. A round moves each worker's update vector up and the result down.
+    """
+    if cfg.workers == 1 and cfg.strategy in ("single", "hogwild"):
+        return 0.0
+    if cfg.strategy == "dpsgd":
+        return 1.0 / cfg.local_steps
+    return 1.0 if cfg.workers > 1 or cfg.strategy == "async" else 0.0
+
+
 def _lane_params(lanes, seed_index: int):
     return jax.tree.map(lambda x: x[seed_index, 0], lanes.params)
 
@@ -267,6 +280,10 @@ def run(cfg: TrainConfig) -> dict:
     if bar is not None:
         bar.update(iteration * steps_per_iter)
 
+    # The paper's accounting (Fig. 5): data points per second are `sps`; updates, rounds and bytes below.
+    param_bytes = sum(int(np.prod(x.shape[2:])) * x.dtype.itemsize for x in jax.tree.leaves(lanes.params))
+    comm_per_update = communication_per_update(cfg)
+    bytes_per_round = 2 * param_bytes * cfg.workers  # each worker sends its vector up and gets the result back
     last_log_t = time.time()
     last_log_iter = iteration
     last_ckpt_t = time.time()
@@ -292,9 +309,14 @@ def run(cfg: TrainConfig) -> dict:
         # Learner metrics: mean over the chunks since the last point, per seed (workers averaged).
         means = {k: np.mean([m[k] for m in pending_metrics], axis=0) for k in (pending_metrics[0] if
                                                                               pending_metrics else {})}
+        learn_iters = max(0, iteration - trainer.warmup_iterations)
+        rounds = learn_iters * comm_per_update
+        accounting = {"updates": learn_iters, "updates_per_second": (iteration - last_log_iter) * S /
+                      max(now - last_log_t, 1e-9) if iteration > trainer.warmup_iterations else 0.0,
+                      "comm_rounds": rounds, "bytes_sent": rounds * bytes_per_round}
         recs = []
         for s in range(S):
-            rec = {"step": iteration * steps_per_iter,
+            rec = {"step": iteration * steps_per_iter, **accounting,
                    "episodic_return": float(np.mean(pending[s])) if pending[s] else None,
                    "episodes": len(pending[s]), "sps": sps,
                    **{k: float(v[s]) for k, v in means.items()}}
@@ -376,7 +398,19 @@ def run(cfg: TrainConfig) -> dict:
         "eval_return": per_seed[0]["eval_return"] if S == 1 else
         (confidence_interval([p["eval_return"] for p in per_seed]) or {}).get("mean"),
         "config": dataclasses.asdict(cfg),
+        "updates": max(0, iteration - trainer.warmup_iterations),
+        "data_points_per_second": iteration * steps_per_iter * S / wall,
+        "param_bytes": param_bytes,
+        "comm_rounds": max(0, iteration - trainer.warmup_iterations) * comm_per_update,
+        "bytes_sent": max(0, iteration - trainer.warmup_iterations) * comm_per_update * bytes_per_round,
     }
+    if cfg.strategy == "async":
+        # Staleness of the stale-gradient server: the delay distribution the gradients were drawn from.
+        from jaxdp import train as train_lib
+
+        dist = train_lib._delay_distribution(cfg)
+        probs = np.asarray(dist.probs) if hasattr(dist, "probs") else np.eye(cfg.max_delay + 1)[cfg.max_delay]
+        summary["staleness_distribution"] = probs.tolist()
     if S > 1:
         summary["seeds"] = per_seed
         summary["final_return_over_seeds"] = confidence_interval([p["final_return"] for p in per_seed])

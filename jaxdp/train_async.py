@@ -86,6 +86,7 @@ __all__ = [
     "AsyncTrainer",
     "AsyncWorkerState",
     "default_compute_time",
+    "execute",
     "make_async_train",
     "make_local_step",
     "make_worker_env_step",
@@ -138,8 +139,7 @@ class AsyncTrainer(NamedTuple):
     network: Any
     envs: tuple  # N XlaEnv, one pool per worker
     sched: async_sim.Schedule
-    params: PyTree  # θ_0
-    worker_state: AsyncWorkerState  # [N, ...] at time 0
+    init: Callable  # jitted: (PRNGKey(seed)) -> async_sim.SimCarry at time 0 (θ_0, anchors, worker states)
     inner: optax.GradientTransformation
     outer: optax.GradientTransformation
     local_step: Callable
@@ -433,6 +433,14 @@ def make_async_train(
     B, T = _local_steps_B(cfg), _steps_per_local_step(cfg)
     if compute_time is None:
         compute_time = default_compute_time(cfg)
+    # DQN: random play before the schedule, split evenly over the workers.
+    warmup_steps_per_worker = math.ceil(cfg.learning_starts / (N * E)) if cfg.is_dqn else 0
+    warmup_env_steps = warmup_steps_per_worker * N * E
+    env_steps_per_event = B * T * E
+    K, num_chunks = _plan_events(cfg, env_steps_per_event, warmup_env_steps, chunk_events)
+    sched = async_sim.schedule(N, B, M, K * num_chunks // M, compute_time, comm_time=comm_time, seed=seed,
+                               reply=reply)
+    assert len(sched.events.worker) == K * num_chunks  # E = U·M: each update takes exactly M arrivals
 
     base_seed = train_lib.env_seed(cfg)
     pools = tuple(envs_lib.make_xla(cfg.env, E, seed=base_seed + w * E, episodic_life=True) for w in range(N))
@@ -441,10 +449,7 @@ def make_async_train(
     network = train_lib.make_network(cfg, spec)
     inner, outer = _optimizers(cfg)
 
-    k_params, _ = jax.random.split(jax.random.PRNGKey(seed))
-    params = network.init(k_params, jnp.asarray(pools[0].initial_obs))
-
-    def one_worker(w: int) -> AsyncWorkerState:
+    def one_worker(w: int, params: PyTree) -> AsyncWorkerState:
         buf, target = (), ()
         if cfg.is_dqn:
             capacity = cfg.replay_capacity(spec.is_atari) if cfg.replay else max(cfg.batch_size, 8 * E)
@@ -459,35 +464,34 @@ def make_async_train(
             episodes=train_lib.StepInfo(zeros(bool), zeros(jnp.float32), zeros(jnp.int32)),
             replay=buf, target_params=target)
 
-    worker_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[one_worker(w) for w in range(N)])
+    def init_fn(seed_key: jax.Array) -> async_sim.SimCarry:
+        # Every worker starts from θ_0 (the same split as jaxdp.train's lanes), its own pool's first observations.
+        k_params, _ = jax.random.split(seed_key)
+        params = network.init(k_params, jnp.asarray(pools[0].initial_obs))
+        worker_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[one_worker(w, params) for w in range(N)])
+        return async_sim.init_carry(params, inner, outer, N, worker_state)
+
+    init = jax.jit(init_fn)
+    param_bytes = _tree_bytes(jax.eval_shape(init, jax.random.PRNGKey(seed)).params)
     local_step = make_local_step(cfg, network, env_step, spec)
 
-    warmup, warmup_env_steps = None, 0
-    if cfg.is_dqn:
-        steps_per_worker = math.ceil(cfg.learning_starts / (N * E))
-        warmup_env_steps = steps_per_worker * N * E
-        if steps_per_worker > 0:
-            collect = _dqn_collect(cfg, network, env_step, spec)
-            k_warm = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(seed))[1], 0)
+    warmup = None
+    if warmup_steps_per_worker > 0:
+        collect = _dqn_collect(cfg, network, env_step, spec)
+        k_warm = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(seed))[1], 0)
 
-            def warmup_fn(ws_all: AsyncWorkerState, theta: PyTree):
-                # Random play (ε = 1) of every worker in turn, filling its own replay.
-                def per_worker(ws_all, w):
-                    ws = jax.tree.map(lambda x: x[w], ws_all)
-                    keys = jax.random.split(jax.random.fold_in(k_warm, w), steps_per_worker)
-                    ws, info = jax.lax.scan(lambda s, k: collect(s, theta, 1.0, k), ws, keys)
-                    ws_all = jax.tree.map(lambda x, v: x.at[w].set(v), ws_all, ws)
-                    return ws_all, info
+        def warmup_fn(ws_all: AsyncWorkerState, theta: PyTree):
+            # Random play (ε = 1) of every worker in turn, filling its own replay.
+            def per_worker(ws_all, w):
+                ws = jax.tree.map(lambda x: x[w], ws_all)
+                keys = jax.random.split(jax.random.fold_in(k_warm, w), warmup_steps_per_worker)
+                ws, info = jax.lax.scan(lambda s, k: collect(s, theta, 1.0, k), ws, keys)
+                ws_all = jax.tree.map(lambda x, v: x.at[w].set(v), ws_all, ws)
+                return ws_all, info
 
-                return jax.lax.scan(per_worker, ws_all, jnp.arange(N))
+            return jax.lax.scan(per_worker, ws_all, jnp.arange(N))
 
-            warmup = jax.jit(warmup_fn, donate_argnums=0)
-
-    env_steps_per_event = B * T * E
-    K, num_chunks = _plan_events(cfg, env_steps_per_event, warmup_env_steps, chunk_events)
-    sched = async_sim.schedule(N, B, M, K * num_chunks // M, compute_time, comm_time=comm_time, seed=seed,
-                               reply=reply)
-    assert len(sched.events.worker) == K * num_chunks  # E = U·M: each update takes exactly M arrivals
+        warmup = jax.jit(warmup_fn, donate_argnums=0)
 
     event_step = async_sim.make_event_step(local_step, inner, outer, local_steps=B, aggregate="mean")
     seed_key = jax.random.PRNGKey(seed)
@@ -503,11 +507,11 @@ def make_async_train(
         indices = first_event + jnp.arange(arrivals.worker.shape[0], dtype=jnp.int32)
         return jax.lax.scan(body, carry, (indices, arrivals))
 
-    return AsyncTrainer(cfg=cfg, network=network, envs=pools, sched=sched, params=params,
-                        worker_state=worker_state, inner=inner, outer=outer, local_step=local_step, warmup=warmup,
+    return AsyncTrainer(cfg=cfg, network=network, envs=pools, sched=sched, init=init, inner=inner, outer=outer,
+                        local_step=local_step, warmup=warmup,
                         chunk=jax.jit(chunk_fn, donate_argnums=0), chunk_events=K, num_chunks=num_chunks,
                         env_steps_per_event=env_steps_per_event, warmup_env_steps=warmup_env_steps,
-                        param_bytes=_tree_bytes(params), compute_time=compute_time, comm_time=float(comm_time))
+                        param_bytes=param_bytes, compute_time=compute_time, comm_time=float(comm_time))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -593,16 +597,25 @@ def train(
     """
     trainer = make_async_train(cfg, compute_time=compute_time, comm_time=comm_time, reply=reply,
                                chunk_events=chunk_events)
-    return _execute(trainer, on_record, progress)
+    return execute(trainer, on_record, progress)
 
 
-def _execute(trainer: AsyncTrainer, on_record, progress) -> AsyncRunResult:
+def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = None,
+            progress: Any = None) -> AsyncRunResult:
+    """Runs a trainer from :func:`make_async_train` (once: its pools are consumed); see :func:`train`.
+
+    Example:
+        >>> trainer = make_async_train(cfg)  # doctest: +SKIP
+        >>> result = execute(trainer)  # trainer.envs[w] is worker w's pool, now at the end of its run
+    """
     cfg, sched, K = trainer.cfg, trainer.sched, trainer.chunk_events
     arrivals = async_sim.arrival_inputs(sched)
-    carry = async_sim.init_carry(trainer.params, trainer.inner, trainer.outer, cfg.workers, trainer.worker_state)
+    t0 = time.perf_counter()
+    carry = trainer.init(jax.random.PRNGKey(cfg.seeds[0]))
+    jax.block_until_ready(carry)
+    compile_seconds = time.perf_counter() - t0  # almost all of it is compilation
     episodes: list[tuple[int, float, int]] = []
     records: list[dict] = []
-    compile_seconds = 0.0
     run_seconds = 0.0
 
     def emit(record: dict) -> None:
@@ -714,7 +727,7 @@ def run(
     total = trainer.warmup_env_steps + trainer.num_chunks * trainer.chunk_events * trainer.env_steps_per_event
     bar = loop_lib._progress(cfg, total)
     try:
-        result = _execute(trainer, writer.write, bar)
+        result = execute(trainer, writer.write, bar)
     finally:
         writer.close()
         if bar is not None:

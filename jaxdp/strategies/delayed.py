@@ -72,6 +72,18 @@ def _check_delay(delay: Any) -> tuple[int, delays_lib.DelayDistribution | None]:
     return delays_lib.max_delay(dist), dist
 
 
+def _fixed_delay(max_delay: int, dist: delays_lib.DelayDistribution | None) -> int | None:
+    """The delay every gradient gets, when it is known at construction (an int, or concrete
+    probabilities with a single non-zero entry such as ``delays.fixed(d)``); else None."""
+    if dist is None:
+        return max_delay
+    probs = delays_lib._concrete(dist.probs)
+    if probs is None:
+        return None
+    nonzero = jnp.flatnonzero(jnp.asarray(probs))
+    return int(nonzero[0]) if nonzero.shape[0] == 1 else None
+
+
 def _check_compensation(compensation: Any) -> None:
     if compensation is None:
         return
@@ -82,22 +94,25 @@ def _check_compensation(compensation: Any) -> None:
             raise ValueError(f"delayed: compensation must be finite and >= 0, got {value}")
 
 
-def _push_pop(slots: jax.Array, value: jax.Array, write: jax.Array, read: jax.Array, write_is_live: jax.Array):
-    """Puts ``value`` into slot ``write`` (added if the slot is live, else overwriting), then reads slot ``read``.
+def _push(slots: jax.Array, value: jax.Array, write: jax.Array, write_is_live: jax.Array | None) -> jax.Array:
+    """Puts ``value`` into slot ``write``: added to it while it is live, else overwriting it.
 
-    A slot is *live* while a gradient is due at it (its count is positive). A slot that is not
-    live holds stale data from its last use: it is never zeroed, because zeroing the slot just
-    read is a write after a read of the same buffer, which XLA can only order by copying the
-    whole ``(max_delay + 1) × params`` buffer every step (measured: 6-60x the inner step inside
-    ``lax.scan`` on CPU). Writing first and then reading the updated buffer is a plain data
-    dependency, so both are in place: one slot read, one slot written, one slot read out.
-    The stale contents read out of a dead slot are never used (``lax.cond`` skips ``inner``).
+    A slot is *live* while some gradient is due at it (its count is positive). A dead slot holds
+    stale data from its last use and is never zeroed: zeroing the slot just read is a write after
+    a read of the same buffer, which XLA:CPU orders by copying the whole ``(max_delay + 1) ×
+    params`` buffer every step inside ``lax.scan`` (6-60x the inner step). Here the buffer is
+    only written in place (``dynamic_update_slice``), and read afterwards, a plain data
+    dependency. ``write_is_live=None`` says statically that the slot is dead (fixed delays).
     """
-    old = lax.dynamic_index_in_dim(slots, write, axis=0, keepdims=False)
     value = value.astype(slots.dtype)
-    new = jnp.where(write_is_live, old + value, value)
-    slots = lax.dynamic_update_index_in_dim(slots, new, write, axis=0)
-    return slots, lax.dynamic_index_in_dim(slots, read, axis=0, keepdims=False)
+    if write_is_live is not None:
+        old = lax.dynamic_index_in_dim(slots, write, axis=0, keepdims=False)
+        value = jnp.where(write_is_live, old + value, value)
+    return lax.dynamic_update_index_in_dim(slots, value, write, axis=0)
+
+
+def _slot(slots: jax.Array, index: jax.Array) -> jax.Array:
+    return lax.dynamic_index_in_dim(slots, index, axis=0, keepdims=False)
 
 
 def _varying_axes(aval: Any) -> frozenset:
@@ -180,6 +195,7 @@ def delayed(
     max_delay, dist = _check_delay(delay)
     _check_compensation(compensation)
     delays_lib._prng_key(seed, "delayed")  # validate now; the key is made in init
+    fixed_delay = _fixed_delay(max_delay, dist)
     inner = optax.with_extra_args_support(inner)
     num_slots = max_delay + 1
     compensated = compensation is not None
@@ -215,58 +231,52 @@ def delayed(
 
         chex.assert_trees_all_equal_structs(updates, state.buffer)
         step = state.step
-        if dist is None:
-            delay_now = jnp.asarray(max_delay, jnp.int32)
+        if fixed_delay is not None:
+            delay_now = jnp.asarray(fixed_delay, jnp.int32)
         else:
             delay_now = delays_lib.sample(dist, jax.random.fold_in(state.key, step))
         write = (step + delay_now) % num_slots
         read = step % num_slots
-
-        write_is_live = state.counts[write] > 0
-
-        def push_pop_tree(buffer, values):
-            buffer_leaves, treedef = jax.tree.flatten(buffer)
-            value_leaves = treedef.flatten_up_to(values)
-            pairs = [_push_pop(s, v, write, read, write_is_live) for s, v in zip(buffer_leaves, value_leaves)]
-            return treedef.unflatten([p[0] for p in pairs]), treedef.unflatten([p[1] for p in pairs])
-
-        buffer, arrived_sum = push_pop_tree(state.buffer, updates)
+        # With a fixed delay every slot is read (and so dead) before it is written again.
+        write_is_live = None if fixed_delay is not None else state.counts[write] > 0
         counts = state.counts.at[write].add(1)
         num_arrived = counts[read]
         counts = counts.at[read].set(0)
+
+        def push(buffer, values):
+            return jax.tree.map(lambda b, v: _push(b, v, write, write_is_live), buffer, values)
+
+        buffer = push(state.buffer, updates)
         sq_buffer = sq_params_buffer = None
         if compensated:
             squares = jax.tree.map(lambda g: g * g, updates)
-            sq_buffer, arrived_sq = push_pop_tree(state.sq_buffer, squares)
-            sq_params_buffer, arrived_sq_params = push_pop_tree(
-                state.sq_params_buffer, jax.tree.map(lambda s, w: s * w, squares, params)
-            )
-            # Σ (g + λ g⊙g⊙(w_now − w_then)) over the gradients arriving now.
-            arrived_sum = jax.tree.map(
-                lambda g, sq, sqw, w: g + compensation * (sq * w - sqw),
-                arrived_sum,
-                arrived_sq,
-                arrived_sq_params,
-                params,
-            )
+            sq_buffer = push(state.sq_buffer, squares)
+            sq_params_buffer = push(state.sq_params_buffer, jax.tree.map(lambda s, w: s * w, squares, params))
 
-        def apply_inner():
-            return inner.update(arrived_sum, state.inner_state, params, **extra_args)
+        # The buffers go into the cond whole and the arriving slot is sliced inside the branch, so
+        # the slice fuses into inner's first reads instead of being copied out every step.
+        def apply_inner(inner_state, buffer, sq_buffer, sq_params_buffer):
+            arrived_sum = jax.tree.map(lambda b: _slot(b, read), buffer)
+            if compensated:
+                # Σ (g + λ g⊙g⊙(w_now − w_then)) over the gradients arriving now.
+                arrived_sum = jax.tree.map(
+                    lambda g, sq, sqw, w: g + compensation * (_slot(sq, read) * w - _slot(sqw, read)),
+                    arrived_sum,
+                    sq_buffer,
+                    sq_params_buffer,
+                    params,
+                )
+            return inner.update(arrived_sum, inner_state, params, **extra_args)
 
-        out_types = jax.eval_shape(apply_inner)
+        operands = (state.inner_state, buffer, sq_buffer, sq_params_buffer)
+        out_types = jax.eval_shape(apply_inner, *operands)
 
-        def skip_inner():
+        def skip_inner(inner_state, *_):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_types[0])
-            return jax.tree.map(_vary_like, (zeros, state.inner_state), out_types)
+            return jax.tree.map(_vary_like, (zeros, inner_state), out_types)
 
-        import os
-        if os.environ.get("JAXDP_SELECT"):
-            arrived = num_arrived > 0
-            applied_updates, applied_state = apply_inner()
-            new_updates = jax.tree.map(lambda u: jnp.where(arrived, u, jnp.zeros_like(u)), applied_updates)
-            inner_state = jax.tree.map(lambda n, o: jnp.where(arrived, n, o), applied_state, state.inner_state)
-        else:
-            new_updates, inner_state = lax.cond(num_arrived > 0, apply_inner, skip_inner)
+        # A dead slot read here holds stale data; inner never sees it (the skip branch runs).
+        new_updates, inner_state = lax.cond(num_arrived > 0, apply_inner, skip_inner, *operands)
         new_state = DelayedState(
             step=step + 1,
             key=state.key,

@@ -28,6 +28,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from jaxdp.strategies import delays as delays_lib
 
@@ -52,14 +53,23 @@ class HogwildState(NamedTuple):
 def _land(
     slots: jax.Array, write: jax.Array, landing_delay: jax.Array, step: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Adds each coordinate of ``write`` to its landing slot, then takes out slot ``step``."""
+    """Adds each coordinate of ``write`` to its landing slot, then takes out slot ``step``.
+
+    One elementwise pass over the buffer: the landed slot is the old slot plus the coordinates
+    that land at once, and the new buffer spreads the write and zeroes the landed slot in the
+    same select (a separate zeroing ``.at[read].set(0)`` after the read would make XLA copy the
+    whole buffer every step).
+    """
     num_slots = slots.shape[0]
-    target = (step + landing_delay) % num_slots
-    slot_ids = jnp.arange(num_slots).reshape((num_slots,) + (1,) * write.ndim)
-    slots = slots + jnp.where(slot_ids == target[None], write[None].astype(slots.dtype), 0)
+    write = write.astype(slots.dtype)
     read = step % num_slots
-    landed = slots[read]
-    return slots.at[read].set(jnp.zeros_like(landed)), landed
+    target = (step + landing_delay) % num_slots
+    landed = lax.dynamic_index_in_dim(slots, read, axis=0, keepdims=False) + jnp.where(
+        landing_delay == 0, write, jnp.zeros_like(write)
+    )
+    slot_ids = lax.broadcasted_iota(jnp.int32, slots.shape, 0)
+    spread = slots + jnp.where(slot_ids == target[None], write[None], jnp.zeros_like(write)[None])
+    return jnp.where(slot_ids == read, jnp.zeros_like(slots), spread), landed
 
 
 def hogwild(

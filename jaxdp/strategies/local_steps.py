@@ -138,24 +138,29 @@ def local_steps(
                 "call opt.update(grads, state, params)"
             )
         inner_updates, inner_state = inner.update(grads, state.inner_state, params)
-        local = optax.apply_updates(params, inner_updates)
         count = state.count + 1
         is_sync = count >= sync_every
 
-        def synchronise(_):
-            delta = jax.tree.map(lambda a, l: (a - l).astype(a.dtype), state.anchor, local)
+        # Only what the synchronisation reads goes into the cond, and ``local`` is formed inside
+        # it: the other B − 1 steps pass ``inner_updates``, the anchor and the outer state
+        # through untouched (XLA aliases them, no copy), so they cost about what ``inner`` does.
+        def synchronise(inner_updates, anchor, outer_state):
+            local = optax.apply_updates(params, inner_updates)
+            delta = jax.tree.map(lambda a, l: (a - l).astype(a.dtype), anchor, local)
             if axis_name is not None:
                 delta = mean_over_axis(delta, axis_name, "local_steps")
-            outer_updates, outer_state = outer.update(delta, state.outer_state, state.anchor)
-            new_anchor = optax.apply_updates(state.anchor, outer_updates)
+            outer_updates, outer_state = outer.update(delta, outer_state, anchor)
+            new_anchor = optax.apply_updates(anchor, outer_updates)
             # the same dtypes as inner's updates, so that both branches of the cond agree
             to_anchor = jax.tree.map(lambda n, p, u: (n - p).astype(u.dtype), new_anchor, params, inner_updates)
             return to_anchor, new_anchor, outer_state
 
-        def keep_going(_):
-            return inner_updates, state.anchor, state.outer_state
+        def keep_going(inner_updates, anchor, outer_state):
+            return inner_updates, anchor, outer_state
 
-        updates, anchor, outer_state = jax.lax.cond(is_sync, synchronise, keep_going, None)
+        updates, anchor, outer_state = jax.lax.cond(
+            is_sync, synchronise, keep_going, inner_updates, state.anchor, state.outer_state
+        )
         new_state = LocalStepsState(
             count=jnp.where(is_sync, jnp.zeros_like(count), count),
             anchor=anchor,

@@ -1,0 +1,198 @@
+"""Tests of the ``jaxdp`` command line: help, and bad input rejected before any work.
+
+A bad option or value must stop the CLI with exit status 2, exactly one line on stderr that names the
+option, no traceback, and no log directory (nor any file in an existing one). All of this happens before
+``jaxdp.train`` is imported, so these tests run in-process through :func:`jaxdp.cli.main` (no JAX compile);
+two of them run the real ``python -m jaxdp.cli`` process to check what a user sees end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxdp import cli
+from jaxdp.config import TrainConfig
+
+# TrainConfig fields whose option is not simply --field-name.
+_FLAG_OF_FIELD = {
+    "replay": "--no-replay",
+    "target_network": "--no-target-network",
+    "progress": "--no-progress",
+    "tensorboard": "--no-tensorboard",
+    "seeds": "--seeds",
+}
+
+
+def expected_train_flags() -> list[str]:
+    """Every TrainConfig field's option, plus the two other ways to give seeds."""
+    flags = [_FLAG_OF_FIELD.get(f.name, "--" + f.name.replace("_", "-")) for f in dataclasses.fields(TrainConfig)]
+    return flags + ["--seed", "--num-seeds"]
+
+
+def run_main(argv: list[str]) -> int:
+    """cli.main's exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+def test_top_level_help_exits_0_and_names_the_train_command(capsys):
+    assert run_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "usage: jaxdp" in out
+    assert "Distributed-Parallel SGD" in out  # says which DPSGD this is
+
+
+def test_train_help_exits_0_and_documents_every_option(capsys):
+    assert run_main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    # A flag counts as documented when it appears as a word of the help text.
+    words = set(out.replace(",", " ").replace("[", " ").replace("]", " ").split())
+    missing = [flag for flag in expected_train_flags() if flag not in words]
+    assert not missing, f"jaxdp train --help does not mention {missing}"
+    # Defaults are shown (ArgumentDefaultsHelpFormatter): the main job's defaults are visible.
+    assert f"(default: {TrainConfig().total_steps})" in out
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert run_main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+# (argv after `train`, the option the error line must name). Every case would otherwise be a valid run.
+BAD_INPUTS = [
+    (["--env", "NoSuchGame-v5"], "--env"),
+    (["--env", "Pendulum-v1"], "--env"),  # continuous actions
+    (["--algo", "ppo"], "--algo"),
+    (["--strategy", "gossip"], "--strategy"),
+    (["--num-envs", "-1"], "--num-envs"),
+    (["--num-envs", "four"], "--num-envs"),  # argparse type error: also one line
+    (["--total-steps", "0"], "--total-steps"),
+    (["--workers", "0"], "--workers"),
+    (["--rollout-len", "-8"], "--rollout-len"),
+    (["--eval-episodes", "-1"], "--eval-episodes"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--gamma", "0"], "--gamma"),
+    (["--hidden", "64", "0"], "--hidden"),
+    (["--seeds", "1", "1"], "--seeds"),
+    (["--num-seeds", "0"], "--num-seeds"),
+    (["--algo", "dqn", "--batch-size", "64", "--buffer-size", "32"], "--batch-size"),
+    (["--strategy", "sync", "--workers", "2", "--master-batch", "4"], "--master-batch"),
+    (["--strategy", "sync", "--workers", "2", "--local-steps", "4"], "--local-steps"),
+    (["--strategy", "single", "--workers", "4"], "--workers"),
+    (["--total-steps", "100"], "--total-steps"),  # a2c: one iteration is 16 envs x 8 steps = 128
+    (["--algo", "dqn", "--total-steps", "5000"], "--learning-starts"),  # learning_starts 10k >= total
+]
+
+
+@pytest.mark.parametrize("argv,option", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_naming_the_option(argv, option, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a default --logdir would land in tmp_path/runs
+    logdir = tmp_path / "run"
+    rc = run_main(["train", *argv, "--logdir", str(logdir), "--no-progress"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2
+    assert len(lines) == 1, captured.err
+    assert option in lines[0], lines[0]
+    assert lines[0].startswith("jaxdp train: error:")
+    assert "Traceback" not in captured.err + captured.out
+    assert not logdir.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_gymnasium_only_env_is_rejected_before_any_work(tmp_path, capsys):
+    """Taxi-v4 is a gymnasium id (envpool has no Taxi); training steps envpool's XLA API only.
+
+    Bug: validate_env_id accepts every gymnasium id, so the run starts, creates --logdir and dies in
+    make_xla with a traceback (``make_xla: 'Taxi-v4' is a gymnasium id``).
+    """
+    from jaxdp.envs import backend_of
+
+    assert backend_of("Taxi-v4") == "gymnasium"
+    logdir = tmp_path / "run"
+    try:
+        rc = run_main(["train", "--env", "Taxi-v4", "--total-steps", "1024", "--logdir", str(logdir),
+                       "--no-progress", "--eval-episodes", "0"])
+    except ValueError as e:  # what the bug looks like in-process
+        pytest.fail(f"--env Taxi-v4 passed validation and failed inside training: {e}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--env" in err[0]
+    assert not logdir.exists()
+
+
+def test_resume_without_a_run_exits_2_and_creates_nothing(tmp_path, capsys):
+    logdir = tmp_path / "never_ran"
+    rc = run_main(["train", "--resume", "--logdir", str(logdir), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--resume" in err[0]
+    assert not logdir.exists()
+
+
+def test_resume_with_an_empty_checkpoints_dir_exits_2(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves ``checkpoints/`` empty (orbax creates the directory
+    when the manager is built, at the start of the run). --resume must be refused up front like any other
+    missing checkpoint, not after building and compiling the run.
+
+    Bug: resolve_logdir only checks that ``checkpoints/`` is a directory; the run then starts, compiles
+    and stops in loop.run with ``SystemExit("... no checkpoint ...")`` (exit status 1).
+    """
+    logdir = tmp_path / "killed_early"
+    (logdir / "checkpoints").mkdir(parents=True)
+    (logdir / "metrics.jsonl").write_text("")
+    before = sorted(p.relative_to(logdir) for p in logdir.rglob("*"))
+    rc = run_main(["train", "--resume", "--logdir", str(logdir), "--no-progress", "--eval-episodes", "0",
+                   "--total-steps", "1024"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, f"exit status {rc}, stderr {err}"
+    assert len(err) == 1 and "--resume" in err[0]
+    assert sorted(p.relative_to(logdir) for p in logdir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("marker", ["metrics.jsonl", "checkpoints"])
+def test_existing_run_without_resume_exits_2_and_leaves_it_alone(marker, tmp_path, capsys):
+    logdir = tmp_path / "old_run"
+    logdir.mkdir()
+    if marker == "checkpoints":
+        (logdir / "checkpoints").mkdir()
+    else:
+        (logdir / "metrics.jsonl").write_text('{"step": 128}\n')
+    before = {p: p.stat().st_mtime_ns for p in logdir.rglob("*")}
+    rc = run_main(["train", "--logdir", str(logdir), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "--logdir" in err[0] and "--resume" in err[0]  # says what to do
+    assert {p: p.stat().st_mtime_ns for p in logdir.rglob("*")} == before
+
+
+def test_unknown_command_exits_2_with_one_line(capsys):
+    assert run_main(["fly"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fly" in err[0]
+
+
+def test_validation_imports_no_training_code():
+    """Bad input is rejected before jaxdp.train (and so before any JAX compile) is imported."""
+    code = ("import sys; from jaxdp import cli; rc = cli.main(['train', '--algo', 'ppo']); "
+            "print(rc, 'jaxdp.train' in sys.modules, 'jaxdp.loop' in sys.modules, 'envpool' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False", "False", "False"], out.stdout + out.stderr
+
+
+def test_real_process_bad_input_and_help(tmp_path):
+    """What a user sees: ``python -m jaxdp.cli``, exit statuses, one line, no traceback."""
+    bad = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--workers", "0", "--logdir",
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "--workers" in bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stdout == ""
+    assert os.listdir(tmp_path) == []
+    ok = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--help"], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and "--total-steps" in ok.stdout and ok.stderr == ""

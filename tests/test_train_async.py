@@ -1,0 +1,252 @@
+"""jaxdp.train_async: RL workers on the simulated asynchronous master (HSA2C, A3C-style, Gorila-style DQN).
+
+What is checked: the per-worker env dispatch steps exactly one pool (against reference pools); in a real run each
+worker's envs advance only on its own events (counts and CartPole's Euler continuity); a hand-computed schedule
+and its accounting; bitwise reproducibility and seed dependence; argument validation; and that HSA2C, A3C-style
+actor-critic and Gorila-style DQN learn CartPole-v1, with the files and accounting of each run consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdp import envs as envs_lib
+from jaxdp import train_async
+from jaxdp.config import ConfigError, TrainConfig
+from jaxdp.runtime import async_sim
+
+QUIET = dict(progress=False, tensorboard=False, eval_episodes=0, seeds=(0,))
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"runtime": "async_sim", **QUIET, **kw})
+
+
+def _param_bytes(params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environments: one pool per worker.
+# ---------------------------------------------------------------------------------------------------------------
+def test_worker_env_step_steps_only_the_selected_pool():
+    seeds = [3, 11, 40]
+    pools = [envs_lib.make_xla("CartPole-v1", 2, seed=s) for s in seeds]
+    step = jax.jit(train_async.make_worker_env_step(pools))
+    order = [0, 2, 2, 1, 0, 2, 1, 1, 0, 2, 2, 2]
+    actions = [jnp.asarray([(i + w) % 2, i % 2], jnp.int32) for i, w in enumerate(order)]
+    handles = [p.handle for p in pools]
+    got = [[] for _ in pools]
+    for w, a in zip(order, actions):
+        handles[w], out = step(jnp.int32(w), handles[w], a)
+        got[w].append(np.asarray(out.obs))
+    # References: separate pools with the same seeds, each stepped only with its own worker's actions.
+    for w, s in enumerate(seeds):
+        ref = envs_lib.make_xla("CartPole-v1", 2, seed=s)
+        ref_step = jax.jit(ref.step)
+        handle = ref.handle
+        mine = [a for v, a in zip(order, actions) if v == w]
+        assert len(mine) == len(got[w]) > 0
+        for i, a in enumerate(mine):
+            handle, out = ref_step(handle, a)
+            np.testing.assert_array_equal(got[w][i], np.asarray(out.obs), err_msg=f"worker {w} step {i}")
+
+
+def test_make_worker_env_step_validates():
+    with pytest.raises(ValueError, match="envs must hold at least one"):
+        train_async.make_worker_env_step([])
+    a = envs_lib.make_xla("CartPole-v1", 2, seed=0)
+    b = envs_lib.make_xla("CartPole-v1", 3, seed=10)
+    with pytest.raises(ValueError, match="same spec"):
+        train_async.make_worker_env_step([a, b])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A hand-computed schedule: N = 3 workers with constant step times 1, 2, 3; B = 2; M = 1; 12 events.
+# ---------------------------------------------------------------------------------------------------------------
+# Worker w pushes every 2·(w + 1) time units: events (time, worker) = (2,0) (4,0) (4,1) (6,0) (6,2) (8,0) (8,1)
+# (10,0) (12,0) (12,1) (12,2) (14,0) -- ties in worker order. Replaying Alg. 1 with M = 1 by hand, the staleness of
+# the 12 applied Δ's is 0 0 2 1 4 1 3 1 0 2 5 2.
+HAND = dict(algo="a2c", strategy="dpsgd", workers=3, local_steps=2, master_batch=1, num_envs=4, rollout_len=8,
+            total_steps=12 * 2 * 8 * 4)
+HAND_TIMES = [async_sim.constant(1.0), async_sim.constant(2.0), async_sim.constant(3.0)]
+HAND_PUSHES = [7, 3, 2]
+
+
+def _hand_trainer(seed: int):
+    cfg = _cfg(**HAND, seeds=(seed,))
+    return train_async.make_async_train(cfg, compute_time=HAND_TIMES, chunk_events=6)
+
+
+@pytest.fixture(scope="module")
+def hand_runs():
+    """Seed 0 twice and seed 1 once; the second seed-0 trainer is kept (its pools are inspected)."""
+    first = train_async.execute(_hand_trainer(0))
+    trainer = _hand_trainer(0)
+    second = train_async.execute(trainer)
+    other = train_async.execute(_hand_trainer(1))
+    return first, second, trainer, other
+
+
+def test_hand_schedule_accounting(hand_runs):
+    _, result, trainer, _ = hand_runs
+    acc = result.accounting
+    B, T, E = 2, 8, 4
+    assert trainer.chunk_events == 6 and trainer.num_chunks == 2
+    assert acc["pushes_per_worker"] == HAND_PUSHES
+    assert acc["staleness_histogram"] == [3, 3, 3, 1, 1, 1]
+    assert acc["sim_time"] == 14.0
+    assert acc["master_updates"] == acc["pushes"] == acc["replies"] == 12  # M = 1, every push answered
+    assert acc["event_env_steps"] == 12 * B * T * E
+    assert acc["env_steps_per_sim_time"] == pytest.approx(12 * B * T * E / 14.0)
+    assert acc["master_updates_per_sim_time"] == pytest.approx(12 / 14.0)
+    assert acc["param_bytes"] == _param_bytes(result.params)
+    assert acc["comm_rounds"] == 24
+    assert acc["bytes_sent"] == 24 * acc["param_bytes"] == acc["bytes_pushed"] + acc["bytes_replied"]
+    assert [r["step"] for r in result.records] == [6 * B * T * E, 12 * B * T * E]
+    assert [r["master_updates"] for r in result.records] == [6, 12]
+
+
+def test_envs_advance_only_on_their_workers_events(hand_runs):
+    _, result, trainer, _ = hand_runs
+    ws = result.worker_state
+    B, T, E = 2, 8, 4
+    np.testing.assert_array_equal(ws.local_updates, np.array(HAND_PUSHES) * B)
+    np.testing.assert_array_equal(ws.env_steps, np.array(HAND_PUSHES) * B * T * E)
+    # Each pool must sit exactly where its worker left it: one more step of pool w from the stored observation
+    # obeys CartPole's Euler update x' = x + 0.02·ẋ for every env that did not reset. Had pool w been stepped
+    # during another worker's events, the stored observation would be behind the pool and this would fail.
+    checked = 0
+    for w, pool in enumerate(trainer.envs):
+        handle = envs_lib.XlaHandle(ws.pool[w], ws.pending_reset[w])
+        _, out = jax.jit(pool.step)(handle, jnp.zeros(E, jnp.int32))
+        cont = ~np.asarray(out.first)
+        x, x_dot = np.asarray(ws.obs[w])[:, 0], np.asarray(ws.obs[w])[:, 1]
+        np.testing.assert_allclose(np.asarray(out.obs)[cont, 0], (x + 0.02 * x_dot)[cont], atol=1e-6,
+                                   err_msg=f"worker {w}")
+        checked += int(cont.sum())
+    assert checked >= 6
+
+
+def test_same_seed_is_bitwise_reproducible(hand_runs):
+    first, second, _, _ = hand_runs
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Everything the workers hold, except the pool handles (addresses of different C++ pools).
+    strip = lambda ws: ws._replace(pool=None)  # noqa: E731
+    for a, b in zip(jax.tree.leaves(strip(first.worker_state)), jax.tree.leaves(strip(second.worker_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(first.episodes) > 10
+    assert first.episodes == second.episodes
+    assert [r["loss"] for r in first.records] == [r["loss"] for r in second.records]
+
+
+def test_different_seeds_differ(hand_runs):
+    first, _, _, other = hand_runs
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(other.params)))
+    assert [r for _, r, _ in first.episodes] != [r for _, r, _ in other.episodes]
+    # The schedule (constant times) is the same; the data is not.
+    assert first.accounting["staleness_histogram"] == other.accounting["staleness_histogram"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation.
+# ---------------------------------------------------------------------------------------------------------------
+def test_validation_names_the_argument(tmp_path):
+    with pytest.raises(ConfigError, match="--runtime must be async_sim"):
+        train_async.make_async_train(_cfg(strategy="sync", workers=2, runtime="vmap", total_steps=10_000))
+    with pytest.raises(ConfigError, match="--resume"):
+        train_async.make_async_train(_cfg(strategy="async", workers=2, total_steps=10_000, resume=True))
+    with pytest.raises(ConfigError, match="--strategy"):  # config.validate: async_sim needs async or dpsgd
+        train_async.make_async_train(_cfg(strategy="sync", workers=2, total_steps=10_000))
+    with pytest.raises(ValueError, match="chunk_events must be a multiple of --master-batch"):
+        train_async.make_async_train(_cfg(strategy="dpsgd", workers=2, master_batch=2, total_steps=10_000),
+                                     chunk_events=3)
+    with pytest.raises(ConfigError, match="--logdir"):
+        train_async.run(_cfg(strategy="async", workers=2, total_steps=10_000))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning on CartPole-v1 (the issue's "mean return >= 400 within a CI budget"), one run per algorithm.
+# ---------------------------------------------------------------------------------------------------------------
+# Settings found by sweeps over seeds (see the module docstring of jaxdp.train_async and the report):
+LEARNING = {
+    # HSA2C: B = 4 local Adam steps, M = 2 of N = 4 update vectors averaged; η_g = 2 = M, i.e. Alg. 1's sum.
+    "hsa2c": dict(algo="a2c", strategy="dpsgd", workers=4, local_steps=4, master_batch=2, num_envs=8, lr=1e-3,
+                  global_lr=2.0, total_steps=800_000),
+    # A3C-style (Downpour): B = 1, M = 1, gradients pushed to a master that owns the Adam state.
+    "a3c": dict(algo="a2c", strategy="async", workers=4, num_envs=16, lr=1e-3, total_steps=600_000),
+    # Gorila-style DQN: 2 workers with their own envs, replay and target network, gradients to the master.
+    "gorila": dict(algo="dqn", strategy="async", workers=2, lr=1e-3, train_frequency=8, eps_fraction=0.3,
+                   total_steps=200_000),
+}
+TARGET = 400.0
+
+
+@pytest.fixture(scope="module", params=sorted(LEARNING))
+def learned(request, tmp_path_factory):
+    logdir = str(tmp_path_factory.mktemp(request.param) / "run")
+    cfg = _cfg(**LEARNING[request.param], logdir=logdir)
+    summary = train_async.run(cfg)
+    with open(os.path.join(logdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    with open(os.path.join(logdir, "summary.json")) as f:
+        assert json.load(f)["total_steps"] == summary["total_steps"]
+    return request.param, cfg, summary, records
+
+
+@pytest.mark.slow
+def test_learns_cartpole(learned):
+    name, cfg, summary, records = learned
+    # A log record covers 1/50 of the run (>= 4k env steps); its mean return is over the episodes that ended in it.
+    best = max(r["episodic_return"] for r in records if r["episodic_return"] is not None and r["episodes"] >= 5)
+    print(f"{name}: best chunk mean {best:.1f}, final_return {summary['final_return']:.1f}, "
+          f"run {summary['run_seconds']:.1f}s compile {summary['compile_seconds']:.1f}s")
+    assert best >= TARGET, f"{name} reached only {best:.1f}"
+
+
+def test_run_files_and_accounting_are_consistent(learned):
+    name, cfg, summary, records = learned
+    acc = summary["accounting"]
+    B = cfg.local_steps if cfg.strategy == "dpsgd" else 1
+    T = cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout
+    per_event = B * T * cfg.envs_per_worker
+    for key in ("total_steps", "wall_seconds", "final_return", "config", "compile_seconds", "sps", "accounting"):
+        assert key in summary
+    assert summary["runtime"] == "async_sim" and summary["config"]["strategy"] == cfg.strategy
+    chunk_events = [r for r in records if r.get("phase") != "warmup"][0]["pushes"]
+    assert cfg.total_steps <= summary["total_steps"] < cfg.total_steps + chunk_events * per_event
+    assert summary["total_steps"] == acc["warmup_env_steps"] + acc["event_env_steps"] == records[-1]["step"]
+    assert acc["event_env_steps"] == acc["pushes"] * per_event
+    assert acc["pushes"] == sum(acc["pushes_per_worker"]) == acc["master_updates"] * cfg.master_batch
+    assert all(p > 0 for p in acc["pushes_per_worker"])
+    assert acc["replies"] == acc["pushes"]  # reply on update, and the run ends on an update
+    assert acc["comm_rounds"] == acc["pushes"] + acc["replies"]
+    assert acc["bytes_sent"] == acc["comm_rounds"] * acc["param_bytes"]
+    assert acc["bytes_pushed"] == acc["pushes"] * acc["param_bytes"]
+    assert sum(acc["staleness_histogram"]) == acc["master_updates"] * cfg.master_batch
+    hist = np.asarray(acc["staleness_histogram"])
+    assert acc["staleness_mean"] == pytest.approx(float((hist * np.arange(len(hist))).sum() / hist.sum()))
+    assert acc["env_steps_per_sim_time"] == pytest.approx(acc["event_env_steps"] / acc["sim_time"])
+    if cfg.master_batch == 1:
+        # Nobody ever waits (M = 1, no latency) and one time unit is one env step of one env, so each worker
+        # generates one data point per unit: the rate is N, up to the workers still busy at the end.
+        assert acc["env_steps_per_sim_time"] == pytest.approx(cfg.workers, rel=0.02)
+    else:
+        assert acc["env_steps_per_sim_time"] < cfg.workers  # workers wait for the update that answers them
+    for r in records:
+        assert {"step", "episodic_return", "episodes", "sps"} <= set(r)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and len(records) >= 50
+    assert records[-1]["bytes_sent"] == acc["bytes_sent"] and records[-1]["master_updates"] == acc["master_updates"]
+    assert math.isfinite(records[-1]["loss"])
+    assert dataclasses.asdict(cfg) == summary["config"]
