@@ -29,13 +29,14 @@ class TrainConfig:
     # What to train.
     algo: Literal["dqn", "double_dqn", "a2c", "reinforce"] = "a2c"
     env: str = "CartPole-v1"
-    total_steps: int = 1_000_000  # environment steps per seed, summed over all workers and their envs
+    total_steps: int = 500_000  # environment steps per seed, summed over all workers and their envs
     num_envs: int = 0  # per worker; 0 = the algorithm's default
     seeds: tuple[int, ...] = (0,)
 
     # Optimizer (the inner optax chain every strategy wraps).
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
     lr: float = 0.0  # 0 = the algorithm's default
+    anneal_lr: bool = True  # decay the learning rate linearly to 0 over the run (stabilises the final policy)
     max_grad_norm: float = -1.0  # -1 = the algorithm's default (a2c/reinforce 0.5, dqn 10); 0 = off
     gamma: float = 0.99
 

@@ -158,6 +158,38 @@ def test_fixed_delay_adam_is_adam_on_the_shifted_sequence():
     assert int(state.inner_state[0].count) == num_steps - d
 
 
+def test_one_point_distribution_is_the_int_delay_bitwise_concrete_or_traced():
+    """A one-point distribution takes the fixed-delay path when its probabilities are concrete
+    and the sampling path when traced (a vmap); both are the int delay -- bit for bit when
+    concrete, to rounding when traced (the batched predicate turns the cond into a select, which
+    compiles adam differently) -- also when the point is below max_delay (more slots than needed;
+    the stale slots are never read as live)."""
+    num_steps, inner = 16, optax.adam(1e-2)
+    gradients = random_gradients(jax.random.PRNGKey(11), num_steps)
+    for d, probs in [(3, delays.fixed(3).probs), (1, jnp.array([0.0, 1.0, 0.0, 0.0]))]:
+        _, expected = run_with_fixed_params(delayed(inner, d), gradients)
+        _, concrete = run_with_fixed_params(delayed(inner, delays.DelayDistribution(probs)), gradients)
+        assert_bitwise_equal(concrete, expected)
+        traced = jax.vmap(
+            lambda p: run_with_fixed_params(delayed(inner, delays.DelayDistribution(p)), gradients)[1]
+        )(probs[None])
+        for t, e in zip(jax.tree.leaves(traced), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(t[0], e, rtol=1e-6, atol=1e-8)
+
+
+def test_slots_are_reused_without_zeroing_and_sums_stay_exact():
+    """Long run, few slots: every slot is reused many times; a slot is overwritten when it comes
+    back into use, so the arrival sums never include a gradient from an earlier round."""
+    dist, seed, num_steps = delays.uniform(2), 9, 60
+    arrivals = arrival_steps(dist, seed, num_steps)
+    gradients = random_gradients(jax.random.PRNGKey(12), num_steps)
+    sums, counts = arrival_sums(gradients, arrivals, num_steps)
+    _, updates = run_with_fixed_params(delayed(optax.sgd(1.0), dist, seed=seed), gradients)
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(sums)):
+        np.testing.assert_allclose(u, -e, rtol=1e-6, atol=1e-6)
+    assert (counts == 0).any() and (counts >= 2).any()
+
+
 @pytest.mark.parametrize(
     "dist",
     [delays.uniform(4), delays.geometric(0.4, 6), delays.zipf(1.2, 8)],

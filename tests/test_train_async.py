@@ -181,13 +181,13 @@ def test_validation_names_the_argument(tmp_path):
 # Settings found by sweeps over seeds (see the module docstring of jaxdp.train_async and the report):
 LEARNING = {
     # HSA2C: B = 4 local Adam steps, M = 2 of N = 4 update vectors averaged; η_g = 2 = M, i.e. Alg. 1's sum.
-    "hsa2c": dict(algo="a2c", strategy="dpsgd", workers=4, local_steps=4, master_batch=2, num_envs=8, lr=1e-3,
-                  global_lr=2.0, total_steps=800_000),
+    "hsa2c": dict(algo="a2c", strategy="dpsgd", workers=4, local_steps=4, master_batch=2, num_envs=16, lr=1e-3,
+                  global_lr=2.0, total_steps=900_000),
     # A3C-style (Downpour): B = 1, M = 1, gradients pushed to a master that owns the Adam state.
     "a3c": dict(algo="a2c", strategy="async", workers=4, num_envs=16, lr=1e-3, total_steps=600_000),
     # Gorila-style DQN: 2 workers with their own envs, replay and target network, gradients to the master.
-    "gorila": dict(algo="dqn", strategy="async", workers=2, lr=1e-3, train_frequency=8, eps_fraction=0.3,
-                   total_steps=200_000),
+    "gorila": dict(algo="dqn", strategy="async", workers=2, lr=1e-3, train_frequency=8, eps_fraction=0.2,
+                   total_steps=300_000),
 }
 TARGET = 400.0
 
@@ -246,7 +246,7 @@ def test_run_files_and_accounting_are_consistent(learned):
     for r in records:
         assert {"step", "episodic_return", "episodes", "sps"} <= set(r)
     steps = [r["step"] for r in records]
-    assert steps == sorted(steps) and len(records) >= 50
+    assert steps == sorted(steps) and len(records) >= 40  # ~50 chunks
     assert records[-1]["bytes_sent"] == acc["bytes_sent"] and records[-1]["master_updates"] == acc["master_updates"]
     assert math.isfinite(records[-1]["loss"])
     assert dataclasses.asdict(cfg) == summary["config"]

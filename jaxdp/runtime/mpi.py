@@ -575,10 +575,8 @@ def _run_master(
 
     def check_failures() -> None:
         # ULFM: acknowledge the failures so that wildcard receives work again, then name the dead ranks.
-        acked = comm.Ack_failed()
+        comm.Ack_failed()
         failed = comm.Get_failed()
-        if os.environ.get("JAXDP_MPI_DEBUG"):
-            _say(f"DEBUG acked {acked} failed size {failed.Get_size()}")
         ranks = MPI.Group.Translate_ranks(failed, list(range(failed.Get_size())), comm.Get_group())
         for w in ranks:
             if w in status:
@@ -651,13 +649,14 @@ def _run_master(
             request.Cancel()
         except MPI.Exception:
             pass
+        # Complete the cancelled request: an active request left behind can hang MPI_Finalize.
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
             try:
                 if request.Test(mpi_status):
                     return not mpi_status.Is_cancelled()
             except MPI.Exception:
-                return False  # completed in error: nothing was received into the buffer
+                comm.Ack_failed()  # a failure reported on it: acknowledge and complete the cancel
             time.sleep(0.001)
         return False
 
@@ -748,9 +747,6 @@ def _run_master(
                 break
             _say(f"master: every worker is lost at update {version}/{total_updates}; stopping")
             break
-        if os.environ.get("JAXDP_MPI_DEBUG") and time.monotonic() - getattr(_say, "t", 0) > 2:
-            _say.t = time.monotonic()
-            _say(f"DEBUG master v={version} status={status} pending={pending} outbox={[(o[2], o[1].size) for o in outbox]}")
         # Back off while nothing happens, so that the master leaves the cores to the workers.
         idle_sleep = 0.0 if progressed else min(0.002, idle_sleep + 0.0001)
         if idle_sleep:
@@ -862,11 +858,7 @@ def _run_worker(
             # Post the receive for the reply before pushing, so the master's answer always has a home.
             request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
             push = comm.Isend(push_buffer, dest=0, tag=protocol.TAG_DELTA)
-            if os.environ.get("JAXDP_MPI_DEBUG"):
-                _say(f"DEBUG worker {rank} pushed round {rounds}")
             _wait(push, time.monotonic() + reply_timeout, "acceptance of a push", MPI)
-            if os.environ.get("JAXDP_MPI_DEBUG"):
-                _say(f"DEBUG worker {rank} push accepted round {rounds}")
             _wait(request, time.monotonic() + reply_timeout, "reply", MPI)
             header = protocol.header_of(params_buffer)
             counter += 1

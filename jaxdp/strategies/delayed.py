@@ -16,10 +16,15 @@ Semantics (one ``update()`` call is one server step ``t``):
 Gradients still in flight when training stops are never applied; feed ``max_delay`` more
 (zero) gradients to flush them.
 
-The implementation is a ring buffer of ``max_delay + 1`` gradient-shaped slots: at step ``t``,
-``g_t`` is added to slot ``(t + d_t) mod (max_delay + 1)``, then slot ``t mod (max_delay + 1)``
-is taken out and zeroed. At any time the pending arrival steps lie in ``[t, t + max_delay]``,
-``max_delay + 1`` consecutive integers, so no two pending steps share a slot.
+The implementation is a ring buffer of ``max_delay + 1`` gradient-shaped slots and a count of
+the gradients due at each: at step ``t``, ``g_t`` is put into slot ``(t + d_t) mod (max_delay +
+1)`` (added if the slot's count is positive, else overwriting its stale contents), then slot
+``t mod (max_delay + 1)`` is read and its count set to zero; the slot itself is not zeroed.
+At any time the pending arrival steps lie in ``[t, t + max_delay]``, ``max_delay + 1``
+consecutive integers, so no two pending steps share a slot. Cost per step: one slot written
+in place (plus one slot read when the delay is random), and the arriving slot read by
+``inner`` directly; a delay known at construction (an int, or ``delays.fixed(d)`` with
+concrete probabilities) needs no sampling and never adds to a live slot.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ class DelayedState(NamedTuple):
       step: int32 scalar, the number of ``update()`` calls so far (the server step ``t``).
       key: the PRNG key the delays are drawn from (constant; folded with ``step``).
       buffer: per slot, the sum of the gradients due at that slot; leaves of shape
-        ``(max_delay + 1, *param.shape)``. None when ``max_delay == 0``.
+        ``(max_delay + 1, *param.shape)``. A slot whose count is zero holds stale data (slots are
+        not zeroed when read). None when ``max_delay == 0``.
       counts: int32 ``(max_delay + 1,)``, the number of gradients due at each slot (all zero,
         unused, when ``max_delay == 0``).
       inner_state: the state of ``inner``; advances only at steps where something arrives.
-      sq_buffer: per slot ``Σ g⊙g`` (DC-ASGD only, else None).
+      sq_buffer: per slot ``Σ g⊙g`` (DC-ASGD only, else None; stale where the count is zero).
       sq_params_buffer: per slot ``Σ g⊙g⊙w_then`` (DC-ASGD only, else None).
     """
 
@@ -275,7 +281,8 @@ def delayed(
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_types[0])
             return jax.tree.map(_vary_like, (zeros, inner_state), out_types)
 
-        # A dead slot read here holds stale data; inner never sees it (the skip branch runs).
+        # A dead slot read here holds stale data; inner never sees it: the skip branch runs (under
+        # vmap both run and the apply branch's result is discarded by the select).
         new_updates, inner_state = lax.cond(num_arrived > 0, apply_inner, skip_inner, *operands)
         new_state = DelayedState(
             step=step + 1,

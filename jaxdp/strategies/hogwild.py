@@ -55,10 +55,10 @@ def _land(
 ) -> tuple[jax.Array, jax.Array]:
     """Adds each coordinate of ``write`` to its landing slot, then takes out slot ``step``.
 
-    One elementwise pass over the buffer: the landed slot is the old slot plus the coordinates
-    that land at once, and the new buffer spreads the write and zeroes the landed slot in the
-    same select (a separate zeroing ``.at[read].set(0)`` after the read would make XLA copy the
-    whole buffer every step).
+    One elementwise pass makes the new buffer: it spreads the write and zeroes the landed slot in
+    the same select, instead of a masked add followed by a separate ``.at[read].set(0)`` pass.
+    The landed slot is the old slot plus the coordinates landing at once. (XLA:CPU still copies
+    the buffer once per step so that the old slot stays readable next to the in-place rewrite.)
     """
     num_slots = slots.shape[0]
     write = write.astype(slots.dtype)
@@ -92,7 +92,9 @@ def hogwild(
 
     Memory: a per-coordinate ring buffer of ``(max_staleness + 1) × params`` (none when
     ``max_staleness == 0``), plus ``inner``'s state. Compute: each write is spread over the
-    slots with a masked add, ``(max_staleness + 1) × params`` per step.
+    slots and the landed slot zeroed in one select pass over the buffer, ``(max_staleness + 1) ×
+    params`` per step (plus, on XLA:CPU, a copy of the buffer), and one 32-bit random draw per
+    coordinate for the landing delays (two with ``overwrite_prob > 0``).
 
     Args:
       inner: the per-thread optimizer (e.g. ``optax.sgd(η_l)``); advances at every write.
@@ -179,7 +181,10 @@ def hogwild(
             if max_staleness == 0:
                 landed_leaves.append(write)
                 continue
-            landing_delay = jax.random.randint(delay_key, jnp.shape(write), 0, num_slots, jnp.int32)
+            # One 32-bit draw per coordinate (randint draws two): exactly uniform when
+            # num_slots is a power of two, else biased by less than num_slots / 2**32.
+            landing_bits = jax.random.bits(delay_key, jnp.shape(write), jnp.uint32)
+            landing_delay = (landing_bits % jnp.uint32(num_slots)).astype(jnp.int32)
             slots, landed = _land(slots, write, landing_delay, step)
             landed_leaves.append(landed.astype(write.dtype))
             new_buffer_leaves.append(slots)

@@ -30,6 +30,19 @@ Assumptions (paper, Assumptions 1-6 and Theorem 1):
   delay-independent.
 
 This is a reconstruction; the constant factor in front of the rate is not reproduced.
+
+How to use η (one convention). In the paper's analysis (the synthetic sequence) every stochastic
+gradient moves the parameters by η: locally u ← u − η_l g, and the master applies η_g to the *sum of
+the gradients* behind the M update vectors it aggregates, θ ← θ − η_g Σ_m Σ_b g; Corollary 1 sets
+η_l = η_g = η. In jaxdp the update vector is Δ = anchor − local, which already carries η_l
+(Δ = η_l Σ_b g for ``inner = optax.sgd(η_l)``). So a paper global rate η_g is
+``outer = optax.sgd(η_g / η_l)`` on the *sum* of the Δ's, and Corollary 1 is
+
+    inner = optax.sgd(η),   outer = optax.sgd(1.0) on Σ_m Δ_m     (θ ← θ − η Σ_m Σ_b g),
+
+not ``outer = optax.sgd(η)``, which would apply η twice (η²). Where the Δ's are *averaged* over N
+workers instead of summed (``jaxdp.local_steps(..., axis_name=...)``), the sum is recovered with
+``outer = optax.sgd(N)``; ``optax.sgd(1.0)`` there is model averaging, θ ← θ − (η / N) Σ_m Σ_b g.
 """
 
 from __future__ import annotations
@@ -69,7 +82,7 @@ def dpsgd_learning_rate(
     gradient_variance: float = 1.0,
     initial_gap: float = 1.0,
 ) -> float:
-    """The constant, equal local and global learning rate of DPSGD's Corollary 1 (reconstructed).
+    """The constant, equal local and global learning rate η of DPSGD's Corollary 1 (reconstructed).
 
     ``η = sqrt(initial_gap / (smoothness · gradient_variance · K · M · B · P))``, which gives the
     ergodic rate O(1/sqrt(K·M·B·P)) for L-smooth non-convex objectives with unbiased,
@@ -93,7 +106,9 @@ def dpsgd_learning_rate(
       initial_gap: f(θ_1) − f* > 0.
 
     Returns:
-      The learning rate η (a Python float), for both ``inner`` (η_l) and ``outer`` (η_g).
+      The learning rate η (a Python float), the step on each stochastic gradient: use it as
+      ``inner = optax.sgd(η)`` with ``outer = optax.sgd(1.0)`` applied to the sum of the update
+      vectors (jaxdp's Δ already carries η; see the module docstring), not as ``outer = sgd(η)``.
 
     Example:
       >>> import jaxdp

@@ -15,6 +15,9 @@ Why ``worker_id`` is folded into the key: the runtimes already hand each worker 
 runtime that does not (or a user who shares one key among processes) still gets decorrelated data
 streams, one per worker id. The sampling depends only on ``(key, worker_id)``, never on the
 worker state, so a resumed run draws exactly the batches an uninterrupted one would.
+
+Building the workload does no JAX work (the data are loaded on first use), so it can be built before
+``jax.distributed.initialize``.
 """
 
 from __future__ import annotations
@@ -70,7 +73,17 @@ def digits_workload(
         raise ValueError(f"digits_workload: hidden must be a sequence of ints >= 1, got {hidden!r}")
     if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
         raise ValueError(f"digits_workload: worker_id must be an int >= 0, got {worker_id!r}")
-    dataset = digits.load(seed=seed)
+    loaded: list[digits.Dataset] = []
+
+    def dataset() -> digits.Dataset:
+        # Loaded on first use, not here: building a workload must not touch JAX devices, because a
+        # multi-process job (jax.distributed) has to initialise before any device is used.
+        # ensure_compile_time_eval: the first use may come while a jitted function is being traced,
+        # and the data must be concrete arrays, not that trace's tracers.
+        if not loaded:
+            with jax.ensure_compile_time_eval():
+                loaded.append(digits.load(seed=seed))
+        return loaded[0]
 
     def init(key: jax.Array) -> tuple[digits.Params, SupervisedWorkerState]:
         params = digits.init_mlp(key, hidden=hidden)
@@ -79,16 +92,18 @@ def digits_workload(
     def local_step(
         worker_state: SupervisedWorkerState, params: digits.Params, key: jax.Array
     ) -> tuple[SupervisedWorkerState, digits.Params, dict[str, jax.Array]]:
-        x, y = digits.sample_batch(jax.random.fold_in(key, worker_id), dataset.x_train, dataset.y_train, batch_size)
+        data = dataset()
+        x, y = digits.sample_batch(jax.random.fold_in(key, worker_id), data.x_train, data.y_train, batch_size)
         loss, grads = jax.value_and_grad(digits.loss)(params, x, y)
         chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
         worker_state = SupervisedWorkerState(examples_seen=worker_state.examples_seen + batch_size)
         return worker_state, grads, {"loss": loss}
 
     def evaluate(params: digits.Params) -> dict[str, jax.Array]:
+        data = dataset()
         return {
-            "loss": digits.loss(params, dataset.x_test, dataset.y_test),
-            "accuracy": digits.accuracy(params, dataset.x_test, dataset.y_test),
+            "loss": digits.loss(params, data.x_test, data.y_test),
+            "accuracy": digits.accuracy(params, data.x_test, data.y_test),
         }
 
     return Workload(init=init, local_step=local_step, evaluate=evaluate, name="digits")

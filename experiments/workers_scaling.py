@@ -1,0 +1,205 @@
+"""Steps and time to a target CartPole return vs the number of workers N and local updates B (paper Fig. 6, small).
+
+Question: with N HSA2C workers pushing B-step update vectors to an asynchronous master, how many env steps and how
+much (simulated) time does it take to reach a target return, and how do N and B trade communication for
+variance? The paper (seeds/002, Fig. 6) measures the wall time to a benchmark score on six Atari games with
+clusters of 20-60 nodes; here the same question at laptop scale: A2C on CartPole-v1, N in {1, 2, 4, 8},
+B in {1, 2, 4}.
+
+Setup (stated, all overridable by flags):
+
+* Algorithm: HSA2C on ``jaxdp.train_async`` (``--strategy dpsgd``): each worker has E = 8 CartPole envs, rollouts of
+  n = 8 steps, B local Adam steps (lr 1e-3, gradient clip 0.5) from its anchor, then pushes Δ; the master averages
+  M = 1 Δ per update (asynchronous, Downpour-like) and applies θ ← θ − η_g Δ with η_g = 1, and answers the push.
+* Time model (as in ``experiments/data_rate.py``, "shared" model): a local step lasts n·E = 64 units with
+  log-normal jitter (σ = 0.25), and each one-way message (push, reply) ``comm · N`` units: the master's link is
+  shared by the N workers. With ``--comm 0`` the time is pure compute.
+* "Reached": the first time the mean return of 20 consecutive finished episodes is >= the target (default 200);
+  steps = env steps of all workers at the event in which that episode finished, time = the simulated time of that
+  event, wall = seconds of this simulator up to that event (all workers share this machine's cores, so wall time
+  does not shrink with N; it is reported for completeness). A run that does not reach the target within
+  ``--max-steps`` is reported as not reached (blank).
+* Randomness: one seed per cell by default (``--seeds`` for more; the table shows the mean over the seeds that
+  reached the target and how many did).
+
+Writes ``experiments/results/workers_scaling.csv`` (one row per N, B, seed) and ``docs/img/workers_scaling.png``;
+prints the table. Run: ``python experiments/workers_scaling.py`` (a few minutes on 2 cores; ``--quick`` for a smoke
+run into a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")
+    parser.add_argument("--local-steps", type=int, nargs="+", default=[1, 2, 4], help="values of B")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per (N, B)")
+    parser.add_argument("--target", type=float, default=200.0, help="target mean return of 20 episodes")
+    parser.add_argument("--max-steps", type=int, default=600_000, help="env-step budget per run")
+    parser.add_argument("--num-envs", type=int, default=8, help="E, envs per worker")
+    parser.add_argument("--rollout-len", type=int, default=8, help="n, steps per rollout")
+    parser.add_argument("--lr", type=float, default=1e-3, help="local Adam learning rate")
+    parser.add_argument("--global-lr", type=float, default=1.0, help="η_g, the master's step on Δ")
+    parser.add_argument("--comm", type=float, default=16.0, help="one-way message time per worker, in units")
+    parser.add_argument("--sigma", type=float, default=0.25, help="log-normal jitter of the local-step time")
+    parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, a small budget: a smoke run")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="folder for the CSV (default experiments/results; --quick: a temporary folder)")
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help="PNG path (default docs/img/workers_scaling.png; --quick: in the --out folder)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.workers, args.local_steps, args.max_steps, args.target = [1, 2], [1, 2], 40_000, 40.0
+        args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="jaxdp_workers_scaling_quick_"))
+    args.out = args.out or ROOT / "experiments" / "results"
+    args.plot = args.plot or (args.out / "workers_scaling.png" if args.quick
+                              else ROOT / "docs" / "img" / "workers_scaling.png")
+    for name in ("seeds", "max_steps", "num_envs", "rollout_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.workers) < 1 or min(args.local_steps) < 1:
+        parser.error("--workers and --local-steps must all be >= 1")
+    for name in ("lr", "global_lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.comm >= 0 or not args.sigma >= 0:
+        parser.error("--comm and --sigma must be >= 0")
+    return args
+
+
+def reached(episodes, target: float, window: int = 20):
+    """Index of the episode at which the mean of the last ``window`` returns first reaches ``target``, or None."""
+    returns = np.array([r for _, r, _ in episodes], dtype=np.float64)
+    if len(returns) < window:
+        return None
+    rolling = np.convolve(returns, np.ones(window) / window, mode="valid")
+    hits = np.flatnonzero(rolling >= target)
+    return int(hits[0]) + window - 1 if hits.size else None
+
+
+def run_one(args, n: int, b: int, seed: int) -> dict:
+    from jaxdp import train_async
+    from jaxdp.config import TrainConfig
+    from jaxdp.runtime import async_sim
+
+    step_time = float(args.rollout_len * args.num_envs)
+    compute = async_sim.lognormal(step_time, args.sigma) if args.sigma > 0 else async_sim.constant(step_time)
+    cfg = TrainConfig(algo="a2c", env="CartPole-v1", strategy="dpsgd", runtime="async_sim", workers=n,
+                      local_steps=b, master_batch=1, num_envs=args.num_envs, rollout_len=args.rollout_len,
+                      lr=args.lr, global_lr=args.global_lr, total_steps=args.max_steps, seeds=(seed,),
+                      progress=False, tensorboard=False, eval_episodes=0)
+    trainer = train_async.make_async_train(cfg, compute_time=compute, comm_time=args.comm * n)
+    result = train_async.execute(trainer)
+    row = {"num_workers": n, "local_steps": b, "seed": seed, "target": args.target, "steps_to_target": None,
+           "sim_time_to_target": None, "wall_seconds_to_target": None, "master_updates_to_target": None,
+           "comm_rounds_to_target": None, "final_return": None,
+           "mean_staleness": result.accounting["staleness_mean"], "total_steps": result.records[-1]["step"],
+           "run_seconds": result.run_seconds}
+    returns = [r for _, r, _ in result.episodes]
+    row["final_return"] = float(np.mean(returns[-max(1, len(returns) // 10):]))
+    i = reached(result.episodes, args.target)
+    if i is not None:
+        step = result.episodes[i][0]
+        event = step // trainer.env_steps_per_event - 1  # the event in which the episode finished
+        sched = trainer.sched
+        row["steps_to_target"] = step
+        row["sim_time_to_target"] = float(sched.events.time[event])
+        row["master_updates_to_target"] = int(np.sum(sched.events.update_follows[:event + 1]))
+        row["comm_rounds_to_target"] = int(event + 1 + np.sum(sched.events.pulls[:event + 1]))
+        # Wall time: the simulator's run time up to that event, interpolated within its chunk.
+        row["wall_seconds_to_target"] = result.run_seconds * (event + 1) / len(sched.events.worker)
+    return row
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    rows = []
+    for n in args.workers:
+        for b in args.local_steps:
+            for seed in range(args.seeds):
+                row = run_one(args, n, b, seed)
+                rows.append(row)
+                got = (f"{row['steps_to_target']:,} steps, sim time {row['sim_time_to_target']:,.0f}"
+                       if row["steps_to_target"] is not None else "not reached")
+                print(f"  N={n} B={b} seed={seed}: {got}; staleness {row['mean_staleness']:.2f}, "
+                      f"final return {row['final_return']:.0f}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "workers_scaling.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summarise(rows, args)
+    print_table(table, args)
+    plot(table, args)
+    print(f"wrote {path} and {args.plot} in {time.perf_counter() - start:.0f} s")
+
+
+def summarise(rows, args) -> list[dict]:
+    out = []
+    for n in args.workers:
+        for b in args.local_steps:
+            mine = [r for r in rows if r["num_workers"] == n and r["local_steps"] == b]
+            hit = [r for r in mine if r["steps_to_target"] is not None]
+            mean = lambda k: float(np.mean([r[k] for r in hit])) if hit else float("nan")  # noqa: E731
+            out.append({"num_workers": n, "local_steps": b, "reached": len(hit), "runs": len(mine),
+                        "steps": mean("steps_to_target"), "sim_time": mean("sim_time_to_target"),
+                        "wall": mean("wall_seconds_to_target"), "updates": mean("master_updates_to_target"),
+                        "rounds": mean("comm_rounds_to_target"),
+                        "staleness": float(np.mean([r["mean_staleness"] for r in mine]))})
+    return out
+
+
+def print_table(table, args) -> None:
+    print(f"\nTime to a 20-episode mean return of {args.target:g} (HSA2C, CartPole-v1, M = 1, "
+          f"message time {args.comm:g}·N):")
+    print("| N | B | reached | env steps | sim time | master updates | comm rounds | wall s (simulator) | "
+          "mean staleness |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['num_workers']} | {r['local_steps']} | {r['reached']}/{r['runs']} | {r['steps']:,.0f} | "
+              f"{r['sim_time']:,.0f} | {r['updates']:,.0f} | {r['rounds']:,.0f} | {r['wall']:.1f} | "
+              f"{r['staleness']:.2f} |")
+
+
+def plot(table, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for b in args.local_steps:
+        mine = [r for r in table if r["local_steps"] == b]
+        ns = [r["num_workers"] for r in mine]
+        axes[0].plot(ns, [r["sim_time"] for r in mine], "o-", label=f"B = {b}")
+        axes[1].plot(ns, [r["steps"] for r in mine], "o-", label=f"B = {b}")
+    for ax, label in zip(axes, ("simulated time to target", "env steps to target")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(args.workers, [str(n) for n in args.workers])
+        ax.set_yscale("log")
+        ax.set_xlabel("N (workers)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"HSA2C on CartPole-v1: to a 20-episode mean return of {args.target:g} "
+                 f"(M = 1, message time {args.comm:g}·N units, local step {args.rollout_len * args.num_envs} units)")
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

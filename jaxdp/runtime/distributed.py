@@ -1,0 +1,457 @@
+"""Multi-controller JAX: synchronous data parallelism across processes and hosts with ``jax.distributed``.
+
+Every process runs this same program (SPMD, "multi-controller"): it calls
+``jax.distributed.initialize(coordinator_address, num_processes, process_id)``, after which
+``jax.devices()`` lists the devices of *all* processes. The runtime lays one worker on each global
+device (a 1-D :class:`~jax.sharding.Mesh` with axis ``"workers"``) and runs the step of
+:func:`make_sync_step` under ``jax.shard_map`` (:func:`jaxdp.runtime.devices.map_workers`): each
+worker computes a gradient on its own mini-batch, ``jaxdp.allreduce("workers")`` averages the
+gradients across all devices of all processes (one cross-process all-reduce per step), and ``inner``
+is applied to the mean -- g̃ = (1/N) Σ_n g_n; θ ← θ + inner(g̃). The parameters are laid out per
+worker (a leading worker axis, as in the vmap and devices runtimes) and stay identical on every
+worker by construction; the step is the same function the vmap runtime runs, so a 2-process job
+computes what ``jaxdp.runtime.vmap.map_workers(step, 2)`` computes in one process.
+
+Worker ``n``'s key at step ``t`` is :func:`~jaxdp.runtime._mpi_protocol.worker_key` ``(seed, n, t)``
+(see :func:`worker_keys`). Runs are deterministic for a given seed and worker count.
+
+Collectives: on GPUs and TPUs XLA uses the platform's (NCCL, ICI); on CPU this module selects gloo
+(``jax_cpu_collectives_implementation="gloo"``, TCP between processes; also JAX 0.10's default)
+before initialising. On a single host, start the processes with ``coordinator_address=127.0.0.1:PORT``.
+
+Faults: ``jax.distributed`` health-checks the processes; when one dies the coordination service
+stops the others (after ``heartbeat_timeout_seconds``), so a synchronous job ends instead of
+hanging. There is no asynchronous mode here: use :mod:`jaxdp.runtime.mpi` for a parameter server.
+
+Files (process 0, when ``logdir`` is given): ``metrics.jsonl``, ``summary.json``, ``checkpoint.npz``
+(atomic), as in :mod:`jaxdp.runtime.mpi`; ``resume=True`` continues from the checkpoint, which
+process 0 reads and broadcasts to the others (no shared filesystem needed).
+
+Launch (see docs/multiprocess.md)::
+
+    python -m jaxdp.runtime.distributed --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 0 &
+    python -m jaxdp.runtime.distributed --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxdp.runtime import _mpi_protocol as protocol
+from jaxdp.runtime import devices as devices_runtime
+from jaxdp.runtime.vmap import AXIS_NAME
+from jaxdp.strategies import allreduce
+from jaxdp.workloads.base import Workload
+
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_NAME = "checkpoint.npz"
+
+
+def make_sync_step(
+    workload: Workload, inner: optax.GradientTransformation, axis_name: str = AXIS_NAME
+) -> tuple[Callable[..., Any], optax.GradientTransformation]:
+    """One worker's synchronous step, for any runtime that binds ``axis_name`` (vmap, devices, distributed).
+
+    Args:
+      workload: supplies ``local_step`` (the gradient on the worker's own batch).
+      inner: the optimizer applied to the all-reduced (mean) gradient.
+      axis_name: the worker axis the gradients are averaged over.
+
+    Returns:
+      ``(sync_step, optimizer)``: ``optimizer = optax.chain(jaxdp.allreduce(axis_name), inner)`` (use its
+      ``init`` for the state) and ``sync_step(params, opt_state, worker_state, key) -> (params, opt_state,
+      worker_state, metrics)`` for one worker.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxdp.runtime import vmap
+      >>> from jaxdp.workloads.supervised import digits_workload
+      >>> workload = digits_workload(batch_size=8, hidden=(8,))
+      >>> step, optimizer = make_sync_step(workload, optax.sgd(0.1))
+      >>> params, worker_state = workload.init(jax.random.PRNGKey(0))
+      >>> stacked = vmap.replicate((params, optimizer.init(params), worker_state), 2)
+      >>> params2, *_ = vmap.map_workers(step, 2)(*stacked, worker_keys(0, 2, 0))
+      >>> bool(jax.numpy.all(params2["layers"][0]["w"][0] == params2["layers"][0]["w"][1]))
+      True
+    """
+    if not isinstance(workload, Workload):
+        raise TypeError(f"make_sync_step: workload must be a jaxdp Workload, got {type(workload).__name__}")
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"make_sync_step: inner must be an optax.GradientTransformation, got {type(inner).__name__}")
+    optimizer = optax.chain(allreduce(axis_name), inner)
+
+    def sync_step(params, opt_state, worker_state, key):
+        worker_state, grads, metrics = workload.local_step(worker_state, params, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, worker_state, metrics
+
+    return sync_step, optimizer
+
+
+def worker_keys(seed: int, num_workers: int, step: int | jax.Array) -> jax.Array:
+    """The keys of all ``num_workers`` workers at ``step``: row n is ``worker_key(seed, n, step)``."""
+    return jax.vmap(lambda worker: protocol.worker_key(seed, worker, step))(jnp.arange(num_workers))
+
+
+def initialize(
+    coordinator_address: str,
+    num_processes: int,
+    process_id: int,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+    heartbeat_timeout_seconds: int = 100,
+) -> None:
+    """Select gloo for CPU collectives and call ``jax.distributed.initialize`` (once; before any JAX work).
+
+    Raises ValueError (naming the argument) for bad values; RuntimeError if JAX already initialised a
+    backend without the distributed system (build workloads lazily, or call this first).
+    """
+    if not isinstance(coordinator_address, str) or ":" not in coordinator_address:
+        raise ValueError(f"run_distributed: coordinator_address must be 'host:port', got {coordinator_address!r}")
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"run_distributed: num_processes must be an int >= 1, got {num_processes!r}")
+    if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"run_distributed: process_id must be an int in [0, {num_processes}), got {process_id!r}")
+    if jax.distributed.is_initialized():
+        if (jax.process_count(), jax.process_index()) != (num_processes, process_id):
+            raise ValueError(
+                f"run_distributed: jax.distributed is already initialised as process {jax.process_index()} of "
+                f"{jax.process_count()}, not {process_id} of {num_processes}"
+            )
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=None if local_device_ids is None else list(local_device_ids),
+        initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+    )
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"run_distributed: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"run_distributed: {name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _local(tree: Any) -> Any:
+    """This process's copy of a worker-stacked global pytree: the first addressable worker's slice."""
+    return jax.tree.map(lambda leaf: np.asarray(leaf.addressable_shards[0].data)[0], tree)
+
+
+def run_distributed(
+    workload: Workload | Callable[[], Workload],
+    *,
+    inner: optax.GradientTransformation,
+    total_updates: int,
+    seed: int = 0,
+    coordinator_address: str,
+    num_processes: int,
+    process_id: int,
+    logdir: str | None = None,
+    log_every: int = 100,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+    config: dict | None = None,
+) -> dict:
+    """Synchronous SGD over every device of ``num_processes`` JAX processes; call it in every process.
+
+    See the module docstring for the semantics. The distributed system is initialised here (unless it
+    already is) and shut down at the end.
+
+    Args:
+      workload: a :class:`~jaxdp.workloads.base.Workload`, or a zero-argument function that builds one
+        (use a function when building it touches JAX devices: that must wait for the initialisation).
+      inner: the optimizer applied to the mean gradient (after ``jaxdp.allreduce("workers")``).
+      total_updates: synchronous steps; the run ends at this step count.
+      seed: seeds the initial parameters and every worker's batches.
+      coordinator_address: ``host:port`` of process 0's coordination service (``127.0.0.1:PORT`` locally).
+      num_processes: number of processes in the job.
+      process_id: this process's index in ``[0, num_processes)``.
+      logdir: where process 0 writes metrics.jsonl, summary.json and checkpoint.npz.
+      log_every: steps between two log points (each evaluates the workload in process 0).
+      checkpoint_every: steps between checkpoints; 0 disables them.
+      resume: continue from ``logdir/checkpoint.npz`` on process 0; the step count continues.
+      local_device_ids: the local devices this process uses (default: all of them).
+      initialization_timeout: seconds to wait for all processes to join.
+      config: extra entries recorded under ``summary["config"]``.
+
+    Returns:
+      On every process: ``params`` (the final parameters, this process's copy, NumPy), ``num_workers``,
+      ``process_id``; on process 0 also the summary written to ``summary.json`` (``total_updates``,
+      ``start_step``, ``wall_seconds``, ``updates_per_second``, ``final`` evaluation metrics,
+      ``bytes_per_update`` (float32 gradient payload of all workers), ``config``).
+
+    Example (in each of two processes, i = 0 and 1)::
+
+        summary = run_distributed(lambda: digits_workload(), inner=optax.sgd(0.1), total_updates=200,
+                                  coordinator_address="127.0.0.1:12355", num_processes=2, process_id=i)
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"run_distributed: inner must be an optax.GradientTransformation, got {type(inner).__name__}")
+    total_updates = _check_int("total_updates", total_updates, 1)
+    seed = _check_int("seed", seed, 0)
+    log_every = _check_int("log_every", log_every, 1)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 0)
+    if (resume or checkpoint_every) and logdir is None:
+        raise ValueError("run_distributed: resume and checkpoint_every need a logdir")
+    if not isinstance(workload, Workload) and not callable(workload):
+        raise TypeError(f"run_distributed: workload must be a Workload or a function returning one, got {workload!r}")
+    initialize(
+        coordinator_address, num_processes, process_id,
+        local_device_ids=local_device_ids, initialization_timeout=initialization_timeout,
+    )  # fmt: skip
+    if not isinstance(workload, Workload):
+        workload = workload()
+        if not isinstance(workload, Workload):
+            raise TypeError(f"run_distributed: the workload function returned {type(workload).__name__}, not a Workload")
+
+    devices = jax.devices()
+    num_workers = len(devices)
+    mesh = devices_runtime.make_mesh(num_workers, AXIS_NAME, devices)
+    worker_sharding = NamedSharding(mesh, PartitionSpec(AXIS_NAME))
+    sync_step, optimizer = make_sync_step(workload, inner, AXIS_NAME)
+    step_fn = jax.jit(devices_runtime.map_workers(sync_step, num_workers, AXIS_NAME, devices))
+    keys_fn = jax.jit(lambda step: worker_keys(seed, num_workers, step))
+    evaluate = jax.jit(workload.evaluate)
+
+    def to_global(tree: Any, stacked: bool = False) -> Any:
+        # Every process holds the host values of all workers (a broadcast view for replicated state);
+        # make_array_from_callback copies just this process's rows to its devices.
+        def leaf_to_global(leaf):
+            host = np.asarray(leaf)
+            if not stacked:
+                host = np.broadcast_to(host, (num_workers, *host.shape))
+            return jax.make_array_from_callback(host.shape, worker_sharding, lambda index: host[index])
+
+        return jax.tree.map(leaf_to_global, tree)
+
+    params, worker_state = workload.init(jax.random.PRNGKey(seed))
+    opt_state = optimizer.init(params)
+    start_step = 0
+    if resume:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        flat, unravel = ravel_pytree(params)
+        if process_id == 0:
+            arrays = protocol.load_checkpoint(os.path.join(logdir, CHECKPOINT_NAME))
+            restored = (arrays["params"], protocol.arrays_to_tree("opt_", arrays, opt_state, "run_distributed"),
+                        np.asarray(arrays["step"], np.int32))  # fmt: skip
+        else:
+            restored = (np.zeros_like(flat), opt_state, np.zeros((), np.int32))
+        flat_restored, opt_state, step_restored = multihost_utils.broadcast_one_to_all(
+            jax.tree.map(np.asarray, restored), is_source=process_id == 0
+        )
+        params = unravel(jnp.asarray(flat_restored))
+        opt_state = jax.tree.map(jnp.asarray, opt_state)
+        start_step = int(step_restored)
+
+    global_params = to_global(params)
+    global_opt_state = to_global(opt_state)
+    global_worker_state = to_global(worker_state)
+
+    metrics_path = None if logdir is None else os.path.join(logdir, METRICS_NAME)
+    if process_id == 0 and logdir is not None:
+        os.makedirs(logdir, exist_ok=True)
+        if not resume:
+            open(metrics_path, "w").close()
+
+    def log_point(step_count, sps, history):
+        local_params = _local(global_params)
+        record = {"step": step_count, "sps": sps}
+        if history:
+            record.update({f"train_{k}": float(np.mean([h[k] for h in history])) for k in history[0]})
+        record.update({k: float(v) for k, v in evaluate(local_params).items()})
+        if metrics_path is not None:
+            protocol.append_json_line(metrics_path, record)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
+        print(f"[jaxdp.distributed] step {step_count}/{total_updates} {shown}", flush=True)
+
+    if process_id == 0 and start_step == 0:
+        log_point(0, None, [])
+    history: list[dict] = []
+    started = time.perf_counter()
+    interval_start, interval_step = started, start_step
+    step_count = start_step
+    while step_count < total_updates:
+        keys = to_global(np.asarray(keys_fn(step_count)), stacked=True)
+        global_params, global_opt_state, global_worker_state, metrics = step_fn(
+            global_params, global_opt_state, global_worker_state, keys
+        )
+        jax.block_until_ready(global_params)  # one step at a time: a deep queue of collectives can time out
+        step_count += 1
+        if process_id == 0:
+            history.append({k: float(np.mean(np.asarray(v.addressable_shards[0].data))) for k, v in metrics.items()})
+            if step_count % log_every == 0 or step_count == total_updates:
+                now = time.perf_counter()
+                log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
+                history, interval_start, interval_step = [], time.perf_counter(), step_count
+        if checkpoint_every and step_count % checkpoint_every == 0 and process_id == 0:
+            arrays = {"step": np.array(step_count), "params": np.asarray(ravel_pytree(_local(global_params))[0])}
+            arrays.update(protocol.tree_to_arrays("opt_", _local(global_opt_state)))
+            protocol.save_checkpoint(os.path.join(logdir, CHECKPOINT_NAME), arrays)
+    wall_seconds = time.perf_counter() - started
+
+    final_params = _local(global_params)
+    result = {"params": final_params, "num_workers": num_workers, "process_id": process_id}
+    if process_id == 0:
+        num_params = int(ravel_pytree(final_params)[0].size)
+        steps_done = total_updates - start_step
+        result.update(
+            {
+                "runtime": "distributed",
+                "mode": "sync",
+                "total_updates": total_updates,
+                "start_step": start_step,
+                "wall_seconds": wall_seconds,
+                "updates_per_second": steps_done / max(wall_seconds, 1e-9),
+                "final": {k: float(v) for k, v in evaluate(final_params).items()},
+                "num_processes": num_processes,
+                "num_workers": num_workers,
+                "num_params": num_params,
+                "bytes_per_update": num_workers * num_params * 4,
+                "config": {
+                    "runtime": "distributed",
+                    "workload": workload.name,
+                    "total_updates": total_updates,
+                    "seed": seed,
+                    "log_every": log_every,
+                    "checkpoint_every": checkpoint_every,
+                    "num_processes": num_processes,
+                    **(config or {}),
+                },
+            }
+        )
+        if logdir is not None:
+            protocol.write_json(os.path.join(logdir, SUMMARY_NAME), {k: v for k, v in result.items() if k != "params"})
+    jax.distributed.shutdown()
+    return result
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m jaxdp.runtime.distributed`` (validated before JAX starts)."""
+    parser = _OneLineParser(
+        prog="python -m jaxdp.runtime.distributed",
+        description="Synchronous data-parallel training over jax.distributed processes (one per host or device "
+        "group); start one per process with the same --coordinator. See docs/multiprocess.md.",
+    )
+    parser.add_argument("--coordinator", type=_address, required=True, help="HOST:PORT of process 0")
+    parser.add_argument("--num-processes", type=_positive_int, required=True)
+    parser.add_argument("--process-id", type=_non_negative_int, required=True)
+    parser.add_argument("--workload", choices=("digits",), default="digits")
+    parser.add_argument("--total-updates", type=_positive_int, default=300)
+    parser.add_argument("--inner", choices=("sgd", "momentum", "adam"), default="sgd")
+    parser.add_argument("--lr", type=_positive_float, default=0.1)
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="examples per worker per step")
+    parser.add_argument("--hidden", type=_positive_int, nargs="*", default=[64])
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--logdir", default=None)
+    parser.add_argument("--log-every", type=_positive_int, default=50)
+    parser.add_argument("--checkpoint-every", type=_non_negative_int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--initialization-timeout", type=_positive_int, default=300, help="seconds")
+    return parser
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the command line; a bad value exits 2 with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.process_id >= args.num_processes:
+        parser.error(f"argument --process-id: must be < --num-processes ({args.num_processes}), got {args.process_id}")
+    if (args.resume or args.checkpoint_every) and args.logdir is None:
+        parser.error("argument --resume/--checkpoint-every: needs --logdir")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxdp.runtime.distributed --coordinator H:P --num-processes N --process-id I ...``."""
+    args = parse_arguments(argv)
+    from jaxdp.workloads.supervised import digits_workload  # noqa: PLC0415
+
+    inner = {
+        "sgd": lambda: optax.sgd(args.lr),
+        "momentum": lambda: optax.sgd(args.lr, momentum=0.9),
+        "adam": lambda: optax.adam(args.lr),
+    }[args.inner]()
+    result = run_distributed(
+        lambda: digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed,
+                                worker_id=0),  # fmt: skip
+        inner=inner,
+        total_updates=args.total_updates,
+        seed=args.seed,
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        logdir=args.logdir,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        initialization_timeout=args.initialization_timeout,
+        config={"argv": list(sys.argv[1:] if argv is None else argv), "inner": args.inner, "lr": args.lr,
+                "batch_size": args.batch_size, "hidden": list(args.hidden)},  # fmt: skip
+    )
+    if args.process_id == 0:
+        final = " ".join(f"{k} {v:.4g}" for k, v in result["final"].items())
+        print(f"[jaxdp.distributed] done: {result['total_updates']} steps in {result['wall_seconds']:.1f} s, {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Launched by tests/test_distributed.py, once per process: ``python -m jaxdp.runtime.distributed``'s
+command line plus ``--dump-params``, which saves this process's final parameters (flattened) to
+``LOGDIR/params_process{i}.npy``. The workload is built by a function, after jax.distributed starts.
+"""
+
+import os
+import sys
+
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from jaxdp.runtime import distributed
+
+
+def main() -> int:
+    parser = distributed.build_parser()
+    parser.add_argument("--dump-params", action="store_true")
+    args = parser.parse_args()
+    from jaxdp.workloads.supervised import digits_workload
+
+    result = distributed.run_distributed(
+        lambda: digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed),
+        inner=optax.sgd(args.lr),
+        total_updates=args.total_updates,
+        seed=args.seed,
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        logdir=args.logdir,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        initialization_timeout=args.initialization_timeout,
+    )
+    if args.dump_params:
+        os.makedirs(args.logdir, exist_ok=True)
+        flat = np.asarray(ravel_pytree(result["params"])[0])
+        np.save(os.path.join(args.logdir, f"params_process{args.process_id}.npy"), flat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

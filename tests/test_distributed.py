@@ -1,0 +1,147 @@
+"""Multi-controller JAX with real processes: two local jax.distributed processes (gloo CPU collectives)
+compute exactly what the vmap runtime computes in one process, and a resumed job continues the run.
+
+Each process runs ``tests/mpi_scripts/distributed_run.py`` (the runtime's command line plus
+``--dump-params``) with one CPU device, so the job has two workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxdp.runtime import vmap
+from jaxdp.runtime._mpi_protocol import worker_key
+from jaxdp.runtime.distributed import make_sync_step, worker_keys
+from jaxdp.workloads.supervised import digits_workload
+
+SCRIPT = Path(__file__).parent / "mpi_scripts" / "distributed_run.py"
+LR = 0.1
+SMALL = ["--batch-size", "16", "--hidden", "16", "--lr", str(LR), "--seed", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def child_environment() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # One CPU device per process, whatever the calling environment forces: two processes, two workers.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def run_job(logdir: Path, *args: str, timeout: float = 180.0) -> list[str]:
+    """Start both processes, wait for both; return their outputs. Fails (and kills both) on error or timeout."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{free_port()}"
+    processes = []
+    for process_id in range(2):
+        command = [
+            sys.executable, str(SCRIPT), "--coordinator", address, "--num-processes", "2",
+            "--process-id", str(process_id), "--logdir", str(logdir), "--initialization-timeout", "120", *args,
+        ]  # fmt: skip
+        output = open(logdir / f"output{process_id}.txt", "w")
+        processes.append(
+            subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_environment(),
+                             start_new_session=True)  # fmt: skip
+        )
+    outputs = []
+    try:
+        for process_id, process in enumerate(processes):
+            returncode = process.wait(timeout=timeout)
+            text = (logdir / f"output{process_id}.txt").read_text()
+            assert returncode == 0, f"process {process_id} exited {returncode}:\n{text[-3000:]}"
+            outputs.append(text)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    return outputs
+
+
+def vmap_reference(steps: int) -> np.ndarray:
+    """The same sync step, two workers, jaxdp's vmap runtime in this process: worker-stacked final params."""
+    workload = digits_workload(batch_size=16, hidden=(16,), seed=0)
+    step, optimizer = make_sync_step(workload, optax.sgd(LR))
+    params, worker_state = workload.init(jax.random.PRNGKey(0))
+    stacked = vmap.replicate((params, optimizer.init(params), worker_state), 2)
+    mapped = jax.jit(vmap.map_workers(step, 2))
+    for t in range(steps):
+        *stacked, _ = mapped(*stacked, worker_keys(0, 2, t))
+    return np.stack([np.asarray(ravel_pytree(jax.tree.map(lambda x: x[w], stacked[0]))[0]) for w in range(2)])
+
+
+def hand_reference(steps: int) -> np.ndarray:
+    """Mean-gradient SGD written out: θ ← θ − lr · ½ (g_0 + g_1), g_w on worker w's batch."""
+    workload = digits_workload(batch_size=16, hidden=(16,), seed=0)
+    params, worker_state = workload.init(jax.random.PRNGKey(0))
+    for t in range(steps):
+        grads = [workload.local_step(worker_state, params, worker_key(0, w, t))[1] for w in range(2)]
+        params = jax.tree.map(lambda p, g0, g1: p - LR * (g0 + g1) / 2, params, *grads)
+    return np.asarray(ravel_pytree(params)[0])
+
+
+def test_two_processes_match_the_vmap_runtime_and_resume(tmp_path):
+    run_job(tmp_path, *SMALL, "--total-updates", "4", "--log-every", "2", "--checkpoint-every", "4", "--dump-params")
+    expected = vmap_reference(4)
+    np.testing.assert_array_equal(expected[0], expected[1])
+    for process_id in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"params_process{process_id}.npy"), expected[0], atol=1e-6)
+    np.testing.assert_allclose(expected[0], hand_reference(4), atol=1e-6)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_workers"] == 2 and summary["total_updates"] == 4
+
+    # Resume from the checkpoint at step 4 (process 0 reads it and broadcasts it) and go on to 6.
+    run_job(tmp_path, *SMALL, "--total-updates", "6", "--log-every", "2", "--resume", "--dump-params")
+    for process_id in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"params_process{process_id}.npy"), vmap_reference(6)[0], atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 2, 4, 6]
+    assert json.loads((tmp_path / "summary.json").read_text())["start_step"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "0"], "--coordinator"),
+        (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+    ],
+)
+def test_command_line_rejects_bad_values_in_one_line(args, needle):
+    result = subprocess.run([sys.executable, "-m", "jaxdp.runtime.distributed", *args], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_make_sync_step_averages_over_the_worker_axis():
+    """Under vmap with 3 workers, one sync step is SGD on the mean of the 3 workers' gradients."""
+    workload = digits_workload(batch_size=4, hidden=(8,), seed=0)
+    step, optimizer = make_sync_step(workload, optax.sgd(0.5))
+    params, worker_state = workload.init(jax.random.PRNGKey(1))
+    stacked = vmap.replicate((params, optimizer.init(params), worker_state), 3)
+    new_params, _, new_state, metrics = vmap.map_workers(step, 3)(*stacked, worker_keys(7, 3, 0))
+    grads = [workload.local_step(worker_state, params, worker_key(7, w, 0))[1] for w in range(3)]
+    expected = jax.tree.map(lambda p, *g: p - 0.5 * sum(g) / 3, params, *grads)
+    for w in range(3):
+        worker_params = jax.tree.map(lambda x: x[w], new_params)
+        np.testing.assert_allclose(ravel_pytree(worker_params)[0], ravel_pytree(expected)[0], atol=1e-6)
+    assert metrics["loss"].shape == (3,) and jnp.all(new_state.examples_seen == 4)
