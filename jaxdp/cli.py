@@ -36,7 +36,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--num-envs", "num_envs", int, "environments per worker (0 = algorithm default: dqn 4, a2c 16, reinforce 8)"),
     ("--optimizer", "optimizer", str, "inner optimizer: adam, rmsprop or sgd"),
     ("--lr", "lr", float, "learning rate (0 = algorithm default: dqn 2.5e-4, a2c/reinforce 2e-3)"),
-    ("--no-anneal-lr", "anneal_lr", "noflag", "keep the learning rate constant (default: linear decay to 0)"),
+    ("--anneal-lr", "anneal_lr", str, "linear learning-rate decay to 0: auto (on for a2c/reinforce, off for dqn), "
+                                      "on, off"),
     ("--max-grad-norm", "max_grad_norm", float, "clip gradients to this global norm (0 = off, -1 = algorithm "
                                                 "default: a2c/reinforce 0.5, dqn 10)"),
     ("--gamma", "gamma", float, "discount factor"),

@@ -36,7 +36,7 @@ class TrainConfig:
     # Optimizer (the inner optax chain every strategy wraps).
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
     lr: float = 0.0  # 0 = the algorithm's default
-    anneal_lr: bool = True  # decay the learning rate linearly to 0 over the run (stabilises the final policy)
+    anneal_lr: str = "auto"  # linear decay to 0 over the run: auto = on for a2c/reinforce, off for DQN (CleanRL's)
     max_grad_norm: float = -1.0  # -1 = the algorithm's default (a2c/reinforce 0.5, dqn 10); 0 = off
     gamma: float = 0.99
 
@@ -105,6 +105,10 @@ class TrainConfig:
         return {"dqn": 2.5e-4, "double_dqn": 2.5e-4, "a2c": 2e-3, "reinforce": 2e-3}[self.algo]
 
     @property
+    def anneals_lr(self) -> bool:
+        return self.anneal_lr == "on" or (self.anneal_lr == "auto" and not self.is_dqn)
+
+    @property
     def grad_clip(self) -> float:
         if self.max_grad_norm >= 0:
             return self.max_grad_norm
@@ -153,6 +157,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--runtime {cfg.runtime!r} is not one of {', '.join(RUNTIMES)}")
     if cfg.torso not in TORSOS:
         _fail(f"--torso {cfg.torso!r} is not one of {', '.join(TORSOS)}")
+    if cfg.anneal_lr not in ("auto", "on", "off"):
+        _fail(f"--anneal-lr {cfg.anneal_lr!r} is not one of auto, on, off")
     if cfg.loss not in LOSSES:
         _fail(f"--loss {cfg.loss!r} is not one of {', '.join(LOSSES)}")
     if cfg.delay not in DELAY_KINDS:

@@ -41,7 +41,7 @@ WORKERS = "workers"
 # ---------------------------------------------------------------------------------------------------------------
 def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None) -> optax.GradientTransformation:
     lr = cfg.learning_rate if learning_rate is None else learning_rate
-    if cfg.anneal_lr:
+    if cfg.anneals_lr:
         # Linear decay to 0 over this worker's gradient steps (PureJaxRL, SB3): a final policy that stays put.
         updates = max(1, cfg.num_iterations - (cfg.learning_starts // cfg.steps_per_iteration if cfg.is_dqn else 0))
         lr = optax.linear_schedule(lr, 0.0, updates)

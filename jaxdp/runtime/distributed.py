@@ -108,9 +108,9 @@ def worker_keys(seed: int, num_workers: int, step: int | jax.Array) -> jax.Array
 
 
 def initialize(
-    coordinator_address: str,
-    num_processes: int,
-    process_id: int,
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
     *,
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout: int = 300,
@@ -118,9 +118,25 @@ def initialize(
 ) -> None:
     """Select gloo for CPU collectives and call ``jax.distributed.initialize`` (once; before any JAX work).
 
-    Raises ValueError (naming the argument) for bad values; RuntimeError if JAX already initialised a
-    backend without the distributed system (build workloads lazily, or call this first).
+    All three of ``coordinator_address``, ``num_processes`` and ``process_id`` given, or all three None:
+    then JAX detects them from the cluster environment (SLURM's ``srun``, Open MPI's ``mpirun``, TPU pods;
+    see ``jax.distributed.initialize``). Raises ValueError (naming the argument) for bad values.
     """
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise ValueError(
+            "run_distributed: give all of coordinator_address, num_processes and process_id, or none of them "
+            "(auto-detection from SLURM / Open MPI / TPU environments)"
+        )
+    if not any(given):
+        if not jax.distributed.is_initialized():
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(
+                local_device_ids=None if local_device_ids is None else list(local_device_ids),
+                initialization_timeout=initialization_timeout,
+                heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+            )
+        return
     if not isinstance(coordinator_address, str) or ":" not in coordinator_address:
         raise ValueError(f"run_distributed: coordinator_address must be 'host:port', got {coordinator_address!r}")
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
@@ -164,9 +180,9 @@ def run_distributed(
     inner: optax.GradientTransformation,
     total_updates: int,
     seed: int = 0,
-    coordinator_address: str,
-    num_processes: int,
-    process_id: int,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
     logdir: str | None = None,
     log_every: int = 100,
     checkpoint_every: int = 0,
@@ -188,7 +204,8 @@ def run_distributed(
       seed: seeds the initial parameters and every worker's batches.
       coordinator_address: ``host:port`` of process 0's coordination service (``127.0.0.1:PORT`` locally).
       num_processes: number of processes in the job.
-      process_id: this process's index in ``[0, num_processes)``.
+      process_id: this process's index in ``[0, num_processes)``. Give all three, or none of them to let
+        JAX detect them (under SLURM ``srun``, Open MPI ``mpirun``, TPU pods).
       logdir: where process 0 writes metrics.jsonl, summary.json and checkpoint.npz.
       log_every: steps between two log points (each evaluates the workload in process 0).
       checkpoint_every: steps between checkpoints; 0 disables them.
@@ -222,6 +239,7 @@ def run_distributed(
         coordinator_address, num_processes, process_id,
         local_device_ids=local_device_ids, initialization_timeout=initialization_timeout,
     )  # fmt: skip
+    process_id, num_processes = jax.process_index(), jax.process_count()
     if not isinstance(workload, Workload):
         workload = workload()
         if not isinstance(workload, Workload):
@@ -391,9 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synchronous data-parallel training over jax.distributed processes (one per host or device "
         "group); start one per process with the same --coordinator. See docs/multiprocess.md.",
     )
-    parser.add_argument("--coordinator", type=_address, required=True, help="HOST:PORT of process 0")
-    parser.add_argument("--num-processes", type=_positive_int, required=True)
-    parser.add_argument("--process-id", type=_non_negative_int, required=True)
+    parser.add_argument("--coordinator", type=_address, default=None,
+                        help="HOST:PORT of process 0 (omit all three to auto-detect under srun / mpirun)")
+    parser.add_argument("--num-processes", type=_positive_int, default=None)
+    parser.add_argument("--process-id", type=_non_negative_int, default=None)
     parser.add_argument("--workload", choices=("digits",), default="digits")
     parser.add_argument("--total-updates", type=_positive_int, default=300)
     parser.add_argument("--inner", choices=("sgd", "momentum", "adam"), default="sgd")
@@ -413,7 +432,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the command line; a bad value exits 2 with one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.process_id >= args.num_processes:
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if any(given) and not all(given):
+        parser.error("arguments --coordinator, --num-processes, --process-id: give all three or none (auto-detect)")
+    if all(given) and args.process_id >= args.num_processes:
         parser.error(f"argument --process-id: must be < --num-processes ({args.num_processes}), got {args.process_id}")
     if (args.resume or args.checkpoint_every) and args.logdir is None:
         parser.error("argument --resume/--checkpoint-every: needs --logdir")
@@ -447,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config={"argv": list(sys.argv[1:] if argv is None else argv), "inner": args.inner, "lr": args.lr,
                 "batch_size": args.batch_size, "hidden": list(args.hidden)},  # fmt: skip
     )
-    if args.process_id == 0:
+    if result["process_id"] == 0:
         final = " ".join(f"{k} {v:.4g}" for k, v in result["final"].items())
         print(f"[jaxdp.distributed] done: {result['total_updates']} steps in {result['wall_seconds']:.1f} s, {final}")
     return 0

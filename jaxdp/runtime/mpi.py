@@ -218,6 +218,7 @@ def run_mpi(
     if checkpoint_every and logdir is None:
         raise ValueError("run_mpi: checkpoint_every > 0 needs a logdir to write checkpoints to")
 
+    launched = time.perf_counter()
     MPI = _import_mpi()
     base = MPI.COMM_WORLD if comm is None else comm
     size = base.Get_size()
@@ -278,6 +279,7 @@ def run_mpi(
         worker_state=worker_state,
         unravel=unravel,
         run_config=run_config,
+        launched=launched,
     )
     if mode == "sync":
         return _run_sync(step_timeout=step_timeout, **common)
@@ -357,7 +359,7 @@ class _Watchdog:
 
 def _run_sync(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, step_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, step_timeout,
 ) -> dict:
     import mpi4jax  # noqa: PLC0415 (imports mpi4py: only once MPI is wanted)
 
@@ -447,8 +449,13 @@ def _run_sync(
         protocol.save_checkpoint(_checkpoint_path(logdir), arrays)
 
     watchdog = _Watchdog(step_timeout, rank)
+    # Warm-up: compile and run the step once (result discarded; it is pure), so that wall_seconds and
+    # sps measure training, not compilation.
+    jax.block_until_ready(step(state, jnp.asarray(start_step, jnp.int32)))
+    watchdog.beat(start_step)
     if rank == 0 and start_step == 0:
         log_point(0, None, [])
+    startup_seconds = time.perf_counter() - launched
     history: list[dict] = []
     started = time.perf_counter()
     interval_start, interval_step = started, start_step
@@ -482,6 +489,7 @@ def _run_sync(
         "total_updates": total_updates,
         "start_step": start_step,
         "wall_seconds": wall_seconds,
+        "startup_seconds": startup_seconds,
         "updates_per_second": rounds / max(wall_seconds, 1e-9),
         "final": {k: float(v) for k, v in evaluate(state[0]).items()},
         "num_processes": size,
@@ -506,7 +514,7 @@ def _run_sync(
 
 def _run_master(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, master_batch, aggregate, worker_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, master_batch, aggregate, worker_timeout,
 ) -> dict:
     del inner, worker_state, seed
     size = comm.Get_size()
@@ -559,7 +567,7 @@ def _run_master(
 
     # Worker bookkeeping: "computing" (has θ, owes us a Δ), "waiting" (its Δ is pending), "lost", "stopped".
     status = {w: "computing" for w in workers}
-    last_heard = {w: time.monotonic() + STARTUP_GRACE_SECONDS for w in workers}
+    last_heard: dict[int, float] = {}
     lost_workers: list[dict] = []
     outbox: list[tuple[Any, np.ndarray, int]] = []  # (request, buffer kept alive, destination)
 
@@ -660,6 +668,13 @@ def _run_master(
             time.sleep(0.001)
         return False
 
+    # Warm-up: compile the master's functions, then wait until every worker has compiled its round
+    # too, so that compilation shows up neither as staleness nor in wall_seconds.
+    jax.block_until_ready(apply_outer(params, outer_state, jnp.zeros(num_params, jnp.float32)))
+    jax.block_until_ready(evaluate(params))
+    comm.Barrier()
+    startup_seconds = time.perf_counter() - launched
+    last_heard.update({w: time.monotonic() for w in workers})
     # Start: every worker gets θ; the header's third field is where its round counter starts, so a
     # resumed worker does not redraw the batches of its first life.
     for w in workers:
@@ -771,6 +786,7 @@ def _run_master(
         "total_updates": version,
         "start_step": start_version,
         "wall_seconds": wall_seconds,
+        "startup_seconds": startup_seconds,
         "updates_per_second": updates_done / max(wall_seconds, 1e-9),
         "final": {k: float(v) for k, v in evaluate(params).items()},
         "num_processes": size,
@@ -821,9 +837,9 @@ def _wait(request: Any, deadline: float, what: str, MPI) -> Any:
 
 def _run_worker(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, worker_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, worker_timeout,
 ) -> dict:
-    del outer, total_updates, logdir, log_every, checkpoint_every, resume, run_config
+    del outer, total_updates, logdir, log_every, checkpoint_every, resume, run_config, launched
     rank = comm.Get_rank()
     num_params = ravel_pytree(params)[0].size
     inner_state = inner.init(params)
@@ -843,8 +859,12 @@ def _run_worker(
     push_buffer = protocol.message_buffer(num_params)
     rounds = 0
     try:
+        # Warm-up (see the master): compile the round, run it once on θ_0 (discarded), then meet.
+        anchor = ravel_pytree(params)[0]
+        jax.block_until_ready(local_round(anchor, inner_state, worker_state, jnp.asarray(0, jnp.int32)))
+        comm.Barrier()
         request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
-        _wait(request, time.monotonic() + reply_timeout + STARTUP_GRACE_SECONDS, "parameters", MPI)
+        _wait(request, time.monotonic() + reply_timeout, "parameters", MPI)
         header = protocol.header_of(params_buffer)
         counter = int(header[2])
         while header[protocol.STOP] == 0.0:

@@ -1,0 +1,357 @@
+"""Environment steps per second of jaxdp's RL training loop, against what the environments and the learner allow.
+
+Tables, printed as markdown:
+
+1. **Pong-v5, A2C and DQN** (the jaxdp defaults: A2C 16 envs × 8-step rollouts, one update of 128 samples per
+   rollout; DQN 4 envs, one update of a 128-sample minibatch every ``train_frequency`` = 10 env steps, i.e. every
+   2 vectorised steps = 8 env steps; the replay is capped at ``--dqn-buffer`` transitions here):
+
+   * *env-only*: random actions, no network. ``host``: the :class:`jaxdp.envs.HostEnv` step from Python;
+     ``XLA``: :func:`jaxdp.envs.make_xla`'s step inside a jitted ``lax.scan`` -- the path training takes.
+   * *learner-only*: the same update as training (same network, optimizer, loss, replay sampling) on synthetic
+     data, expressed as the env steps per second it could absorb: updates/s × env steps per update
+     (A2C: E·n = 128; DQN: 8).
+   * *training*: :func:`jaxdp.train.make_train` chunks (``lax.scan`` of whole iterations: act, step, learn),
+     compile excluded (reported apart: ``lower().compile()`` of the chunk, plus the DQN warmup program).
+   * *training / min(env XLA, learner)*: how close the loop comes to its slower part; target >= 0.9.
+     Training also runs the acting forward pass of every env step, which neither bound includes.
+
+2. **CartPole-v1** training steps/s of A2C and DQN (defaults), and the ratio to CleanRL's published numbers
+   measured on GPU machines (``dqn.py`` CartPole ~4.4k steps/s; ``dqn_atari.py`` Pong ~85 steps/s;
+   ``ppo_atari.py`` Pong ~130 steps/s -- the closest on-policy reference for A2C).
+
+3. **Seed sweep**: wall time of ``--seeds 0 1 2`` as one vmapped program vs three sequential single-seed runs
+   (``jaxdp.loop.run``, CartPole A2C, same steps per seed, compile included -- what a user waits for).
+
+Each rate is the median over ``--repeats`` timed calls of an already compiled program. The machine is shared:
+its load average is printed with the table; rates scale with the idle cores.
+
+Run: ``python benchmarks/rl_throughput.py`` (a few minutes on 2 cores) or ``--quick`` (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdp import envs as envs_lib
+from jaxdp import loop
+from jaxdp import train as train_lib
+from jaxdp.agents import a2c, dqn, replay as replay_lib
+from jaxdp.config import TrainConfig, validate
+
+CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (their benchmark pages; GPU machines)
+    ("dqn", "CartPole-v1"): 4400.0,
+    ("dqn", "Pong-v5"): 85.0,
+    ("a2c", "Pong-v5"): 130.0,  # PPO (ppo_atari.py): the closest on-policy reference
+}
+
+
+# ------------------------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_table() -> str:
+    import envpool
+    import flax
+    import jaxlib
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    rows = [
+        ("CPU", cpu_model()),
+        ("cores (os.cpu_count)", str(os.cpu_count())),
+        ("load average (1 / 5 / 15 min)", " / ".join(f"{x:.1f}" for x in load)),
+        ("JAX devices", ", ".join(str(d) for d in jax.devices())),
+        ("Python", platform.python_version()),
+        ("jax / jaxlib", f"{jax.__version__} / {jaxlib.__version__}"),
+        ("flax / optax", f"{flax.__version__} / {optax.__version__}"),
+        ("envpool", envpool.__version__),
+    ]
+    lines = ["| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn()`` (which must block until its result is ready) over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------- env-only
+
+
+def host_env_steps_per_second(env_id: str, num_envs: int, steps: int, repeats: int) -> float:
+    env = envs_lib.make_host(env_id, num_envs, seed=0)
+    env.reset()
+    rng = np.random.default_rng(0)
+    num_actions = env.spec.num_actions
+
+    def run():
+        for _ in range(steps):
+            env.step(rng.integers(0, num_actions, num_envs, dtype=np.int32))
+
+    run()  # warm the pool's threads
+    seconds = median_seconds(run, repeats)
+    env.close()
+    return steps * num_envs / seconds
+
+
+def xla_env_steps_per_second(env_id: str, num_envs: int, steps: int, repeats: int) -> float:
+    env = envs_lib.make_xla(env_id, num_envs, seed=0)
+    num_actions = env.spec.num_actions
+
+    def body(carry, _):
+        handle, key = carry
+        key, k = jax.random.split(key)
+        handle, step = env.step(handle, jax.random.randint(k, (num_envs,), 0, num_actions))
+        return (handle, key), step.reward.sum()
+
+    @jax.jit
+    def run(handle, key):
+        (handle, key), rewards = jax.lax.scan(body, (handle, key), None, length=steps)
+        return handle, key, rewards.sum()
+
+    state = [env.handle, jax.random.PRNGKey(0)]
+
+    def call():
+        handle, key, total = run(*state)
+        total.block_until_ready()
+        state[:] = [handle, key]
+
+    call()  # compile
+    return steps * num_envs / median_seconds(call, repeats)
+
+
+# ------------------------------------------------------------------------------------------- learner-only
+
+
+def a2c_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -> float:
+    """A2C updates on a synthetic rollout of E·n steps (Pong-shaped uint8 observations), as env steps/s."""
+    spec = envs_lib.make_spec(cfg.env, cfg.envs_per_worker)
+    network = train_lib.make_network(cfg, spec)
+    tx = train_lib.make_optimizer(cfg)
+    T, E = cfg.rollout, cfg.envs_per_worker
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    obs = jax.random.randint(keys[0], (T, E, *spec.obs_shape), 0, 256).astype(spec.obs_dtype)
+    rollout = a2c.Rollout(
+        obs=obs,
+        action=jax.random.randint(keys[1], (T, E), 0, spec.num_actions),
+        reward=jnp.sign(jax.random.normal(keys[2], (T, E))),
+        terminated=jnp.zeros((T, E), bool),
+        truncated=jnp.zeros((T, E), bool),
+        valid=jnp.ones((T, E), bool),
+        value=jax.random.normal(keys[3], (T, E)),
+        bootstrap_value=jnp.zeros((E,)),
+    )
+    params = network.init(jax.random.PRNGKey(1), obs[0])
+    opt_state = tx.init(params)
+
+    def update(carry, _):
+        p, s = carry
+        (loss, _), grads = jax.value_and_grad(
+            lambda q: a2c.loss(q, network.apply, rollout, gamma=cfg.gamma, ent_coef=cfg.ent_coef,
+                               vf_coef=cfg.vf_coef), has_aux=True)(p)
+        upd, s = tx.update(grads, s, p)
+        return (optax.apply_updates(p, upd), s), loss
+
+    run = jax.jit(lambda p, s: jax.lax.scan(update, (p, s), None, length=updates))
+    jax.block_until_ready(run(params, opt_state))  # compile
+    seconds = median_seconds(lambda: jax.block_until_ready(run(params, opt_state)), repeats)
+    return updates * T * E / seconds
+
+
+def dqn_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -> float:
+    """DQN updates (replay sample, loss, optimizer, target refresh) from a full synthetic replay, as env steps/s:
+    one update per ``env_steps_per_update`` vectorised steps of E envs."""
+    E = cfg.envs_per_worker
+    spec = envs_lib.make_spec(cfg.env, E)
+    network = train_lib.make_network(cfg, spec)
+    tx = train_lib.make_optimizer(cfg)
+    frame_stack = spec.obs_shape[0] if spec.is_atari else 1
+    capacity = cfg.replay_capacity(spec.is_atari)
+    buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
+
+    def fill(buf, key):
+        k_obs, k_act, k_rew = jax.random.split(key, 3)
+        obs = jax.random.randint(k_obs, (E, *spec.obs_shape), 0, 256).astype(spec.obs_dtype)
+        buf = replay_lib.add(buf, obs, jax.random.randint(k_act, (E,), 0, spec.num_actions),
+                             jnp.sign(jax.random.normal(k_rew, (E,))), jnp.zeros(E, bool), jnp.zeros(E, bool),
+                             jnp.zeros(E, bool))
+        return buf, None
+
+    buf, _ = jax.jit(lambda b, ks: jax.lax.scan(fill, b, ks))(buf, jax.random.split(jax.random.PRNGKey(0),
+                                                                                   capacity // E))
+    params = network.init(jax.random.PRNGKey(1), jnp.zeros((1, *spec.obs_shape), spec.obs_dtype))
+    opt_state = tx.init(params)
+    huber = 1.0 if (cfg.loss == "huber" or (cfg.loss == "auto" and spec.is_atari)) else None
+    target_every = max(1, round(cfg.target_update / (cfg.env_steps_per_update * E)))
+
+    def update(carry, _):
+        p, target, s, key, n = carry
+        key, k = jax.random.split(key)
+        batch = replay_lib.sample(buf, k, cfg.batch_size, n_step=cfg.n_step, gamma=cfg.gamma)
+        (loss, _), grads = jax.value_and_grad(
+            lambda q: dqn.loss(q, target, network.apply, batch, double=cfg.algo == "double_dqn",
+                               huber_delta=huber), has_aux=True)(p)
+        upd, s = tx.update(grads, s, p)
+        p = optax.apply_updates(p, upd)
+        copy = ((n + 1) % target_every) == 0
+        target = jax.tree.map(lambda a, b: jnp.where(copy, a, b), p, target)
+        return (p, target, s, key, n + 1), loss
+
+    init = (params, params, opt_state, jax.random.PRNGKey(2), jnp.int32(0))
+    run = jax.jit(lambda c: jax.lax.scan(update, c, None, length=updates))
+    jax.block_until_ready(run(init))  # compile
+    seconds = median_seconds(lambda: jax.block_until_ready(run(init)), repeats)
+    return updates * cfg.env_steps_per_update * E / seconds
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def training_steps_per_second(cfg: TrainConfig, chunk_iterations: int, repeats: int) -> tuple[float, float]:
+    """(env steps/s of make_train's chunks after compilation, compile seconds of the chunk and DQN warmup)."""
+    trainer = train_lib.make_train(cfg, chunk_iterations=chunk_iterations)
+    handle = trainer.initial_handle()
+    lanes = trainer.init(train_lib.seed_keys(cfg))
+    compile_seconds = 0.0
+    if trainer.warmup is not None and trainer.warmup_iterations > 0:
+        t0 = time.perf_counter()
+        warmup = trainer.warmup.lower(handle, lanes, trainer.warmup_iterations).compile()
+        compile_seconds += time.perf_counter() - t0
+        handle, lanes, _ = warmup(handle, lanes)
+    start = jnp.int32(trainer.warmup_iterations)
+    t0 = time.perf_counter()
+    chunk = trainer.chunk.lower(handle, lanes, start, chunk_iterations).compile()
+    compile_seconds += time.perf_counter() - t0
+    state = [handle, lanes, trainer.warmup_iterations]
+
+    def call():
+        h, ln, out = chunk(state[0], state[1], jnp.int32(state[2]))
+        jax.block_until_ready(ln.params)
+        state[:] = [h, ln, state[2] + chunk_iterations]
+
+    call()  # the first run of a program pays one-off costs (allocation, the pool's threads)
+    seconds = median_seconds(call, repeats)
+    steps = chunk_iterations * trainer.env_steps_per_iteration * len(cfg.seeds)
+    return steps / seconds, compile_seconds
+
+
+def seed_sweep_seconds(total_steps: int, seeds: tuple[int, ...]) -> tuple[float, float]:
+    """(wall s of one loop.run over `seeds`, wall s of one loop.run per seed in turn), CartPole A2C."""
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(name, run_seeds):
+            cfg = validate(TrainConfig(algo="a2c", total_steps=total_steps, seeds=run_seeds,
+                                       logdir=os.path.join(tmp, name), progress=False, eval_episodes=0,
+                                       tensorboard=False, checkpoint_interval=1e9))
+            t0 = time.perf_counter()
+            loop.run(cfg)
+            return time.perf_counter() - t0
+
+        together = run("sweep", seeds)
+        apart = sum(run(f"seed_{s}", (s,)) for s in seeds)
+    return together, apart
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps and repeats (~1 minute)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    parser.add_argument("--dqn-buffer", type=int, default=50_000,
+                        help="Pong DQN replay capacity (the default 1M takes 7 GB; capacity does not change speed)")
+    parser.add_argument("--skip-pong", action="store_true", help="CartPole and the seed sweep only")
+    parser.add_argument("--skip-sweep", action="store_true", help="no seed-sweep timing")
+    args = parser.parse_args()
+    q = args.quick
+    repeats = 1 if q else args.repeats
+
+    print("# jaxdp RL throughput\n")
+    print(machine_table())
+    print()
+
+    if not args.skip_pong:
+        print("## Pong-v5: env-only, learner-only and training env steps/s\n")
+        print("| algo | envs | env-only host | env-only XLA | learner-only | training | compile s | "
+              "training / min(env XLA, learner) | target >= 0.9 | vs CleanRL |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        pong = {
+            "a2c": validate(TrainConfig(algo="a2c", env="Pong-v5", total_steps=10_000_000)),
+            "dqn": validate(TrainConfig(algo="dqn", env="Pong-v5", total_steps=10_000_000,
+                                        buffer_size=args.dqn_buffer, learning_starts=2_000)),
+        }
+        for algo, cfg in pong.items():
+            E = cfg.envs_per_worker
+            host = host_env_steps_per_second(cfg.env, E, 50 if q else 200, repeats)
+            xla = xla_env_steps_per_second(cfg.env, E, 50 if q else 200, repeats)
+            if algo == "a2c":
+                learner = a2c_learner_steps_per_second(cfg, 2 if q else 8, repeats)
+                chunk = 2 if q else 6
+            else:
+                learner = dqn_learner_steps_per_second(cfg, 4 if q else 16, repeats)
+                chunk = 4 if q else 16
+            training, compile_s = training_steps_per_second(cfg, chunk, repeats)
+            ratio = training / min(xla, learner)
+            ref = CLEANRL_STEPS_PER_SECOND[(algo, "Pong-v5")]
+            print(f"| {algo} | {E} | {fmt(host)} | {fmt(xla)} | {fmt(learner)} | {fmt(training)} | {compile_s:.1f} "
+                  f"| {ratio:.2f} | {'met' if ratio >= 0.9 else 'not met'} | {training / ref:.2f}× "
+                  f"({fmt(ref)}) |", flush=True)
+        print()
+
+    print("## CartPole-v1: training env steps/s (make_train chunks, compile excluded)\n")
+    print("| algo | envs | training | compile s | vs CleanRL |")
+    print("|---|---|---|---|---|")
+    for algo, chunk in (("a2c", 50 if q else 200), ("dqn", 200 if q else 1000)):
+        cfg = validate(TrainConfig(algo=algo, total_steps=1_000_000))
+        training, compile_s = training_steps_per_second(cfg, chunk, repeats)
+        ref = CLEANRL_STEPS_PER_SECOND.get((algo, "CartPole-v1"))
+        vs = f"{training / ref:.1f}× ({fmt(ref)})" if ref else "n/a"
+        print(f"| {algo} | {cfg.envs_per_worker} | {fmt(training)} | {compile_s:.1f} | {vs} |", flush=True)
+    print()
+
+    if not args.skip_sweep:
+        total = 50_000 if q else 200_000
+        seeds = (0, 1, 2)
+        together, apart = seed_sweep_seconds(total, seeds)
+        print(f"## Seed sweep: CartPole-v1 A2C, {total:,} steps per seed, compile included\n")
+        print("| seeds 0 1 2 as one program | three single-seed runs in turn | speed-up |")
+        print("|---|---|---|")
+        print(f"| {together:.1f} s | {apart:.1f} s | {apart / together:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
