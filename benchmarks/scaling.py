@@ -76,8 +76,8 @@ def versions() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[2, 3, 5], help="K values (default 2 3 5)")
-    parser.add_argument("--sync-updates", type=int, default=300, help="sync steps per job")
-    parser.add_argument("--async-updates", type=int, default=1500, help="master updates per async job")
+    parser.add_argument("--sync-updates", type=int, default=1000, help="sync steps per job")
+    parser.add_argument("--async-updates", type=int, default=2000, help="master updates per async job")
     parser.add_argument("--local-steps", type=int, default=4, help="B for the local-steps rows")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="smoke run: K in {2, 3}, fewer updates")

@@ -41,7 +41,6 @@ import pathlib
 import tempfile
 import time
 
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("latency", "shared")

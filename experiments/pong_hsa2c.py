@@ -43,7 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="Pong-v5", help="an envpool Atari id")
-    parser.add_argument("--total-steps", type=int, default=200_000, help="agent steps per run (all envs)")
+    parser.add_argument("--total-steps", type=int, default=100_000, help="agent steps per run (all envs)")
     parser.add_argument("--envs", type=int, default=16, help="actor envs in total (A2C: all; HSA2C: / N each)")
     parser.add_argument("--workers", type=int, default=4, help="HSA2C workers N")
     parser.add_argument("--local-steps", type=int, default=4, help="HSA2C local updates B")

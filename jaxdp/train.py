@@ -560,11 +560,30 @@ def run_mpi(cfg: TrainConfig):
         b = cfg.local_steps if mode == "dpsgd" else 1
         per_update = per_local_step * b * cfg.master_batch
         outer = optax.sgd(cfg.global_lr) if mode == "dpsgd" else None
-    return mpi_runtime.run_mpi(
+    total_updates = max(1, cfg.total_steps // per_update)
+    summary = mpi_runtime.run_mpi(
         workload, mode=mode, inner=make_inner_optimizer(cfg), outer=outer,
         local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
-        total_updates=max(1, cfg.total_steps // per_update), seed=cfg.seeds[0], logdir=cfg.logdir,
+        total_updates=total_updates, seed=cfg.seeds[0], logdir=cfg.logdir,
+        log_every=max(1, total_updates // 50), checkpoint_every=max(1, total_updates // 10),
         resume=cfg.resume, config=dataclasses.asdict(cfg))
+    if rank != 0 or summary is None:
+        return None
+    # RL's summary fields, from the master's log: env steps, and the final return as the mean episodic return of
+    # the last 10% of log points (the master sees the workers' episodes only as per-push sums).
+    import json
+    import os
+
+    from jaxdp.loop import final_return, write_json_atomic
+
+    path = os.path.join(cfg.logdir, "metrics.jsonl")
+    with open(path) as f:
+        returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
+    summary["total_steps"] = int(summary.get("total_updates", total_updates)) * per_update
+    summary["final_return"] = final_return(returns)
+    summary["eval_return"] = None
+    write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
+    return summary
 
 
 __all__ = ["Lane", "StepInfo", "lane_functions", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",

@@ -19,12 +19,16 @@ The two strategies (``cfg.strategy``):
 * ``"dpsgd"`` -- HSA2C (B = ``cfg.local_steps``): ``inner`` = the configured optimizer (clip + Adam/RMSProp/SGD at
   ``cfg.learning_rate``) on the worker, its state kept across pulls; ``outer = optax.sgd(η_g)`` on the master,
   η_g = ``cfg.global_lr``, applied to the MEAN of the M update vectors. The paper's Alg. 1 writes the sum,
-  θ ← θ − η_g Σ_m Δ_m: that is this rule with η_g · M. The mean makes M = N with equal compute times the vmap
-  runtime's synchronous ``local_steps`` rule exactly.
+  θ ← θ − η_g Σ_m Δ_m: that is this rule with η_g · M. With the mean, M = N and equal compute times give the
+  update rule of the vmap runtime's synchronous ``local_steps`` strategy (anchor − η_g · mean Δ).
 * ``"async"`` -- Downpour / A3C-style actor-critic and Gorila-style DQN (B = 1): the worker pushes its raw gradient
   (``inner = optax.sgd(1.0)``, so Δ = anchor − (anchor − g) = g up to one float rounding) and the master owns the
   optimizer: ``outer = chain(configured optimizer, scale(η_g))`` on the mean of the M gradients -- one optimizer
   state on the parameter server, as in A3C's shared RMSProp and Gorila's parameter server.
+
+Learning-rate annealing (``cfg.anneals_lr``, the default for actor-critic): the configured optimizer's rate decays
+linearly to 0 over the steps its state takes in this run -- the master updates (``"async"``) or a worker's local
+steps (``"dpsgd"``, the busiest worker's count), read from the schedule.
 
 Environments: envpool's XLA step is a custom call whose target pool is a *static* attribute of the call (measured:
 stepping pool A's function with pool B's handle bytes steps pool A), so one step function cannot serve several
@@ -43,7 +47,11 @@ histogram of the applied Δ's and the arrivals per worker. DQN's random warm-up 
 split over the workers) happens before the schedule starts: it counts in ``total_steps`` but not in the
 simulated time nor in the per-event rates.
 
-The event scan runs in chunks of ``chunk_events`` arrival events (a multiple of M); the host logs between chunks.
+The events run in chunks of ``chunk_events`` arrival events (a multiple of M); the host logs between chunks. A
+chunk is one jitted ``lax.scan`` over its events, except for CNN torsos (image observations), where each event is
+one jitted call from the host with the B local steps unrolled: XLA:CPU runs convolution gradients inside a loop
+~20× slower than outside (jax-ml/jax#12868), and this keeps every gradient out of loops.
+
 Determinism: the schedule is a NumPy function of the seed, local step b of event i uses
 ``fold_in(fold_in(PRNGKey(seed), i), b)`` and each pool is seeded from the seed, so the same config gives a
 bitwise-identical run (parameters and episode returns); a run is always a whole number of chunks.
@@ -144,7 +152,9 @@ class AsyncTrainer(NamedTuple):
     outer: optax.GradientTransformation
     local_step: Callable
     warmup: Callable | None  # DQN: (worker_state, θ_0) -> (worker_state, StepInfo[N, steps, E])
+    event_loop: str  # "scan": K events per jitted lax.scan; "host": one jitted call per event (CNNs, see below)
     chunk: Callable  # jitted: (carry, arrivals[K], first_event) -> (carry, (StepInfo[K, B, T, E], metrics[K]))
+    event: Callable  # jitted: (carry, arrival, index) -> (carry, (StepInfo[B, T, E], metrics))
     chunk_events: int  # K, a multiple of M
     num_chunks: int
     env_steps_per_event: int  # B · T · E
@@ -294,6 +304,11 @@ def make_local_step(cfg: TrainConfig, network, env_step: Callable, spec: envs_li
 
     Returns:
       The pure, jittable local step (metrics: a dict of scalars).
+
+    Example:
+      >>> pools = [envs_lib.make_xla("CartPole-v1", 4, seed=4 * w) for w in range(2)]  # doctest: +SKIP
+      >>> step = make_local_step(cfg, network, make_worker_env_step(pools), pools[0].spec)  # doctest: +SKIP
+      >>> ws_w, grads, metrics = jax.jit(step)(ws_w, params, key)  # doctest: +SKIP
     """
     B = _local_steps_B(cfg)
     T = _steps_per_local_step(cfg)
@@ -364,7 +379,12 @@ def make_local_step(cfg: TrainConfig, network, env_step: Callable, spec: envs_li
 # Construction.
 # ---------------------------------------------------------------------------------------------------------------
 def default_compute_time(cfg: TrainConfig) -> async_sim.ExponentialTime:
-    """``exponential(mean = T·E)``: one local step lasts on average its env work, one unit per env step."""
+    """``exponential(mean = T·E)``: one local step lasts on average its env work, one unit per env step.
+
+    Example:
+      >>> default_compute_time(TrainConfig(algo="a2c", num_envs=16, rollout_len=8))
+      ExponentialTime(mean=128.0)
+    """
     return async_sim.exponential(float(_steps_per_local_step(cfg) * cfg.envs_per_worker))
 
 
@@ -378,9 +398,21 @@ def _check_cfg(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _optimizers(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """(inner, outer) for the strategy; see the module docstring."""
-    configured = train_lib.make_inner_optimizer(cfg)
+def _optimizers(cfg: TrainConfig, sched: async_sim.Schedule
+                ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """(inner, outer) for the strategy; see the module docstring.
+
+    With ``cfg.anneals_lr`` the configured optimizer's learning rate decays linearly to 0 over the gradient steps
+    ITS state will take in this run (``jaxdp.train`` counts loop iterations, which here would be wrong): the master
+    updates for ``"async"`` (the master owns the optimizer), the most local steps any worker takes for ``"dpsgd"``
+    (each worker's inner state counts its own; slower workers end with a small positive rate).
+    """
+    if cfg.strategy == "async":
+        steps = len(sched.updates.time)
+    else:
+        steps = int(async_sim.pushes_per_worker(sched).max()) * sched.local_steps
+    learning_rate = optax.linear_schedule(cfg.learning_rate, 0.0, max(1, steps)) if cfg.anneals_lr else None
+    configured = train_lib.make_inner_optimizer(dataclasses.replace(cfg, anneal_lr="off"), learning_rate)
     if cfg.strategy == "async":
         return optax.sgd(1.0), optax.chain(configured, optax.scale(cfg.global_lr))
     return configured, optax.sgd(cfg.global_lr)
@@ -412,6 +444,7 @@ def make_async_train(
     comm_time: float = 0.0,
     reply: str = "on_update",
     chunk_events: int | None = None,
+    event_loop: str = "auto",
 ) -> AsyncTrainer:
     """Builds the pools, network, optimizers, schedule and jitted chunk of one async_sim run of ``cfg``.
 
@@ -422,12 +455,25 @@ def make_async_train(
         :func:`default_compute_time`.
       comm_time: one-way message latency (push, and reply) in the same units.
       reply: ``"on_update"`` or ``"immediate"`` (see :mod:`jaxdp.runtime.async_sim`).
-      chunk_events: arrival events per jitted chunk (a multiple of M); default ~1/50 of the run.
+      chunk_events: arrival events per chunk (a multiple of M), the host logs between chunks; default ~1/50 of
+        the run.
+      event_loop: ``"scan"`` (a chunk is one jitted ``lax.scan`` over its events), ``"host"`` (one jitted call per
+        event, the B local steps unrolled: no gradient inside a loop) or ``"auto"``: ``"host"`` for image
+        observations (CNN torsos, where XLA:CPU's convolution gradients inside loops are ~20× slower), else
+        ``"scan"``. Both give the same run up to float rounding.
 
     Returns:
-      An :class:`AsyncTrainer` (compiles lazily, on the first call of its ``chunk``).
+      An :class:`AsyncTrainer` (compiled by :func:`execute`).
+
+    Example:
+      >>> cfg = TrainConfig(algo="a2c", strategy="async", runtime="async_sim", workers=4, seeds=(0,),
+      ...                   total_steps=100_000)
+      >>> trainer = make_async_train(cfg, comm_time=32.0)  # doctest: +SKIP
+      >>> async_sim.staleness_histogram(trainer.sched)  # doctest: +SKIP
     """
     cfg = _check_cfg(cfg)
+    if event_loop not in ("auto", "scan", "host"):
+        raise ValueError(f"train_async: event_loop must be 'auto', 'scan' or 'host', got {event_loop!r}")
     seed = cfg.seeds[0]
     N, E, M = cfg.workers, cfg.envs_per_worker, cfg.master_batch
     B, T = _local_steps_B(cfg), _steps_per_local_step(cfg)
@@ -447,7 +493,7 @@ def make_async_train(
     spec = pools[0].spec
     env_step = make_worker_env_step(pools)
     network = train_lib.make_network(cfg, spec)
-    inner, outer = _optimizers(cfg)
+    inner, outer = _optimizers(cfg, sched)
 
     def one_worker(w: int, params: PyTree) -> AsyncWorkerState:
         buf, target = (), ()
@@ -493,25 +539,61 @@ def make_async_train(
 
         warmup = jax.jit(warmup_fn, donate_argnums=0)
 
-    event_step = async_sim.make_event_step(local_step, inner, outer, local_steps=B, aggregate="mean")
+    if event_loop == "auto":
+        event_loop = "host" if len(spec.obs_shape) == 3 else "scan"
     seed_key = jax.random.PRNGKey(seed)
 
-    def chunk_fn(carry: async_sim.SimCarry, arrivals: async_sim.ArrivalInput, first_event: jax.Array):
-        def body(carry, xs):
-            index, arrival = xs
-            carry, metrics = event_step(carry, arrival, jax.random.fold_in(seed_key, index))
-            # The arriving worker's round, all B local steps (each wrote its slot).
-            episodes = jax.tree.map(lambda x: x[arrival.worker], carry.worker_states.episodes)
-            return carry, (episodes, metrics)
+    def one_event(carry: async_sim.SimCarry, arrival: async_sim.ArrivalInput, index: jax.Array):
+        if event_loop == "scan":
+            step = async_sim.make_event_step(local_step, inner, outer, local_steps=B, aggregate="mean")
+        else:
+            step = _unrolled_event_step(local_step, inner, outer, B)
+        carry, metrics = step(carry, arrival, jax.random.fold_in(seed_key, index))
+        # The arriving worker's round, all B local steps (each wrote its slot).
+        episodes = jax.tree.map(lambda x: x[arrival.worker], carry.worker_states.episodes)
+        return carry, (episodes, metrics)
 
+    def chunk_fn(carry: async_sim.SimCarry, arrivals: async_sim.ArrivalInput, first_event: jax.Array):
         indices = first_event + jnp.arange(arrivals.worker.shape[0], dtype=jnp.int32)
-        return jax.lax.scan(body, carry, (indices, arrivals))
+        return jax.lax.scan(lambda c, xs: one_event(c, xs[1], xs[0]), carry, (indices, arrivals))
 
     return AsyncTrainer(cfg=cfg, network=network, envs=pools, sched=sched, init=init, inner=inner, outer=outer,
-                        local_step=local_step, warmup=warmup,
-                        chunk=jax.jit(chunk_fn, donate_argnums=0), chunk_events=K, num_chunks=num_chunks,
-                        env_steps_per_event=env_steps_per_event, warmup_env_steps=warmup_env_steps,
-                        param_bytes=param_bytes, compute_time=compute_time, comm_time=float(comm_time))
+                        local_step=local_step, warmup=warmup, event_loop=event_loop,
+                        chunk=jax.jit(chunk_fn, donate_argnums=0), event=jax.jit(one_event, donate_argnums=0),
+                        chunk_events=K, num_chunks=num_chunks, env_steps_per_event=env_steps_per_event,
+                        warmup_env_steps=warmup_env_steps, param_bytes=param_bytes, compute_time=compute_time,
+                        comm_time=float(comm_time))
+
+
+def _unrolled_event_step(local_step, inner, outer, local_steps: int):
+    """``async_sim``'s event step with the B local steps unrolled (Python loop) instead of a ``lax.scan``.
+
+    Same semantics as :func:`jaxdp.runtime.async_sim.worker_round` + :func:`~jaxdp.runtime.async_sim.master_receive`
+    (local step b uses ``fold_in(key, b)``, metrics are the mean over the B steps, Δ = anchor − local). Used with
+    the host event loop for convolutional networks: XLA:CPU runs convolution gradients inside a while loop ~20×
+    slower than outside (jax-ml/jax#12868; measured here: 0.63 s vs 0.033 s for the A3C CNN's gradient on 80
+    frames), so for them no gradient may sit inside a loop.
+    """
+
+    def event_step(carry: async_sim.SimCarry, arrival: async_sim.ArrivalInput, key: jax.Array):
+        w = arrival.worker
+        take = lambda tree: jax.tree.map(lambda x: x[w], tree)  # noqa: E731
+        anchor = take(carry.anchors)
+        local, inner_state, worker_state = anchor, take(carry.inner_states), take(carry.worker_states)
+        metrics = []
+        for b in range(local_steps):
+            worker_state, grads, m = local_step(worker_state, local, jax.random.fold_in(key, b))
+            updates, inner_state = inner.update(grads, inner_state, local)
+            local = optax.apply_updates(local, updates)
+            metrics.append(m)
+        delta = jax.tree.map(jnp.subtract, anchor, local)
+        put = lambda tree, value: jax.tree.map(lambda x, v: x.at[w].set(v), tree, value)  # noqa: E731
+        carry = carry._replace(inner_states=put(carry.inner_states, inner_state),
+                               worker_states=put(carry.worker_states, worker_state))
+        carry = async_sim.master_receive(outer, "mean", carry, delta, arrival.update_follows, arrival.pulls)
+        return carry, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *metrics)
+
+    return event_step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -576,13 +658,14 @@ def train(
     comm_time: float = 0.0,
     reply: str = "on_update",
     chunk_events: int | None = None,
+    event_loop: str = "auto",
     on_record: Callable[[dict], None] | None = None,
     progress: Any = None,
 ) -> AsyncRunResult:
     """Trains ``cfg`` on the simulated asynchronous master; writes no files (see :func:`run` for that).
 
     Args:
-      cfg, compute_time, comm_time, reply, chunk_events: see :func:`make_async_train`.
+      cfg, compute_time, comm_time, reply, chunk_events, event_loop: see :func:`make_async_train`.
       on_record: called with each log record (one per chunk, and one after the DQN warm-up).
       progress: optional tqdm-like bar (``update(n)``, ``set_postfix(dict)``).
 
@@ -594,19 +677,26 @@ def train(
       ``replies``, ``comm_rounds``, ``bytes_sent`` (cumulative), ``staleness_mean``/``staleness_max`` of the
       chunk's applied Δ's, ``wall_seconds`` (run time so far, compilation excluded) and the learner metrics
       (mean over the chunk's events).
+
+    Example:
+      >>> result = train(cfg, compute_time=async_sim.constant(128.0))  # doctest: +SKIP
+      >>> result.accounting["staleness_histogram"], result.episodes[-1]  # doctest: +SKIP
     """
     trainer = make_async_train(cfg, compute_time=compute_time, comm_time=comm_time, reply=reply,
-                               chunk_events=chunk_events)
+                               chunk_events=chunk_events, event_loop=event_loop)
     return execute(trainer, on_record, progress)
 
 
 def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = None,
-            progress: Any = None) -> AsyncRunResult:
+            progress: Any = None, stop: Callable[[list], bool] | None = None) -> AsyncRunResult:
     """Runs a trainer from :func:`make_async_train` (once: its pools are consumed); see :func:`train`.
+
+    ``stop(episodes)``, if given, is called after every chunk with the finished episodes so far (``(env step,
+    return, length)``); when it returns True the run ends there (the accounting covers the events done).
 
     Example:
         >>> trainer = make_async_train(cfg)  # doctest: +SKIP
-        >>> result = execute(trainer)  # trainer.envs[w] is worker w's pool, now at the end of its run
+        >>> result = execute(trainer)  # doctest: +SKIP
     """
     cfg, sched, K = trainer.cfg, trainer.sched, trainer.chunk_events
     arrivals = async_sim.arrival_inputs(sched)
@@ -645,7 +735,17 @@ def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = No
         return jax.tree.map(lambda x: x[c * K:(c + 1) * K], arrivals)
 
     t0 = time.perf_counter()
-    compiled = trainer.chunk.lower(carry, chunk_arrivals(0), jnp.int32(0)).compile()
+    if trainer.event_loop == "scan":
+        compiled = trainer.chunk.lower(carry, chunk_arrivals(0), jnp.int32(0)).compile()
+    else:
+        event = trainer.event.lower(carry, jax.tree.map(lambda x: x[0], arrivals), jnp.int32(0)).compile()
+
+        def compiled(carry, chunk, first_event):
+            outputs = []
+            for i in range(chunk.worker.shape[0]):
+                carry, out = event(carry, jax.tree.map(lambda x: x[i], chunk), first_event + i)
+                outputs.append(out)
+            return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
     compile_seconds += time.perf_counter() - t0
 
     for c in range(trainer.num_chunks):
@@ -686,8 +786,9 @@ def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = No
             recent = [r for _, r, _ in episodes[-20:]]
             progress.set_postfix({"sps": f"{record['sps']:,.0f}",
                                   "return": f"{np.mean(recent):.1f}" if recent else "-"})
+        if stop is not None and stop(episodes):
+            break
 
-    events_done = trainer.num_chunks * K
     return AsyncRunResult(params=carry.params, worker_state=carry.worker_states, episodes=episodes,
                           records=records, accounting=_accounting(trainer, events_done, run_seconds),
                           compile_seconds=compile_seconds, run_seconds=run_seconds, network=trainer.network)
@@ -700,6 +801,7 @@ def run(
     comm_time: float = 0.0,
     reply: str = "on_update",
     chunk_events: int | None = None,
+    event_loop: str = "auto",
 ) -> dict:
     """Trains ``cfg`` (``runtime="async_sim"``) with logging; returns the summary (also ``summary.json``).
 
@@ -714,6 +816,10 @@ def run(
 
     Returns:
       The summary dict.
+
+    Example:
+      >>> summary = run(dataclasses.replace(cfg, logdir="runs/hsa2c"))  # doctest: +SKIP
+      >>> summary["final_return"], summary["accounting"]["bytes_sent"]  # doctest: +SKIP
     """
     t_start = time.time()
     cfg = _check_cfg(cfg)
@@ -723,7 +829,7 @@ def run(
     writer = loop_lib.MetricsWriter(os.path.join(cfg.logdir, "metrics.jsonl"),
                                     os.path.join(cfg.logdir, "tb") if cfg.tensorboard else None)
     trainer = make_async_train(cfg, compute_time=compute_time, comm_time=comm_time, reply=reply,
-                               chunk_events=chunk_events)
+                               chunk_events=chunk_events, event_loop=event_loop)
     total = trainer.warmup_env_steps + trainer.num_chunks * trainer.chunk_events * trainer.env_steps_per_event
     bar = loop_lib._progress(cfg, total)
     try:

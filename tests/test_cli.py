@@ -171,6 +171,23 @@ def test_existing_run_without_resume_exits_2_and_leaves_it_alone(marker, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in logdir.rglob("*")} == before
 
 
+@pytest.mark.parametrize("argv,seeds", [
+    ([], (0,)),
+    (["--seed", "5"], (5,)),
+    (["--seeds", "0", "1", "2"], (0, 1, 2)),
+    (["--num-seeds", "3"], (0, 1, 2)),
+])
+def test_seed_options_give_the_seeds(argv, seeds):
+    args = cli.build_parser().parse_args(["train", *argv])
+    assert cli.config_from_args(args).seeds == seeds
+
+
+def test_seed_and_seeds_are_exclusive(capsys):
+    assert run_main(["train", "--seed", "1", "--seeds", "2", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seeds" in err[0] and "--seed" in err[0]
+
+
 def test_unknown_command_exits_2_with_one_line(capsys):
     assert run_main(["fly"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -110,8 +110,9 @@ def test_two_processes_match_the_vmap_runtime_and_resume(tmp_path):
 
     # Resume from the checkpoint at step 4 (process 0 reads it and broadcasts it) and go on to 6.
     run_job(tmp_path, *SMALL, "--total-updates", "6", "--log-every", "2", "--resume", "--dump-params")
+    expected = vmap_reference(6)
     for process_id in range(2):
-        np.testing.assert_allclose(np.load(tmp_path / f"params_process{process_id}.npy"), vmap_reference(6)[0], atol=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / f"params_process{process_id}.npy"), expected[0], atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6]
     assert json.loads((tmp_path / "summary.json").read_text())["start_step"] == 4

@@ -96,8 +96,9 @@ def test_learns_cartpole(algo, tmp_path):
 PONG_SMOKE = {
     "a2c": ["--total-steps", "1024"],  # 2 envs x 8 steps = 16 per update
     "reinforce": ["--total-steps", "1024", "--rollout-len", "16"],
-    "dqn": ["--total-steps", "1000", "--learning-starts", "500", "--buffer-size", "5000", "--batch-size", "8"],
-    "double_dqn": ["--total-steps", "1000", "--learning-starts", "500", "--buffer-size", "5000",
+    # 2 envs x 5 steps = 10 per update (train_frequency 10): 40 warmup iterations, then 40 updates.
+    "dqn": ["--total-steps", "800", "--learning-starts", "400", "--buffer-size", "5000", "--batch-size", "8"],
+    "double_dqn": ["--total-steps", "800", "--learning-starts", "400", "--buffer-size", "5000",
                    "--batch-size", "8"],
 }
 
@@ -114,7 +115,9 @@ def test_pong_smoke_writes_every_output(algo, tmp_path):
     records = read_jsonl(logdir / "metrics.jsonl")
     assert records
     steps = [r["step"] for r in records]
-    assert all(isinstance(s, int) for s in steps) and steps == sorted(set(steps))
+    assert all(isinstance(s, int) for s in steps)
+    assert steps == sorted(set(steps)), f"steps not strictly increasing (see test_metrics_have_one_record_...): " \
+                                        f"{steps[-3:]}"
     for r in records:
         assert {"step", "episodic_return", "sps"} <= set(r)
         assert r["sps"] > 0
@@ -135,6 +138,21 @@ def test_pong_smoke_writes_every_output(algo, tmp_path):
     assert glob.glob(str(logdir / "tb" / "events*"))
     saved = [d for d in os.listdir(logdir / "checkpoints") if d.isdigit()]
     assert saved, os.listdir(logdir / "checkpoints")
+
+
+def test_metrics_have_one_record_per_log_point(tmp_path):
+    """Every line of metrics.jsonl is a real log point: steps strictly increase, sps > 0, learner metrics present.
+
+    Fails today: after the last chunk has logged (here every chunk logs: a point per 2% of the run), loop.run's
+    final ``log_point(force=True)`` writes the same step again with ``sps`` 0.0, ``updates_per_second`` 0.0 and no
+    learner metrics. Fix: in ``log_point``, return early when ``iteration == last_log_iter`` (nothing new to log).
+    """
+    summary = loop.run(make_cfg(tmp_path, algo="a2c", total_steps=128 * 50, eval_episodes=0))
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    steps = [r["step"] for r in records]
+    assert steps[-1] == summary["total_steps"] == 128 * 50
+    assert steps == sorted(set(steps)), f"repeated steps: {steps[-3:]}"
+    assert all(r["sps"] > 0 and "loss" in r for r in records), records[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,16 +189,17 @@ def test_killed_run_resumes_and_keeps_learning(algo, tmp_path):
     logdir = str(tmp_path / "run")
     common = [*spec["args"], "--logdir", logdir, "--eval-episodes", "1", "--log-interval", "0.2",
               "--no-tensorboard"]
-    proc = subprocess.Popen([sys.executable, "-m", "jaxdp.cli", "train", "--no-progress", *common,
-                             "--checkpoint-interval", "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    stderr_path = tmp_path / "killed_run.stderr"
+    with open(stderr_path, "w") as stderr:  # a file, not a pipe: a full pipe would block the run
+        proc = subprocess.Popen([sys.executable, "-m", "jaxdp.cli", "train", "--no-progress", *common,
+                                 "--checkpoint-interval", "0.3"], stdout=subprocess.DEVNULL, stderr=stderr)
     # Kill once a checkpoint exists that was saved after learning started (DQN: after the warmup; A2C: after the
     # returns passed `kill_after_return`, so that a restart from scratch would be visible).
     deadline = time.time() + 400
     metrics_path = os.path.join(logdir, "metrics.jsonl")
     try:
         while True:
-            assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+            assert proc.poll() is None, "the run ended before it was killed: " + stderr_path.read_text()[-2000:]
             assert time.time() < deadline, "no checkpoint to kill at"
             saved = checkpoint_steps(logdir)
             if saved:

@@ -158,6 +158,20 @@ def test_different_seeds_differ(hand_runs):
     assert first.accounting["staleness_histogram"] == other.accounting["staleness_histogram"]
 
 
+def test_host_event_loop_matches_the_scan(hand_runs):
+    """The host loop (one jitted call per event, B unrolled; used for CNNs) is the same run as the scan."""
+    scanned, _, _, _ = hand_runs
+    trainer = train_async.make_async_train(_cfg(**HAND), compute_time=HAND_TIMES, chunk_events=6, event_loop="host")
+    assert trainer.event_loop == "host"
+    hosted = train_async.execute(trainer)
+    for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(hosted.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert [ln for _, _, ln in scanned.episodes] == [ln for _, _, ln in hosted.episodes]
+    assert scanned.accounting == {**hosted.accounting, "env_steps_per_wall_second": scanned.accounting[
+        "env_steps_per_wall_second"], "master_updates_per_wall_second": scanned.accounting[
+        "master_updates_per_wall_second"]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation.
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,6 +185,8 @@ def test_validation_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="chunk_events must be a multiple of --master-batch"):
         train_async.make_async_train(_cfg(strategy="dpsgd", workers=2, master_batch=2, total_steps=10_000),
                                      chunk_events=3)
+    with pytest.raises(ValueError, match="event_loop must be"):
+        train_async.make_async_train(_cfg(strategy="async", workers=2, total_steps=10_000), event_loop="python")
     with pytest.raises(ConfigError, match="--logdir"):
         train_async.run(_cfg(strategy="async", workers=2, total_steps=10_000))
 
@@ -178,14 +194,18 @@ def test_validation_names_the_argument(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Learning on CartPole-v1 (the issue's "mean return >= 400 within a CI budget"), one run per algorithm.
 # ---------------------------------------------------------------------------------------------------------------
-# Settings found by sweeps over seeds (see the module docstring of jaxdp.train_async and the report):
+# Settings found by sweeps over seeds 0-3 (all four reached the target, at the env steps noted; the learning rate
+# anneals linearly to 0 over the run for actor-critic, the default):
 LEARNING = {
-    # HSA2C: B = 4 local Adam steps, M = 2 of N = 4 update vectors averaged; η_g = 2 = M, i.e. Alg. 1's sum.
-    "hsa2c": dict(algo="a2c", strategy="dpsgd", workers=4, local_steps=4, master_batch=2, num_envs=16, lr=1e-3,
-                  global_lr=2.0, total_steps=900_000),
-    # A3C-style (Downpour): B = 1, M = 1, gradients pushed to a master that owns the Adam state.
-    "a3c": dict(algo="a2c", strategy="async", workers=4, num_envs=16, lr=1e-3, total_steps=600_000),
-    # Gorila-style DQN: 2 workers with their own envs, replay and target network, gradients to the master.
+    # HSA2C: N = 4 workers × 16 envs, B = 4 local Adam steps (lr 2e-3, the default), M = 2 update vectors
+    # averaged, η_g = 1 (reached 400 at 455k-518k steps; final return 500 on all four seeds).
+    "hsa2c": dict(algo="a2c", strategy="dpsgd", workers=4, local_steps=4, master_batch=2, total_steps=900_000),
+    # A3C-style (Downpour): N = 4, B = 1, M = 1, gradients pushed to a master that owns the Adam state (defaults
+    # otherwise; reached 400 at 282k-369k steps, final 500 on all four seeds).
+    "a3c": dict(algo="a2c", strategy="async", workers=4, total_steps=600_000),
+    # Gorila-style DQN: 2 workers × 4 envs, each with its own replay (10k) and target network, gradients to the
+    # master's Adam (lr 1e-3), a gradient every 8 env steps per worker, ε 1 → 0.05 over 60k steps (reached 400 at
+    # 178k-198k steps; no annealing for DQN).
     "gorila": dict(algo="dqn", strategy="async", workers=2, lr=1e-3, train_frequency=8, eps_fraction=0.2,
                    total_steps=300_000),
 }
@@ -209,9 +229,14 @@ def test_learns_cartpole(learned):
     name, cfg, summary, records = learned
     # A log record covers 1/50 of the run (>= 4k env steps); its mean return is over the episodes that ended in it.
     best = max(r["episodic_return"] for r in records if r["episodic_return"] is not None and r["episodes"] >= 5)
-    print(f"{name}: best chunk mean {best:.1f}, final_return {summary['final_return']:.1f}, "
+    print(f"{name}: best chunk mean {best:.1f}, final_return {summary['final_return']:.1f} (last 10% of episodes), "
           f"run {summary['run_seconds']:.1f}s compile {summary['compile_seconds']:.1f}s")
     assert best >= TARGET, f"{name} reached only {best:.1f}"
+    if cfg.algo == "a2c":
+        # With the annealed rate the policy stays there: the episodes of the last 10% of the env steps.
+        tail = [r for r in records if r["step"] > 0.9 * summary["total_steps"] and r["episodes"]]
+        final = sum(r["episodic_return"] * r["episodes"] for r in tail) / sum(r["episodes"] for r in tail)
+        assert final >= TARGET, f"{name} ended at {final:.1f}"
 
 
 def test_run_files_and_accounting_are_consistent(learned):

@@ -26,9 +26,10 @@ import numpy as np
 
 # Message tags. Distinct tags keep parameter replies and Δ pushes from ever matching each other.
 TAG_PARAMS = 11  # master -> worker: header [version, stop, 0, 0] + θ
-TAG_DELTA = 12  # worker -> master: header [pulled_version, local_steps, mean_local_loss, 0] + Δ
+TAG_DELTA = 12  # worker -> master: header [pulled_version, local_steps, mean_local_loss, episodes,
+#                                            episode_return_sum, 0] + Δ
 
-HEADER_VALUES = 4
+HEADER_VALUES = 6
 HEADER_SLOTS = 2 * HEADER_VALUES  # float32 slots taken by the float64 header
 
 # Field positions in the header.
@@ -36,6 +37,8 @@ VERSION = 0  # params: the master version of θ; delta: the version the worker's
 STOP = 1  # params: 1.0 tells the worker to stop
 LOCAL_STEPS = 1  # delta: number of local steps behind this Δ
 LOCAL_LOSS = 2  # delta: mean workload loss over those local steps
+EPISODES = 3  # delta: episodes the worker finished per local step (mean over the round; RL workloads)
+EPISODE_RETURN_SUM = 4  # delta: summed return of those episodes per local step (mean over the round)
 
 
 def message_buffer(num_params: int) -> np.ndarray:
@@ -134,4 +137,5 @@ def arrays_to_tree(prefix: str, arrays: dict[str, np.ndarray], like: Any, who: s
             raise ValueError(
                 f"{who}: checkpoint leaf of shape {np.shape(s)} where the model has {np.shape(leaf)} (another config?)"
             )
-    return jax.tree.unflatten(treedef, [jax.numpy.asarray(s, dtype=jax.numpy.asarray(leaf).dtype) for s, leaf in zip(stored, leaves)])
+    restored = [jax.numpy.asarray(s, dtype=jax.numpy.asarray(leaf).dtype) for s, leaf in zip(stored, leaves)]
+    return jax.tree.unflatten(treedef, restored)

@@ -24,7 +24,8 @@ stops the others (after ``heartbeat_timeout_seconds``), so a synchronous job end
 hanging. There is no asynchronous mode here: use :mod:`jaxdp.runtime.mpi` for a parameter server.
 
 Files (process 0, when ``logdir`` is given): ``metrics.jsonl``, ``summary.json``, ``checkpoint.npz``
-(atomic), as in :mod:`jaxdp.runtime.mpi`; ``resume=True`` continues from the checkpoint, which
+(atomic), as in :mod:`jaxdp.runtime.mpi` (``wall_seconds`` excludes compilation: the step runs once
+before the clock starts); ``resume=True`` continues from the checkpoint, which
 process 0 reads and broadcasts to the others (no shared filesystem needed).
 
 Launch (see docs/multiprocess.md)::
@@ -119,8 +120,9 @@ def initialize(
     """Select gloo for CPU collectives and call ``jax.distributed.initialize`` (once; before any JAX work).
 
     All three of ``coordinator_address``, ``num_processes`` and ``process_id`` given, or all three None:
-    then JAX detects them from the cluster environment (SLURM's ``srun``, Open MPI's ``mpirun``, TPU pods;
-    see ``jax.distributed.initialize``). Raises ValueError (naming the argument) for bad values.
+    then JAX detects them from the cluster environment (SLURM's ``srun``, TPU pods, Open MPI 4's
+    ``mpirun`` -- not Open MPI 5's, which no longer sets ``OMPI_MCA_orte_hnp_uri``; see
+    ``jax.distributed.initialize``). Raises ValueError (naming the argument) for bad values.
     """
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
@@ -205,7 +207,7 @@ def run_distributed(
       coordinator_address: ``host:port`` of process 0's coordination service (``127.0.0.1:PORT`` locally).
       num_processes: number of processes in the job.
       process_id: this process's index in ``[0, num_processes)``. Give all three, or none of them to let
-        JAX detect them (under SLURM ``srun``, Open MPI ``mpirun``, TPU pods).
+        JAX detect them (under SLURM ``srun``, on TPU pods; see :func:`initialize`).
       logdir: where process 0 writes metrics.jsonl, summary.json and checkpoint.npz.
       log_every: steps between two log points (each evaluates the workload in process 0).
       checkpoint_every: steps between checkpoints; 0 disables them.
@@ -243,7 +245,9 @@ def run_distributed(
     if not isinstance(workload, Workload):
         workload = workload()
         if not isinstance(workload, Workload):
-            raise TypeError(f"run_distributed: the workload function returned {type(workload).__name__}, not a Workload")
+            raise TypeError(
+                f"run_distributed: the workload function returned {type(workload).__name__}, not a Workload"
+            )
 
     devices = jax.devices()
     num_workers = len(devices)
@@ -306,6 +310,10 @@ def run_distributed(
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
         print(f"[jaxdp.distributed] step {step_count}/{total_updates} {shown}", flush=True)
 
+    # Warm-up: compile and run the step once (result discarded; it is pure), so that wall_seconds and
+    # sps measure training, not compilation.
+    jax.block_until_ready(step_fn(global_params, global_opt_state, global_worker_state,
+                                  to_global(np.asarray(keys_fn(start_step)), stacked=True)))  # fmt: skip
     if process_id == 0 and start_step == 0:
         log_point(0, None, [])
     history: list[dict] = []

@@ -35,16 +35,23 @@ Faults.
   MPI 5's User-Level Failure Mitigation; without it Open MPI tears the whole job down when any process
   dies): the master's wildcard receive then reports the failure (``MPI_ERR_PROC_FAILED_PENDING``), the
   master acknowledges it (``Comm.Ack_failed``), names the dead ranks (``Comm.Get_failed``), logs them and
-  goes on with the others, shrinking M to the number of live workers when needed. A worker that sends
-  nothing for ``worker_timeout`` seconds (plus a start-up grace for compilation before its first push)
-  is declared lost too, so the master never waits forever. ``summary.json`` lists ``lost_workers``.
-  When all updates are done, the master answers every live worker's next push with "stop".
+  goes on with the others, shrinking M to the number of live workers when needed (a Δ that arrived
+  before its sender died is still applied). Because Open MPI can keep failing a wildcard receive that
+  saw a failure, the master then cancels it and posts a fresh one. A worker that sends nothing for
+  ``worker_timeout`` seconds is declared lost too, so the master never waits forever on a hung
+  worker. ``summary.json`` lists ``lost_workers``. When all updates are done, the master answers every
+  live worker's next push with "stop" (so no push is left unreceived), and the job exits 0. A worker
+  that loses the master exits 1 with one line.
 * sync: collectives cannot finish without every rank, so a lost peer ends the job, with one clear
   line and a non-zero exit status, never a hang: under ULFM an error handler on the communicator
   catches the failed all-reduce; otherwise Open MPI kills the job itself; and a watchdog thread exits
   the rank if no step completes for ``step_timeout`` seconds. The runtime never calls ``MPI_Abort``
   after a failure (under ULFM, Open MPI 5's launcher can hang in "Abort is in progress"); it
   ``os._exit``s instead.
+
+Start-up: every rank compiles and runs its step once (result discarded) before the clock starts, and
+in the async modes all ranks then meet at a barrier, so that neither ``wall_seconds`` nor the
+staleness statistics include compilation (``startup_seconds`` is reported apart).
 
 Files (rank 0, when ``logdir`` is given): ``metrics.jsonl`` (one JSON object per log point: ``step``,
 ``sps`` (updates per second), ``workload.evaluate``'s metrics, ``train_*`` local metrics, and in the
@@ -69,6 +76,7 @@ Launch (see docs/multiprocess.md)::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -207,7 +215,9 @@ def run_mpi(
     worker_timeout = _check_positive_float("worker_timeout", worker_timeout)
     step_timeout = _check_positive_float("step_timeout", step_timeout)
     if mode == "async" and local_steps != 1:
-        raise ValueError(f"run_mpi: local_steps must be 1 in mode='async' (Downpour), got {local_steps}; use mode='dpsgd'")
+        raise ValueError(
+            f"run_mpi: local_steps must be 1 in mode='async' (Downpour), got {local_steps}; use mode='dpsgd'"
+        )
     if mode == "sync" and outer is None and local_steps != 1:
         raise ValueError(
             f"run_mpi: local_steps={local_steps} in mode='sync' needs an outer optimizer (outer=optax.sgd(1.0) "
@@ -224,7 +234,9 @@ def run_mpi(
     size = base.Get_size()
     if mode != "sync":
         if size < 2:
-            raise ValueError(f"run_mpi: mode={mode!r} needs a master and at least one worker (>= 2 processes), got {size}")
+            raise ValueError(
+                f"run_mpi: mode={mode!r} needs a master and at least one worker (>= 2 processes), got {size}"
+            )
         if master_batch > size - 1:
             raise ValueError(f"run_mpi: master_batch must be <= the number of workers ({size - 1}), got {master_batch}")
         if outer is None:
@@ -300,7 +312,12 @@ def _say(message: str) -> None:
 def _mean_metrics(history: list[dict]) -> dict:
     if not history:
         return {}
-    return {f"train_{k}": float(np.mean([float(h[k]) for h in history])) for k in history[0]}
+    out = {f"train_{k}": float(np.mean([float(h[k]) for h in history])) for k in history[0]}
+    if "episodes" in history[0]:  # RL workloads: the mean return of the episodes finished since the last point
+        episodes = sum(float(h["episodes"]) for h in history)
+        returns = sum(float(h["episode_return_sum"]) for h in history)
+        out["episodic_return"] = returns / episodes if episodes > 0 else None
+    return out
 
 
 def _checkpoint_path(logdir: str) -> str:
@@ -370,7 +387,7 @@ def _run_sync(
         # Runs inside the failing MPI call (also inside mpi4jax's XLA kernel), before mpi4jax could call
         # MPI_Abort -- which under ULFM can leave the launcher hanging. Exit this rank instead.
         _say(
-            f"rank {rank}: lost a peer during the synchronous all-reduce ({MPI.Get_error_string(error_code)}); "
+            f"rank {rank}: lost a peer during a synchronous collective ({MPI.Get_error_string(error_code)}); "
             "a synchronous job cannot continue without every rank: exiting"
         )
         os._exit(1)
@@ -439,7 +456,11 @@ def _run_sync(
         inner_states = comm.gather(jax.tree.map(np.asarray, state[1]), root=0) if not gradient_mode else None
         if rank != 0:
             return
-        arrays = {"mode": np.array("sync"), "step": np.array(step_count), "params": np.asarray(ravel_pytree(state[0])[0])}
+        arrays = {
+            "mode": np.array("sync"),
+            "step": np.array(step_count),
+            "params": np.asarray(ravel_pytree(state[0])[0]),
+        }
         if gradient_mode:
             arrays.update(protocol.tree_to_arrays("inner_", state[1]))
         else:
@@ -545,8 +566,6 @@ def _run_master(
         version = int(arrays["step"])
         params = unravel(jnp.asarray(arrays["params"]))
         outer_state = protocol.arrays_to_tree("outer_", arrays, outer_state, "run_mpi")
-        import json  # noqa: PLC0415
-
         saved = json.loads(str(arrays["stats"]))
         stats.update({k: v for k, v in saved.items() if k not in ("arrivals", "staleness_sum")})
         for name in ("arrivals", "staleness_sum"):
@@ -623,8 +642,6 @@ def _run_master(
         print(f"[jaxdp.mpi {run_config['mode']}] update {step_count}/{total_updates} {shown}", flush=True)
 
     def checkpoint():
-        import json  # noqa: PLC0415
-
         arrays = {
             "mode": np.array(run_config["mode"]),
             "step": np.array(version),
@@ -644,7 +661,9 @@ def _run_master(
             last_heard[w] = time.monotonic()
             stats["arrivals"][w] += 1
             stats["gradient_steps"] += int(header[protocol.LOCAL_STEPS])
-            interval["metrics"].append({"loss": float(header[protocol.LOCAL_LOSS])})
+            interval["metrics"].append({"loss": float(header[protocol.LOCAL_LOSS]),
+                                        "episodes": float(header[protocol.EPISODES]),
+                                        "episode_return_sum": float(header[protocol.EPISODE_RETURN_SUM])})
         else:  # after the last update, or from a worker given up on: answer "stop"
             stats["discarded_arrivals"] += 1
             if status.get(w) in ("computing", "waiting", "lost"):
@@ -746,6 +765,7 @@ def _run_master(
             pending.clear()
             delta_sum[:] = 0.0
             progressed = True
+            busy_since = time.monotonic()
             if version % log_every == 0 or finished:
                 now_perf = time.perf_counter()
                 write_log(version, (version - interval_version) / max(now_perf - interval_start, 1e-9), interval)
@@ -753,6 +773,11 @@ def _run_master(
                 interval_start, interval_version = time.perf_counter(), version
             if checkpoint_every and version % checkpoint_every == 0:
                 checkpoint()
+            # Time the master spent evaluating or checkpointing is not the workers' silence.
+            busy = time.monotonic() - busy_since
+            for w in workers:
+                if status[w] == "computing":
+                    last_heard[w] += busy
 
         flush_outbox()
         if finished and not any(status[w] == "computing" for w in workers):
@@ -874,7 +899,11 @@ def _run_worker(
                 anchor, inner_state, worker_state, jnp.asarray(counter, jnp.int32)
             )
             loss = float(metrics["loss"]) if "loss" in metrics else float("nan")
-            protocol.pack(push_buffer, (pulled_version, local_steps, loss), np.asarray(delta))
+            # RL workloads report finished episodes; the master turns them into the episodic return.
+            episodes = float(metrics.get("episodes", 0.0))
+            return_sum = float(metrics.get("episode_return_sum", 0.0))
+            protocol.pack(push_buffer, (pulled_version, local_steps, loss, episodes, return_sum),
+                          np.asarray(delta))
             # Post the receive for the reply before pushing, so the master's answer always has a home.
             request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
             push = comm.Isend(push_buffer, dest=0, tag=protocol.TAG_DELTA)
@@ -972,10 +1001,14 @@ def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         if int(world) < 2:
             parser.error(f"argument --mode: {args.mode} needs >= 2 processes (mpirun -n K, K >= 2), got {world}")
         if args.master_batch > int(world) - 1:
-            parser.error(f"argument --master-batch: must be <= the number of workers ({int(world) - 1}), got {args.master_batch}")
+            parser.error(
+                f"argument --master-batch: must be <= the number of workers ({int(world) - 1}), got {args.master_batch}"
+            )
 
 
-def make_optimizers(args: argparse.Namespace) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None]:
+def make_optimizers(
+    args: argparse.Namespace,
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None]:
     """``(inner, outer)`` from parsed command-line arguments (``outer`` None in plain sync mode)."""
     inner = {
         "sgd": lambda: optax.sgd(args.lr),
