@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--comm", type=float, default=16.0, help="one-way message time per worker, in units")
     parser.add_argument("--sigma", type=float, default=0.25, help="log-normal jitter of the local-step time")
     parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, a small budget: a smoke run")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the table and PNG from the CSV in --out without running anything")
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="folder for the CSV (default experiments/results; --quick: a temporary folder)")
     parser.add_argument("--plot", type=pathlib.Path, default=None,
@@ -126,8 +128,27 @@ def run_one(args, n: int, b: int, seed: int) -> dict:
     return row
 
 
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The per-run rows of a CSV written by this script (blank cells = not reached)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            r[k] = None if v == "" else (int(v) if k in ("num_workers", "local_steps", "seed") else float(v))
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        rows = read_rows(args.out / "workers_scaling.csv")
+        args.workers = sorted({r["num_workers"] for r in rows})
+        args.local_steps = sorted({r["local_steps"] for r in rows})
+        args.target = rows[0]["target"]
+        table = summarise(rows, args)
+        print_table(table, args)
+        plot(table, args)
+        return
     start = time.perf_counter()
     rows = []
     for n in args.workers:
@@ -188,8 +209,12 @@ def plot(table, args) -> None:
     for b in args.local_steps:
         mine = [r for r in table if r["local_steps"] == b]
         ns = [r["num_workers"] for r in mine]
-        axes[0].plot(ns, [r["sim_time"] for r in mine], "o-", label=f"B = {b}")
-        axes[1].plot(ns, [r["steps"] for r in mine], "o-", label=f"B = {b}")
+        for ax, key in zip(axes, ("sim_time", "steps")):
+            line, = ax.plot(ns, [r[key] for r in mine], "o-", label=f"B = {b}")
+            for r in mine:  # cells where not every seed reached the target: the mean is over those that did
+                if 0 < r["reached"] < r["runs"]:
+                    ax.annotate(f"{r['reached']}/{r['runs']}", (r["num_workers"], r[key]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=8, color=line.get_color())
     for ax, label in zip(axes, ("simulated time to target", "env steps to target")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(args.workers, [str(n) for n in args.workers])
@@ -198,7 +223,8 @@ def plot(table, args) -> None:
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(f"HSA2C on CartPole-v1: to a 20-episode mean return of {args.target:g} "
-                 f"(M = 1, message time {args.comm:g}·N units, local step {args.rollout_len * args.num_envs} units)")
+                 f"(M = 1, message time {args.comm:g}·N units, local step {args.rollout_len * args.num_envs} units)\n"
+                 f"mean over the seeds that reached it (k/n: only k of n did)", fontsize=10)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=110)

@@ -70,6 +70,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--delay", "delay", str, "async (vmap): delay distribution: fixed, uniform, geometric, zipf"),
     ("--max-delay", "max_delay", int, "async (vmap): largest gradient delay in steps"),
     ("--threads", "threads", int, "hogwild: lock-free threads per worker"),
+    ("--comm-time", "comm_time", float, "async_sim: one-way message time, in env steps of one env"),
     ("--overwrite-prob", "overwrite_prob", float, "hogwild: probability that a coordinate's write is lost"),
     ("--logdir", "logdir", str, "output directory (metrics.jsonl, summary.json, TensorBoard, checkpoints)"),
     ("--log-interval", "log_interval", float, "seconds between log points"),

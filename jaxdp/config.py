@@ -76,6 +76,7 @@ class TrainConfig:
     delay: str = "uniform"  # async: the delay distribution
     max_delay: int = 4
     threads: int = 1  # hogwild threads per worker
+    comm_time: float = 0.0  # async_sim: one-way message time, in env steps of one env
     overwrite_prob: float = 0.0
 
     # Outputs.
@@ -253,6 +254,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("--runtime devices lays out several workers over devices: use --strategy sync or dpsgd")
     if cfg.strategy == "hogwild" and cfg.threads < 2 and cfg.overwrite_prob == 0.0:
         _fail("--strategy hogwild needs --threads >= 2 or --overwrite-prob > 0 (otherwise it is --strategy single)")
+    if cfg.runtime == "async_sim" and cfg.resume:
+        _fail("--resume is not available with --runtime async_sim: a simulated run is deterministic and fast, "
+              "rerun it with the same --seed")
+    if not math.isfinite(cfg.comm_time) or cfg.comm_time < 0:
+        _fail(f"--comm-time must be a finite number >= 0, got {cfg.comm_time}")
     if len(cfg.seeds) > 1 and cfg.runtime in ("mpi", "distributed", "async_sim"):
         _fail(f"--seeds with several seeds runs as one vmapped program; --runtime {cfg.runtime} takes one seed")
     if cfg.algo == "reinforce" and cfg.baseline not in ("value", "mean", "none"):

@@ -39,12 +39,23 @@ WORKERS = "workers"
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer: the inner optax chain, wrapped by the strategy.
 # ---------------------------------------------------------------------------------------------------------------
-def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None) -> optax.GradientTransformation:
+def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None, *,
+                         decay_steps: int | None = None) -> optax.GradientTransformation:
+    """The optimizer one learner applies to its gradients (before any strategy wraps it).
+
+    Args:
+      cfg: the run's configuration (optimizer, learning rate, annealing, gradient clipping).
+      learning_rate: overrides ``cfg.learning_rate``; may be a traced array (sweeps).
+      decay_steps: optimizer steps over which an annealed rate reaches 0; default: this loop's gradient updates.
+        Runtimes whose optimizer steps differ from the loop's iterations (MPI, async master) pass their own.
+    """
     lr = cfg.learning_rate if learning_rate is None else learning_rate
     if cfg.anneals_lr:
-        # Linear decay to 0 over this worker's gradient steps (PureJaxRL, SB3): a final policy that stays put.
-        updates = max(1, cfg.num_iterations - (cfg.learning_starts // cfg.steps_per_iteration if cfg.is_dqn else 0))
-        lr = optax.linear_schedule(lr, 0.0, updates)
+        # Linear decay to 0 over the learner's gradient steps (PureJaxRL, SB3): a final policy that stays put.
+        if decay_steps is None:
+            warmup = cfg.learning_starts // cfg.steps_per_iteration if cfg.is_dqn else 0
+            decay_steps = cfg.num_iterations - warmup
+        lr = optax.linear_schedule(lr, 0.0, max(1, int(decay_steps)))
     opt = {
         "adam": lambda: optax.adam(lr, eps=1e-5),
         "rmsprop": lambda: optax.rmsprop(lr, decay=0.99, eps=1e-5),
@@ -526,7 +537,7 @@ def run(cfg: TrainConfig):
     if cfg.runtime == "async_sim":
         from jaxdp import train_async
 
-        return train_async.run(cfg)
+        return train_async.run(cfg, comm_time=cfg.comm_time)
     if cfg.runtime == "mpi":
         return run_mpi(cfg)
     from jaxdp import loop  # host side: progress, metrics files, checkpoints
@@ -561,8 +572,11 @@ def run_mpi(cfg: TrainConfig):
         per_update = per_local_step * b * cfg.master_batch
         outer = optax.sgd(cfg.global_lr) if mode == "dpsgd" else None
     total_updates = max(1, cfg.total_steps // per_update)
+    # Each worker's own optimizer steps over the run (the annealing horizon): all env steps / its share.
+    num_workers = size if mode == "sync" else max(1, size - 1)
+    worker_steps = max(1, cfg.total_steps // (per_local_step * num_workers))
     summary = mpi_runtime.run_mpi(
-        workload, mode=mode, inner=make_inner_optimizer(cfg), outer=outer,
+        workload, mode=mode, inner=make_inner_optimizer(cfg, decay_steps=worker_steps), outer=outer,
         local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
         total_updates=total_updates, seed=cfg.seeds[0], logdir=cfg.logdir,
         log_every=max(1, total_updates // 50), checkpoint_every=max(1, total_updates // 10),

@@ -152,7 +152,7 @@ class AsyncTrainer(NamedTuple):
     outer: optax.GradientTransformation
     local_step: Callable
     warmup: Callable | None  # DQN: (worker_state, θ_0) -> (worker_state, StepInfo[N, steps, E])
-    event_loop: str  # "scan": K events per jitted lax.scan; "host": one jitted call per event (CNNs, see below)
+    event_loop: str  # "scan": K events per jitted lax.scan; "host": one jitted call per event (CNNs)
     chunk: Callable  # jitted: (carry, arrivals[K], first_event) -> (carry, (StepInfo[K, B, T, E], metrics[K]))
     event: Callable  # jitted: (carry, arrival, index) -> (carry, (StepInfo[B, T, E], metrics))
     chunk_events: int  # K, a multiple of M
