@@ -15,10 +15,16 @@ Tables, printed as markdown:
      compile excluded (reported apart: ``lower().compile()`` of the chunk, plus the DQN warmup program).
    * *training / min(env XLA, learner)*: how close the loop comes to its slower part; target >= 0.9.
      Training also runs the acting forward pass of every env step, which neither bound includes.
+   * *training, no scan*: the same iteration (same lanes layout) jitted alone and called once per iteration from
+     Python. On XLA:CPU the gradient of a convolution is 10-60x slower inside a ``while`` loop (``lax.scan``,
+     even of length 1) than outside one (jax-ml/jax#12868; measured here: Nature CNN, batch 32, 30 ms plain,
+     ~300 ms in a scan), so make_train's chunks pay that on Atari while this column does not. The learner-only
+     rate is measured the same way, one jitted update per call, since that is what the learner can do.
 
-2. **CartPole-v1** training steps/s of A2C and DQN (defaults), and the ratio to CleanRL's published numbers
-   measured on GPU machines (``dqn.py`` CartPole ~4.4k steps/s; ``dqn_atari.py`` Pong ~85 steps/s;
-   ``ppo_atari.py`` Pong ~130 steps/s -- the closest on-policy reference for A2C).
+2. **CartPole-v1** training steps/s of A2C and DQN (defaults), and the ratio to CleanRL's reported throughput
+   (``dqn.py`` CartPole ~4.4k steps/s; ``dqn_atari.py`` Pong ~85 steps/s; ``ppo_atari.py`` Pong ~130 steps/s --
+   the closest on-policy reference for A2C). CleanRL's numbers come from other hardware: the ratio says how the
+   two loops compare in kind (one XLA program vs a Python loop), not a controlled race.
 
 3. **Seed sweep**: wall time of ``--seeds 0 1 2`` as one vmapped program vs three sequential single-seed runs
    (``jaxdp.loop.run``, CartPole A2C, same steps per seed, compile included -- what a user waits for).
@@ -26,7 +32,7 @@ Tables, printed as markdown:
 Each rate is the median over ``--repeats`` timed calls of an already compiled program. The machine is shared:
 its load average is printed with the table; rates scale with the idle cores.
 
-Run: ``python benchmarks/rl_throughput.py`` (a few minutes on 2 cores) or ``--quick`` (about a minute).
+Run: ``python benchmarks/rl_throughput.py`` (a few minutes on 2 cores) or ``--quick`` (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from jaxdp import train as train_lib
 from jaxdp.agents import a2c, dqn, replay as replay_lib
 from jaxdp.config import TrainConfig, validate
 
-CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (their benchmark pages; GPU machines)
+CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (other hardware; see the module docstring)
     ("dqn", "CartPole-v1"): 4400.0,
     ("dqn", "Pong-v5"): 85.0,
     ("a2c", "Pong-v5"): 130.0,  # PPO (ppo_atari.py): the closest on-policy reference
@@ -327,7 +333,7 @@ def fmt(x: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps and repeats (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps, one repeat (about 2 minutes on 2 idle cores)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
     parser.add_argument("--dqn-buffer", type=int, default=50_000,
                         help="Pong DQN replay capacity (the default 1M takes 7 GB; capacity does not change speed)")

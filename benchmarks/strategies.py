@@ -147,11 +147,12 @@ def time_strategies(params, steps: int, repeats: int) -> dict[str, dict]:
     for name, (make, vmapped) in strategies().items():
         optimizer = make()
         fn = make_timed_fn(optimizer, steps, vmapped)
+        own = jax.tree.map(jnp.copy, params)  # each strategy gets its own copy: the timed call donates it
         if vmapped:
             batch = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
-            args = (batch(params), jax.vmap(optimizer.init)(batch(params)), batch(grads))
+            args = (batch(own), jax.vmap(optimizer.init)(batch(own)), batch(grads))
         else:
-            args = (params, optimizer.init(params), grads)
+            args = (own, optimizer.init(own), grads)
         compile_start = time.perf_counter()
         p, st = jax.block_until_ready(fn(*args))  # compile + warm up
         args = (p, st, args[2])

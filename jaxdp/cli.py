@@ -145,7 +145,9 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
         logdir = os.path.join("runs", f"{cfg.algo}_{env}_{cfg.strategy}_{stamp}")
     has_run = os.path.exists(os.path.join(logdir, "metrics.jsonl")) or os.path.isdir(
         os.path.join(logdir, "checkpoints"))
-    if cfg.resume and not os.path.isdir(os.path.join(logdir, "checkpoints")):
+    ckpt_dir = os.path.join(logdir, "checkpoints")
+    saved = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if cfg.resume and not saved:  # a run killed before its first save leaves an empty checkpoints/ behind
         raise config_lib.ConfigError(f"--resume: no checkpoints in --logdir {logdir!r}")
     if has_run and not cfg.resume:
         raise config_lib.ConfigError(f"--logdir {logdir!r} already holds a run: pass --resume to continue it "
@@ -164,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxdp.envs import validate_env_id  # cheap: creates no environment
 
         validate_env_id(cfg.env)
+        from jaxdp.envs import backend_of
+
+        if backend_of(cfg.env) != "envpool":
+            raise config_lib.ConfigError(f"--env {cfg.env!r} is a gymnasium-only id: jaxdp train steps envpool "
+                                         f"environments inside the compiled loop (use an envpool id)")
         cfg = resolve_logdir(cfg)
     except (config_lib.ConfigError, ValueError) as e:
         sys.stderr.write(f"jaxdp train: error: {e}\n")

@@ -266,7 +266,7 @@ def run(cfg: TrainConfig) -> dict:
             raise SystemExit(f"jaxdp train: error: --resume: no checkpoint in {cfg.logdir}/checkpoints")
         saved, host = restored
         # The env pool is new: keep its fresh observations and episode accumulators, restore the rest.
-        lanes = saved._replace(obs=lanes.obs, stats=lanes.stats)
+        lanes = saved._replace(obs=lanes.obs, first=lanes.first, stats=lanes.stats)
         iteration = int(host["iteration"])
         episodes = [[tuple(e) for e in per_seed] for per_seed in host["episodes"]]
 
@@ -275,7 +275,7 @@ def run(cfg: TrainConfig) -> dict:
                for d in per_seed_dirs]
     mean_writer = MetricsWriter(os.path.join(cfg.logdir, "metrics.jsonl"), None) if S > 1 else None
     steps_per_iter = trainer.env_steps_per_iteration
-    total_iters = trainer.warmup_iterations + trainer.num_chunks * trainer.chunk_iterations
+    total_iters = trainer.total_iterations
     bar = _progress(cfg, total_iters * steps_per_iter)
     if bar is not None:
         bar.update(iteration * steps_per_iter)
@@ -300,6 +300,8 @@ def run(cfg: TrainConfig) -> dict:
 
     def log_point(force: bool = False):
         nonlocal last_log_t, last_log_iter
+        if iteration == last_log_iter:  # nothing new since the last point (e.g. the final forced one)
+            return
         now = time.time()
         # A point every --log-interval seconds, and at least every 2% of the run (for learning curves).
         progressed = (iteration - last_log_iter) >= max(1, total_iters // 50)
@@ -354,9 +356,10 @@ def run(cfg: TrainConfig) -> dict:
             bar.update(n * steps_per_iter)
         log_point(force=True)
 
-    chunk_iters = trainer.chunk_iterations
     while iteration < total_iters:
         t0 = time.time()
+        # Whole chunks, then a shorter last one (one more compile) so that the run takes exactly --total-steps.
+        chunk_iters = min(trainer.chunk_iterations, total_iters - iteration)
         handle, lanes, (info, metrics) = trainer.chunk(handle, lanes, jnp.int32(iteration), chunk_iters)
         metrics = jax.device_get(metrics)
         if compile_seconds is None or iteration == trainer.warmup_iterations:

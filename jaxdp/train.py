@@ -141,6 +141,7 @@ class Trainer(NamedTuple):
     chunk_iterations: int
     warmup_iterations: int
     num_chunks: int
+    total_iterations: int  # warmup + learning iterations: exactly --total-steps
     env_steps_per_iteration: int  # per seed, all workers together
     network: Any
 
@@ -372,7 +373,10 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
       A :class:`Trainer`.
     """
     S, N, E = len(cfg.seeds), cfg.workers, cfg.envs_per_worker
-    env = envs_lib.make_xla(cfg.env, E, seed=env_seed(cfg), lanes=S * N, episodic_life=True)
+    # Lane (seed s, worker w) plays envs seeded s·E·N + w·E + i: the same envs as a single-seed run with seed s,
+    # also for non-contiguous sweeps (--seeds 0 2).
+    lane_seeds = [s * E * N + w * E for s in cfg.seeds for w in range(N)]
+    env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
     network = make_network(cfg, spec)
     tx = make_optimizer(cfg, learning_rate)
@@ -408,11 +412,23 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
             h, ln, info, metrics = lane_iteration(h, ln, env_steps)
             return (h, ln), (info, metrics)
 
-        (handle, lanes), out = jax.lax.scan(body, (handle, lanes), jnp.arange(length))
-        return handle, lanes, out
+        if not unroll:
+            (handle, lanes), out = jax.lax.scan(body, (handle, lanes), jnp.arange(length))
+            return handle, lanes, out
+        # No loop at all: scan's `unroll` still leaves a one-trip while loop, which keeps XLA:CPU's slow path.
+        outs = []
+        for i in range(length):
+            (handle, lanes), o = body((handle, lanes), jnp.int32(i))
+            outs.append(o)
+        return handle, lanes, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
+    # XLA:CPU runs convolution gradients 10-60x slower inside a loop (jax-ml/jax#12868; measured here: a batch-32
+    # Nature-CNN gradient 30 ms alone, ~300 ms in a scan, even of length 1). For CNNs on CPU each chunk is one
+    # iteration with the scan unrolled (no loop around the learner); the host loop calls it repeatedly.
+    cnn_on_cpu = spec.is_atari and cfg.torso in ("auto", "nature", "a3c") and jax.default_backend() == "cpu"
+    unroll = cnn_on_cpu
     if chunk_iterations is None:
-        chunk_iterations = default_chunk_iterations(cfg)
+        chunk_iterations = 1 if cnn_on_cpu else default_chunk_iterations(cfg)
     warmup_iters = 0
     warmup = None
     if warmup_iteration is not None:
@@ -431,9 +447,11 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
         warmup = jax.jit(warmup_fn, static_argnums=2, donate_argnums=1)
     learn_iters = max(1, cfg.num_iterations - warmup_iters)
     num_chunks = max(1, math.ceil(learn_iters / chunk_iterations))
+    total_iterations = warmup_iters + learn_iters
     chunk = jax.jit(chunk_fn, static_argnums=3, donate_argnums=1)
     return Trainer(cfg=cfg, env=env, initial_handle=initial_handle, init=jax.jit(init), warmup=warmup, chunk=chunk,
                    chunk_iterations=chunk_iterations, warmup_iterations=warmup_iters, num_chunks=num_chunks,
+                   total_iterations=total_iterations,
                    env_steps_per_iteration=steps_per_iteration, network=network)
 
 
@@ -449,10 +467,12 @@ def train(trainer: Trainer, keys: jax.Array):
     if trainer.warmup is not None and trainer.warmup_iterations > 0:
         handle, lanes, warm_info = trainer.warmup(handle, lanes, trainer.warmup_iterations)
     outs = []
-    for c in range(trainer.num_chunks):
-        start = trainer.warmup_iterations + c * trainer.chunk_iterations
-        handle, lanes, out = trainer.chunk(handle, lanes, jnp.int32(start), trainer.chunk_iterations)
+    start = trainer.warmup_iterations
+    while start < trainer.total_iterations:
+        length = min(trainer.chunk_iterations, trainer.total_iterations - start)
+        handle, lanes, out = trainer.chunk(handle, lanes, jnp.int32(start), length)
         outs.append(out)
+        start += length
     return lanes, warm_info, outs
 
 
