@@ -222,17 +222,8 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
         params = optax.apply_updates(lane.params, updates)
         return refresh_target(lane._replace(opt_state=opt_state), params), metrics
 
-    def warmup_iteration(handle, lane):
-        def body(carry, _):
-            h, ln = carry
-            h, ln, info = collect(h, ln, 1.0)
-            return (h, ln), info
-
-        (handle, lane), info = jax.lax.scan(body, (handle, lane), None, length=k_steps)
-        return handle, lane, info
-
-    def iteration(handle, lane: Lane, env_steps):
-        eps = epsilon(env_steps)
+    def collect_steps(handle, lane: Lane, eps):
+        """The `k_steps` vectorised env steps between two gradient updates (one scan)."""
 
         def body(carry, _):
             h, ln = carry
@@ -240,20 +231,21 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
             return (h, ln), info
 
         (handle, lane), info = jax.lax.scan(body, (handle, lane), None, length=k_steps)
+        return handle, lane, info
+
+    def warmup_iteration(handle, lane):
+        return collect_steps(handle, lane, 1.0)
+
+    def iteration(handle, lane: Lane, env_steps):
+        eps = epsilon(env_steps)
+        handle, lane, info = collect_steps(handle, lane, eps)
         lane, metrics = learn(lane)
         metrics["epsilon"] = eps
         return handle, lane, info, metrics
 
     def gradient_step(handle, lane: Lane, env_steps):
         """Workload form: k env steps, then the gradient and the target refresh (params updated by the caller)."""
-        eps = epsilon(env_steps)
-
-        def body(carry, _):
-            h, ln = carry
-            h, ln, info = collect(h, ln, eps)
-            return (h, ln), info
-
-        (handle, lane), info = jax.lax.scan(body, (handle, lane), None, length=k_steps)
+        handle, lane, info = collect_steps(handle, lane, epsilon(env_steps))
         lane, grads, metrics = gradient(lane)
         lane = refresh_target(lane, lane.params)
         return handle, lane, grads, info, metrics
