@@ -13,16 +13,9 @@ import sys
 from typing import Any, Sequence
 
 from jaxdp import config as config_lib
+from jaxdp.cli_args import OneLineParser as _OneLineParser
 
 EXIT_USAGE = 2
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump), exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(EXIT_USAGE)
 
 
 _D = config_lib.TrainConfig()

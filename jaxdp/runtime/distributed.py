@@ -37,7 +37,6 @@ Launch (see docs/multiprocess.md)::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -56,6 +55,10 @@ from jaxdp.runtime import devices as devices_runtime
 from jaxdp.runtime.vmap import AXIS_NAME
 from jaxdp.strategies import allreduce
 from jaxdp.workloads.base import Workload
+from jaxdp.cli_args import OneLineParser as _OneLineParser
+from jaxdp.cli_args import non_negative_int as _non_negative_int
+from jaxdp.cli_args import positive_float as _positive_float
+from jaxdp.cli_args import positive_int as _positive_int
 
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
@@ -375,32 +378,7 @@ def run_distributed(
     return result
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (``prog: error: ...``) and exit status 2."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+# The one-line parser and value checks live in jaxdp.cli_args (shared with the jaxdp command).
 
 
 def _address(text: str) -> str:

@@ -94,6 +94,10 @@ from jax.flatten_util import ravel_pytree
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime.async_sim import worker_round
 from jaxdp.workloads.base import Workload
+from jaxdp.cli_args import OneLineParser as _OneLineParser
+from jaxdp.cli_args import non_negative_int as _non_negative_int
+from jaxdp.cli_args import positive_float as _positive_float
+from jaxdp.cli_args import positive_int as _positive_int
 
 MODES = ("sync", "async", "dpsgd")
 AGGREGATES = ("mean", "sum")
@@ -924,32 +928,7 @@ def _run_worker(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (``prog: error: ...``) and exit status 2."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+# The one-line parser and value checks live in jaxdp.cli_args (shared with the jaxdp command).
 
 
 def build_parser() -> argparse.ArgumentParser:
