@@ -88,6 +88,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             p.add_argument(flag, dest=field, action="store_true", help=help_text)
         elif kind == "noflag":
             p.add_argument(flag, dest=field, action="store_false", help=help_text)
+        elif field in config_lib.ATARI_DQN_DEFAULTS:
+            # Unset (None) until the env is known: Atari DQN takes the Nature-DQN value (config_from_args).
+            atari = config_lib.ATARI_DQN_DEFAULTS[field]
+            p.add_argument(flag, dest=field, type=kind, default=None,
+                           help=f"{help_text} (default: {default}; DQN on Atari: {atari})%(default).0s")
         else:
             p.add_argument(flag, dest=field, type=kind, default=default, help=help_text)
     p.add_argument("--hidden", type=int, nargs="+", default=list(_D.hidden), help="MLP hidden sizes")
@@ -113,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields}
+    # Options left unset get the Atari-DQN value for a DQN on an Atari game, else the dataclass default.
+    algo = kw.get("algo", _D.algo)
+    is_atari = False
+    if algo in ("dqn", "double_dqn"):
+        from jaxdp.envs import backend_of, validate_env_id
+        from jaxdp.envs.spec import _is_atari
+
+        env = kw.get("env", _D.env)
+        validate_env_id(env)
+        is_atari = backend_of(env) == "envpool" and _is_atari(env)
+    kw.update(config_lib.atari_dqn_defaults(algo, is_atari, kw))
+    kw = {k: v for k, v in kw.items() if v is not None}
     kw["hidden"] = tuple(args.hidden)
     kw.pop("seeds", None)  # --seed / --seeds / --num-seeds are folded into one tuple below
     if args.seeds is not None:
@@ -148,6 +165,27 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     return dataclasses.replace(cfg, logdir=logdir)
 
 
+def check_devices(workers: int) -> None:
+    """``--runtime devices`` puts one worker on each device: make sure N exist, before any work.
+
+    On CPU, JAX offers N host devices when ``--xla_force_host_platform_device_count=N`` is in XLA_FLAGS before its
+    backend starts; set it here (unless the user chose a count) so that ``--runtime devices --workers N`` runs on a
+    laptop as it does on N accelerators. The flag only affects the CPU platform.
+    """
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={workers}".strip()
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < workers:
+        raise config_lib.ConfigError(
+            f"--runtime devices --workers {workers} needs {workers} devices, found {len(devices)} "
+            f"{devices[0].platform} device(s); lower --workers or use --runtime vmap")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -164,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if backend_of(cfg.env) != "envpool":
             raise config_lib.ConfigError(f"--env {cfg.env!r} is a gymnasium-only id: jaxdp train steps envpool "
                                          f"environments inside the compiled loop (use an envpool id)")
+        if cfg.runtime == "devices":
+            check_devices(cfg.workers)
         cfg = resolve_logdir(cfg)
     except (config_lib.ConfigError, ValueError) as e:
         sys.stderr.write(f"jaxdp train: error: {e}\n")

@@ -20,6 +20,20 @@ DELAY_KINDS = ("fixed", "uniform", "geometric", "zipf")
 LOSSES = ("auto", "mse", "huber")
 
 
+# DQN on Atari: the values of Mnih et al. (2015) as CleanRL's dqn_atari uses them. The dataclass defaults are for
+# vector observations (CartPole-sized problems); the CLI applies these to the options not given when --env is an
+# Atari game and --algo a DQN (see atari_dqn_defaults).
+ATARI_DQN_DEFAULTS = {
+    "lr": 1e-4,
+    "batch_size": 32,
+    "learning_starts": 80_000,
+    "train_frequency": 4,
+    "target_update": 1_000,
+    "eps_end": 0.01,
+    "eps_fraction": 0.1,
+}
+
+
 class ConfigError(ValueError):
     """A bad option or combination of options; the message is one line naming it."""
 
@@ -233,25 +247,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--master-batch M={cfg.master_batch} is larger than --workers N={cfg.workers}")
     if cfg.master_batch != 1 and cfg.runtime not in ("async_sim", "mpi"):
         _fail(f"--master-batch needs an asynchronous master (--runtime async_sim or mpi), not {cfg.runtime}")
-    if cfg.strategy == "async" and cfg.runtime == "devices":
-        _fail("--strategy async on --runtime devices is not supported: use vmap (stale-gradient model) "
-              "or async_sim / mpi (a real asynchronous master)")
     if cfg.runtime == "async_sim" and cfg.strategy not in ("async", "dpsgd"):
         _fail(f"--runtime async_sim simulates an asynchronous master: use --strategy async or dpsgd, "
               f"not {cfg.strategy}")
     if cfg.runtime == "async_sim" and cfg.strategy == "async" and cfg.local_steps != 1:
         _fail("--strategy async is Downpour SGD (one local step); use --strategy dpsgd for --local-steps > 1")
-    if cfg.runtime == "devices":
-        _fail("--runtime devices is not available for RL training: envpool's XLA step cannot run inside "
-              "shard_map (every device would step the same pool); use --runtime vmap (same arithmetic on one "
-              "device) -- the devices runtime serves the optax strategies (jaxdp.runtime.devices)")
     if cfg.runtime == "distributed":
         _fail("--runtime distributed is the supervised workload's (python -m jaxdp.runtime.distributed); "
               "for RL across processes use --runtime mpi")
     if cfg.runtime == "mpi" and cfg.strategy not in ("sync", "async", "dpsgd"):
         _fail(f"--runtime mpi runs --strategy sync, async or dpsgd, not {cfg.strategy}")
     if cfg.runtime == "devices" and cfg.strategy == "single":
-        _fail("--runtime devices lays out several workers over devices: use --strategy sync or dpsgd")
+        _fail("--runtime devices lays out several workers over devices: use --strategy sync, async, dpsgd or "
+              "hogwild")
     if cfg.strategy == "hogwild" and cfg.threads < 2 and cfg.overwrite_prob == 0.0:
         _fail("--strategy hogwild needs --threads >= 2 or --overwrite-prob > 0 (otherwise it is --strategy single)")
     if cfg.runtime == "async_sim" and cfg.resume:
@@ -264,6 +272,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.algo == "reinforce" and cfg.baseline not in ("value", "mean", "none"):
         _fail(f"--baseline {cfg.baseline!r} is not one of value, mean, none")
     return cfg
+
+
+def atari_dqn_defaults(algo: str, is_atari: bool, given: dict) -> dict:
+    """The DQN options of ``ATARI_DQN_DEFAULTS`` not in ``given``, when ``algo`` is a DQN on an Atari game; else {}."""
+    if algo not in ("dqn", "double_dqn") or not is_atari:
+        return {}
+    return {k: v for k, v in ATARI_DQN_DEFAULTS.items() if given.get(k) is None}
 
 
 def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:

@@ -314,14 +314,15 @@ def lane_functions(cfg: TrainConfig, env, network, tx):
     return _actor_critic_lane_fns(cfg, env, network, tx)
 
 
-def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[[jax.Array, jax.Array], Lane]:
+def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
     spec, E = env.spec, cfg.envs_per_worker
 
-    def init_lane(seed_key: jax.Array, worker: jax.Array) -> Lane:
+    def init_lane(seed_key: jax.Array, worker: jax.Array, obs: jax.Array | None = None) -> Lane:
         # Every worker of a seed starts from the same parameters (the global model); keys differ per worker.
         k_params, _ = jax.random.split(seed_key)
         key = jax.random.fold_in(seed_key, worker)
-        obs = env.initial_observation(key)
+        if obs is None:  # the lane's reset observations, from the pool (or given by the caller)
+            obs = env.initial_observation(key)
         params = network.init(k_params, obs)
         buf = ()
         if cfg.is_dqn:
@@ -365,10 +366,20 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
       A :class:`Trainer`.
     """
     S, N, E = len(cfg.seeds), cfg.workers, cfg.envs_per_worker
+    on_devices = cfg.runtime == "devices"
     # Lane (seed s, worker w) plays envs seeded s·E·N + w·E + i: the same envs as a single-seed run with seed s,
-    # also for non-contiguous sweeps (--seeds 0 2).
-    lane_seeds = [s * E * N + w * E for s in cfg.seeds for w in range(N)]
-    env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
+    # also for non-contiguous sweeps (--seeds 0 2), and on either runtime.
+    if on_devices:
+        from jaxdp.runtime import devices as devices_runtime
+
+        mesh = devices_runtime.make_mesh(N, WORKERS)
+        # One pool per worker (its S seed lanes), stepped on that worker's device (see device_env).
+        pools = [envs_lib.make_xla(cfg.env, E, seed=[s * E * N + w * E for s in cfg.seeds], lanes=S,
+                                   episodic_life=True) for w in range(N)]
+        env = device_env(pools)
+    else:
+        lane_seeds = [s * E * N + w * E for s in cfg.seeds for w in range(N)]
+        env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
     network = make_network(cfg, spec)
     tx = make_optimizer(cfg, learning_rate)
@@ -376,24 +387,48 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
 
     init_lane = _make_init_lane(cfg, env, network, tx)
     workers = jnp.arange(N)
-
-    def init(keys: jax.Array) -> Lane:
-        chex.assert_shape(keys, (S, 2))
-        return jax.vmap(lambda k: jax.vmap(lambda w: init_lane(k, w))(workers))(keys)
-
     # The env handle: the pool token is shared by every lane; each lane has its own pending-reset flags.
     handle_axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
-
-    def over_lanes(fn, with_metrics: bool):
-        # Workers: vmap with the collective axis; seeds: vmap without.
-        out_axes = (handle_axes, 0, 0, 0) if with_metrics else (handle_axes, 0, 0)
-        per_seed = jax.vmap(fn, in_axes=(handle_axes, 0, None), out_axes=out_axes, axis_name=WORKERS)
-        return jax.vmap(per_seed, in_axes=(handle_axes, 0, None), out_axes=out_axes)
 
     def initial_handle() -> envs_lib.XlaHandle:
         pending = jnp.broadcast_to(env.handle.pending_reset, (S, N, E))
         return envs_lib.XlaHandle(pool=env.handle.pool, pending_reset=pending)
 
+    if on_devices:
+        # Seeds: a vmap inside each device; workers: the mesh axis, whose name the strategies' collectives use.
+        def over_lanes(fn, with_metrics: bool):
+            out_axes = (handle_axes, 0, 0, 0) if with_metrics else (handle_axes, 0, 0)
+            return jax.vmap(fn, in_axes=(handle_axes, 0, None), out_axes=out_axes)
+
+        # Init runs outside shard_map, as on the vmap runtime, from each pool's reset observations: the orthogonal
+        # initialisers' LAPACK calls hang when several host devices run them at once (jaxlib 0.10 on CPU).
+        reset_obs = jnp.stack([p.initial_obs.reshape((S, E, *spec.obs_shape)) for p in pools], axis=1)
+        lane_sharding = jax.sharding.NamedSharding(mesh, _P(None, WORKERS))
+
+        def init_replicas(keys: jax.Array) -> Lane:
+            return jax.vmap(lambda k, o: jax.vmap(lambda w, ow: init_lane(k, w, ow))(workers, o))(keys, reset_obs)
+
+        init_replicas = jax.jit(init_replicas)  # on one device, then laid out over the mesh
+
+        def init(keys: jax.Array) -> Lane:
+            chex.assert_shape(keys, (S, 2))
+            return jax.device_put(init_replicas(keys), lane_sharding)
+    else:
+        def over_lanes(fn, with_metrics: bool):
+            # Workers: vmap with the collective axis; seeds: vmap without.
+            out_axes = (handle_axes, 0, 0, 0) if with_metrics else (handle_axes, 0, 0)
+            per_seed = jax.vmap(fn, in_axes=(handle_axes, 0, None), out_axes=out_axes, axis_name=WORKERS)
+            return jax.vmap(per_seed, in_axes=(handle_axes, 0, None), out_axes=out_axes)
+
+        def init(keys: jax.Array) -> Lane:
+            chex.assert_shape(keys, (S, 2))
+            return jax.vmap(lambda k: jax.vmap(lambda w: init_lane(k, w))(workers))(keys)
+
+    # XLA:CPU runs convolution gradients 10-60x slower inside a loop (jax-ml/jax#12868; measured here: a batch-32
+    # Nature-CNN gradient 30 ms alone, ~300 ms in a scan, even of length 1). For CNNs on CPU each chunk is one
+    # iteration with the scan unrolled (no loop around the learner); the host loop calls it repeatedly.
+    cnn_on_cpu = spec.is_atari and cfg.torso in ("auto", "nature", "a3c") and jax.default_backend() == "cpu"
+    unroll = cnn_on_cpu
     steps_per_iteration = cfg.steps_per_iteration
     lane_iteration = over_lanes(iteration, with_metrics=True)
 
@@ -414,15 +449,10 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
             outs.append(o)
         return handle, lanes, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
-    # XLA:CPU runs convolution gradients 10-60x slower inside a loop (jax-ml/jax#12868; measured here: a batch-32
-    # Nature-CNN gradient 30 ms alone, ~300 ms in a scan, even of length 1). For CNNs on CPU each chunk is one
-    # iteration with the scan unrolled (no loop around the learner); the host loop calls it repeatedly.
-    cnn_on_cpu = spec.is_atari and cfg.torso in ("auto", "nature", "a3c") and jax.default_backend() == "cpu"
-    unroll = cnn_on_cpu
     if chunk_iterations is None:
         chunk_iterations = 1 if cnn_on_cpu else default_chunk_iterations(cfg)
     warmup_iters = 0
-    warmup = None
+    warmup_fn = None
     if warmup_iteration is not None:
         warmup_iters = cfg.learning_starts // steps_per_iteration
         lane_warmup = over_lanes(lambda h, ln, _: warmup_iteration(h, ln), with_metrics=False)
@@ -436,15 +466,82 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
             (handle, lanes), info = jax.lax.scan(body, (handle, lanes), None, length=length)
             return handle, lanes, info
 
-        warmup = jax.jit(warmup_fn, static_argnums=2, donate_argnums=1)
+    if on_devices:
+        chunk_fn = _on_mesh(chunk_fn, mesh, with_start=True)
+        warmup_fn = None if warmup_fn is None else _on_mesh(warmup_fn, mesh, with_start=False)
+    warmup = None if warmup_fn is None else jax.jit(warmup_fn, static_argnums=2, donate_argnums=1)
     learn_iters = max(1, cfg.num_iterations - warmup_iters)
     num_chunks = max(1, math.ceil(learn_iters / chunk_iterations))
     total_iterations = warmup_iters + learn_iters
     chunk = jax.jit(chunk_fn, static_argnums=3, donate_argnums=1)
-    return Trainer(cfg=cfg, env=env, initial_handle=initial_handle, init=jax.jit(init), warmup=warmup, chunk=chunk,
+    return Trainer(cfg=cfg, env=env, initial_handle=initial_handle, init=init if on_devices else jax.jit(init), warmup=warmup, chunk=chunk,
                    chunk_iterations=chunk_iterations, warmup_iterations=warmup_iters, num_chunks=num_chunks,
                    total_iterations=total_iterations,
                    env_steps_per_iteration=steps_per_iteration, network=network)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The devices runtime: one worker per device, the same lane code under shard_map.
+# ---------------------------------------------------------------------------------------------------------------
+def _P(*axes):
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec(*axes)
+
+
+def device_env(pools: list) -> envs_lib.XlaEnv:
+    """One env for every device of a ``"workers"`` mesh: on device w it steps ``pools[w]`` and no other.
+
+    envpool bakes its pool into the XLA custom call (a static attribute, not the handle's bytes), so a pool cannot
+    be chosen by sharding data: the pools' steps are the branches of a ``lax.switch`` on
+    ``lax.axis_index("workers")``; each device runs only its own branch. Each pool holds the S seed lanes of its
+    worker, so seeds stay a ``vmap`` inside the device (``custom_vmap`` batches through the switch). Use inside
+    ``shard_map`` over a mesh with axis ``"workers"`` of ``len(pools)`` devices.
+    """
+    first = pools[0]
+    if len({(p.spec, p.lanes) for p in pools}) != 1:
+        raise ValueError("device_env: every pool must have the same spec and lanes")
+    steps = [p.step for p in pools]
+    initial = [p.initial_observation for p in pools]
+
+    def step(handle, actions):
+        return jax.lax.switch(jax.lax.axis_index(WORKERS), steps, handle, actions)
+
+    def initial_observation(key):
+        return jax.lax.switch(jax.lax.axis_index(WORKERS), initial, key)
+
+    return first._replace(step=step, initial_observation=initial_observation)
+
+
+def _on_mesh(fn: Callable, mesh, *, with_start: bool) -> Callable:
+    """``fn(handle, lanes, [start,] length)`` written for lanes [S, ...] per device, as a function of the global
+    lanes [S, N, ...] sharded over the workers axis (outputs [iterations, S, N, ...]).
+
+    ``check_vma`` is off: envpool's custom call has no varying-axes rule, and every value here is per worker by
+    construction (parameters carry the worker axis; see :mod:`jaxdp.runtime.devices` for why).
+    """
+    from jaxdp.runtime import devices as devices_runtime
+
+    handle_spec = envs_lib.XlaHandle(pool=_P(), pending_reset=_P(None, WORKERS))
+    lane_spec = _P(None, WORKERS)
+    squeeze = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731
+    expand = lambda tree, axis: jax.tree.map(lambda x: jnp.expand_dims(x, axis), tree)  # noqa: E731
+
+    def wrapped(handle, lanes, *rest):
+        *start, length = rest
+
+        def per_device(handle, lanes, *start):
+            handle = handle._replace(pending_reset=handle.pending_reset[:, 0])
+            handle, lanes, out = fn(handle, squeeze(lanes), *start, length)
+            handle = handle._replace(pending_reset=handle.pending_reset[:, None])
+            return handle, expand(lanes, 1), expand(out, 2)
+
+        in_specs = (handle_spec, lane_spec) + ((_P(),) if with_start else ())
+        out_specs = (handle_spec, lane_spec, _P(None, None, WORKERS))
+        sharded = devices_runtime.shard_map_unchecked(per_device, mesh, in_specs=in_specs, out_specs=out_specs)
+        return sharded(handle, lanes, *start)
+
+    return wrapped
 
 
 def train(trainer: Trainer, keys: jax.Array):
@@ -613,5 +710,5 @@ def run_mpi(cfg: TrainConfig):
 
 
 __all__ = ["Lane", "StepInfo", "lane_functions", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
-           "make_train", "run", "seed_keys", "train", "env_seed"]
+           "make_train", "run", "seed_keys", "train", "env_seed", "device_env"]
 

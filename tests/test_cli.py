@@ -88,6 +88,8 @@ BAD_INPUTS = [
     (["--strategy", "single", "--workers", "4"], "--workers"),
     (["--total-steps", "100"], "--total-steps"),  # a2c: one iteration is 16 envs x 8 steps = 128
     (["--algo", "dqn", "--total-steps", "5000"], "--learning-starts"),  # learning_starts 10k >= total
+    (["--algo", "dqn", "--env", "Pong-v5", "--total-steps", "50000"], "--learning-starts"),  # Atari: 80k
+    (["--runtime", "devices", "--strategy", "single"], "--runtime devices"),
 ]
 
 
@@ -213,3 +215,25 @@ def test_real_process_bad_input_and_help(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--help"], capture_output=True, text=True,
                         timeout=120)
     assert ok.returncode == 0 and "--total-steps" in ok.stdout and ok.stderr == ""
+
+
+def test_dqn_on_atari_takes_the_nature_dqn_defaults_for_options_not_given():
+    """CleanRL's dqn_atari values (Mnih et al. 2015) for a DQN on an Atari game; what the user gives wins; vector
+    observations and actor-critic keep the dataclass defaults."""
+    from jaxdp.config import ATARI_DQN_DEFAULTS
+
+    parse = lambda *argv: cli.config_from_args(cli.build_parser().parse_args(["train", *argv]))  # noqa: E731
+    pong = parse("--algo", "dqn", "--env", "Pong-v5", "--batch-size", "64")
+    assert pong.batch_size == 64  # given
+    for field, value in ATARI_DQN_DEFAULTS.items():
+        if field != "batch_size":
+            assert getattr(pong, field) == value, field
+    assert pong.learning_rate == 1e-4 and pong.env_steps_per_update == 1  # 4 envs x 1 step = train frequency 4
+    assert parse("--algo", "double_dqn", "--env", "Breakout-v5").learning_starts == 80_000
+    defaults = TrainConfig()
+    for argv in (["--algo", "dqn", "--env", "CartPole-v1"], ["--algo", "a2c", "--env", "Pong-v5"]):
+        cfg = parse(*argv)
+        for field in ATARI_DQN_DEFAULTS:
+            assert getattr(cfg, field) == getattr(defaults, field), (argv, field)
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(default: 128; DQN on Atari: 32)" in " ".join(help_text.split())

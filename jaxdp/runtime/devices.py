@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxdp.runtime.vmap import AXIS_NAME, _check_num_workers, check_worker_axis, replicate
 
-__all__ = ["AXIS_NAME", "make_mesh", "map_workers", "replicate"]
+__all__ = ["AXIS_NAME", "make_mesh", "map_workers", "replicate", "shard_map_unchecked"]
 
 
 def make_mesh(num_workers: int, axis_name: str = AXIS_NAME, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -106,3 +106,15 @@ def map_workers(
         return sharded(*args)
 
     return mapped
+
+
+def shard_map_unchecked(fn: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable[..., Any]:
+    """``jax.shard_map`` with ``check_vma=False``, for per-device programs that call foreign custom calls.
+
+    envpool's XLA step (an FFI custom call) has no varying-manual-axes rule, so under ``check_vma=True`` its
+    outputs are typed device-invariant and clash with the varying values around them (in ``lax.cond``/``scan``
+    carries). Unchecked mode trusts the specs: callers must lay out per worker what differs per worker (the RL
+    trainer puts every lane leaf on the worker axis, as :func:`map_workers` does for parameters), and an
+    output given as ``P()`` must be equal on every device (it is read from one).
+    """
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
