@@ -65,6 +65,10 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--threads", "threads", int, "hogwild: lock-free threads per worker"),
     ("--comm-time", "comm_time", float, "async_sim: one-way message time, in env steps of one env"),
     ("--overwrite-prob", "overwrite_prob", float, "hogwild: probability that a coordinate's write is lost"),
+    ("--coordinator", "coordinator", str, "distributed: HOST:PORT of process 0 (with --num-processes and "
+                                          "--process-id; omit all three to auto-detect under srun)"),
+    ("--num-processes", "num_processes", int, "distributed: processes in the job (0 = auto-detect)"),
+    ("--process-id", "process_id", int, "distributed: this process's index (-1 = auto-detect)"),
     ("--logdir", "logdir", str, "output directory (metrics.jsonl, summary.json, TensorBoard, checkpoints)"),
     ("--log-interval", "log_interval", float, "seconds between log points"),
     ("--checkpoint-interval", "checkpoint_interval", float, "seconds between checkpoints"),
@@ -143,6 +147,19 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     return config_lib.TrainConfig(**kw)
 
 
+def _process_rank(cfg: config_lib.TrainConfig) -> int:
+    """This process's rank in a multi-process job, known before any initialisation (0 when alone or unknown)."""
+    import os
+
+    if cfg.runtime == "distributed":
+        return max(cfg.process_id, 0) if cfg.process_id >= 0 else int(os.environ.get("SLURM_PROCID", 0))
+    if cfg.runtime == "mpi":
+        for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+            if os.environ.get(name, "").isdigit():
+                return int(os.environ[name])
+    return 0
+
+
 def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     """Picks a fresh run directory, or checks the given one: never overwrite a run, never resume from nothing."""
     import os
@@ -153,10 +170,16 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         env = cfg.env.replace("/", "_")
         logdir = os.path.join("runs", f"{cfg.algo}_{env}_{cfg.strategy}_{stamp}")
+    if _process_rank(cfg) > 0:
+        # Process 0 of a multi-process job owns --logdir; the others must not race it (process 0 may already have
+        # written its first metrics when they look). Process 0 makes the same checks.
+        return dataclasses.replace(cfg, logdir=logdir)
     has_run = os.path.exists(os.path.join(logdir, "metrics.jsonl")) or os.path.isdir(
         os.path.join(logdir, "checkpoints"))
     ckpt_dir = os.path.join(logdir, "checkpoints")
     saved = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if os.path.exists(os.path.join(logdir, "checkpoint.npz")):  # the mpi and distributed runtimes' checkpoint
+        saved.append("checkpoint.npz")
     if cfg.resume and not saved:  # a run killed before its first save leaves an empty checkpoints/ behind
         raise config_lib.ConfigError(f"--resume: no checkpoints in --logdir {logdir!r}")
     if has_run and not cfg.resume:

@@ -92,6 +92,10 @@ class TrainConfig:
     threads: int = 1  # hogwild threads per worker
     comm_time: float = 0.0  # async_sim: one-way message time, in env steps of one env
     overwrite_prob: float = 0.0
+    # --runtime distributed (jax.distributed): all three, or none to let JAX detect them (SLURM, TPU pods).
+    coordinator: str = ""  # HOST:PORT of process 0
+    num_processes: int = 0
+    process_id: int = -1
 
     # Outputs.
     logdir: str = ""  # "" = runs/<algo>_<env>_<strategy>_<time>
@@ -252,9 +256,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
               f"not {cfg.strategy}")
     if cfg.runtime == "async_sim" and cfg.strategy == "async" and cfg.local_steps != 1:
         _fail("--strategy async is Downpour SGD (one local step); use --strategy dpsgd for --local-steps > 1")
-    if cfg.runtime == "distributed":
-        _fail("--runtime distributed is the supervised workload's (python -m jaxdp.runtime.distributed); "
-              "for RL across processes use --runtime mpi")
+    if cfg.runtime == "distributed" and cfg.strategy != "sync":
+        _fail(f"--runtime distributed is synchronous data parallelism across processes: use --strategy sync, not "
+              f"{cfg.strategy} (an asynchronous master across processes is --runtime mpi)")
+    given = [bool(cfg.coordinator), cfg.num_processes != 0, cfg.process_id != -1]
+    if any(given) and cfg.runtime != "distributed":
+        _fail("--coordinator, --num-processes and --process-id belong to --runtime distributed")
+    if any(given) and not all(given):
+        _fail("--coordinator, --num-processes, --process-id: give all three or none (auto-detect under srun)")
+    if all(given):
+        host, _, port = cfg.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail(f"--coordinator must be HOST:PORT, got {cfg.coordinator!r}")
+        if cfg.num_processes < 1 or not 0 <= cfg.process_id < cfg.num_processes:
+            _fail(f"--process-id must be in [0, --num-processes={cfg.num_processes}), got {cfg.process_id}")
     if cfg.runtime == "mpi" and cfg.strategy not in ("sync", "async", "dpsgd"):
         _fail(f"--runtime mpi runs --strategy sync, async or dpsgd, not {cfg.strategy}")
     if cfg.runtime == "devices" and cfg.strategy == "single":

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp.config import TrainConfig
+from jaxdp.runtime._mpi_protocol import truncate_json_lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,34 +91,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=_json_default)
     os.replace(tmp, path)
-
-
-def truncate_metrics(path: str, max_step: int) -> int:
-    """Drops the records of ``path`` past ``max_step`` (atomically); returns how many were dropped.
-
-    A run killed after its last checkpoint has logged steps that the resumed run will log again; without this,
-    metrics.jsonl would go back in time at the resume point. A torn last line (killed mid-write) is dropped too.
-    """
-    if not os.path.exists(path):
-        return 0
-    kept, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if record.get("step", 0) <= max_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-    return dropped
 
 
 class MetricsWriter:
@@ -301,7 +274,7 @@ def run(cfg: TrainConfig) -> dict:
     per_seed_dirs = [cfg.logdir] if S == 1 else [os.path.join(cfg.logdir, f"seed_{s}") for s in cfg.seeds]
     if cfg.resume:  # continue the curves from the checkpoint: steps logged after it will be logged again
         for d in dict.fromkeys([cfg.logdir, *per_seed_dirs]):
-            truncate_metrics(os.path.join(d, "metrics.jsonl"), iteration * trainer.env_steps_per_iteration)
+            truncate_json_lines(os.path.join(d, "metrics.jsonl"), iteration * trainer.env_steps_per_iteration)
     writers = [MetricsWriter(os.path.join(d, "metrics.jsonl"), os.path.join(d, "tb") if cfg.tensorboard else None)
                for d in per_seed_dirs]
     mean_writer = MetricsWriter(os.path.join(cfg.logdir, "metrics.jsonl"), None) if S > 1 else None

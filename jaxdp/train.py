@@ -641,7 +641,8 @@ def run(cfg: TrainConfig):
 
     * vmap: one program on one device (:mod:`jaxdp.loop`);
     * async_sim: the deterministic asynchronous master (:mod:`jaxdp.train_async`, HSA2C / A3C / Gorila);
-    * mpi: this process is one rank under ``mpirun`` (:mod:`jaxdp.runtime.mpi`), the agent as a Workload.
+    * mpi: this process is one rank under ``mpirun`` (:mod:`jaxdp.runtime.mpi`), the agent as a Workload;
+    * distributed: this process is one of a ``jax.distributed`` job (:mod:`jaxdp.runtime.distributed`).
     """
     if cfg.runtime == "async_sim":
         from jaxdp import train_async
@@ -649,6 +650,8 @@ def run(cfg: TrainConfig):
         return train_async.run(cfg, comm_time=cfg.comm_time)
     if cfg.runtime == "mpi":
         return run_mpi(cfg)
+    if cfg.runtime == "distributed":
+        return run_distributed(cfg)
     from jaxdp import loop  # host side: progress, metrics files, checkpoints
 
     return loop.run(cfg)
@@ -670,6 +673,8 @@ def run_mpi(cfg: TrainConfig):
     rank, size = comm.Get_rank(), comm.Get_size()
     mode = cfg.strategy
     worker_id = rank if mode == "sync" else max(rank - 1, 0)
+    # The world size decides the workers (the epsilon schedule and learning-starts count all workers' env steps).
+    cfg = dataclasses.replace(cfg, workers=size if mode == "sync" else max(1, size - 1))
     # The master (rank 0) holds no envs of its own; it evaluates nothing (workers report their episodes).
     workload = rl_workload(cfg, worker_id, eval_steps=0)
     per_local_step = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout)
@@ -705,6 +710,67 @@ def run_mpi(cfg: TrainConfig):
     summary["total_steps"] = int(summary.get("total_updates", total_updates)) * per_update
     summary["final_return"] = final_return(returns)
     summary["eval_return"] = None
+    write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
+    return summary
+
+
+def run_distributed(cfg: TrainConfig):
+    """One process of ``jaxdp train --runtime distributed --strategy sync`` (multi-controller JAX).
+
+    Every process runs this; each of its devices is one worker with its own envs (seeded like worker w of the vmap
+    runtime), all-reducing gradients over every device of every process each step
+    (:func:`jaxdp.runtime.distributed.run_distributed`, gloo on CPU, NCCL on GPUs). One local device per process:
+    a process's envpool pool belongs to one worker. ``--total-steps`` counts env steps of all workers;
+    ``--workers`` is ignored (the job's device count decides). Process 0 writes the outputs.
+    """
+    import json
+    import os
+
+    import jax
+
+    from jaxdp.loop import final_return, write_json_atomic
+    from jaxdp.runtime import distributed as dist
+    from jaxdp.workloads.rl import rl_workload
+
+    given = cfg.num_processes > 0
+    dist.initialize(cfg.coordinator if given else None, cfg.num_processes if given else None,
+                    cfg.process_id if given else None)
+    if jax.local_device_count() != 1:
+        raise SystemExit(f"jaxdp train: error: --runtime distributed runs one worker per process, but this process "
+                         f"has {jax.local_device_count()} devices: restrict each process to one (e.g. "
+                         f"CUDA_VISIBLE_DEVICES) or use --runtime devices within a process")
+    num_workers = jax.device_count()
+    worker_id = jax.devices().index(jax.local_devices()[0])
+    cfg = dataclasses.replace(cfg, workers=num_workers)
+    per_update = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout) * num_workers
+    total_updates = max(1, cfg.total_steps // per_update)
+    workload = rl_workload(cfg, worker_id, eval_steps=0)
+
+    def record_hook(record: dict, steps_since: int) -> dict:
+        # train_* are means over workers and the steps since the last point: ratios of means are ratios of sums.
+        episodes = record.pop("train_episodes", None)
+        return_sum = record.pop("train_episode_return_sum", None)
+        updates = record["step"]
+        out = {"step": updates * per_update, "updates": updates,
+               "episodic_return": return_sum / episodes if episodes else None,
+               "episodes": round((episodes or 0.0) * num_workers * steps_since),
+               "sps": None if record.get("sps") is None else record["sps"] * per_update,
+               "updates_per_second": record.get("sps")}
+        out.update({k.removeprefix("train_"): v for k, v in record.items() if k not in ("step", "sps")})
+        return out
+
+    summary = dist.run_distributed(
+        workload, inner=make_inner_optimizer(cfg, decay_steps=total_updates), total_updates=total_updates,
+        seed=cfg.seeds[0], logdir=cfg.logdir, log_every=max(1, total_updates // 100),
+        checkpoint_every=max(1, total_updates // 10), resume=cfg.resume, config=dataclasses.asdict(cfg),
+        check_vma=False, record_hook=record_hook)
+    if summary.get("process_id") != 0:
+        return None
+    with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
+        returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
+    summary = {k: v for k, v in summary.items() if k != "params"}
+    summary.update(total_steps=total_updates * per_update, final_return=final_return(returns), eval_return=None,
+                   sps=(total_updates - summary["start_step"]) * per_update / max(summary["wall_seconds"], 1e-9))
     write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 

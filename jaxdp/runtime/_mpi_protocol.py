@@ -102,6 +102,35 @@ def write_json(path: str, record: dict) -> None:
     os.replace(temporary, path)
 
 
+def truncate_json_lines(path: str, max_value: int, key: str = "step") -> int:
+    """Drops the records of the JSON-lines file ``path`` whose ``key`` exceeds ``max_value`` (atomically);
+    returns how many were dropped. A record without ``key`` falls back to its ``step``.
+
+    A run killed after its last checkpoint has logged steps that the resumed run will log again; without this,
+    metrics.jsonl would go back in time at the resume point. A torn last line (killed mid-write) is dropped too.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if record.get(key, record.get("step", 0)) <= max_value:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
 def save_checkpoint(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Save ``arrays`` to ``path`` (an ``.npz``) atomically: a temp file in the same folder, then ``os.replace``."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -68,6 +68,8 @@ def map_workers(
     num_workers: int,
     axis_name: str = AXIS_NAME,
     devices: Sequence[jax.Device] | None = None,
+    *,
+    check_vma: bool = True,
 ) -> Callable[..., Any]:
     """Run ``step_fn`` once per worker, one worker per device, with collectives over ``axis_name``.
 
@@ -77,6 +79,8 @@ def map_workers(
       num_workers: N >= 1; must equal the number of devices used.
       axis_name: the mesh axis name the collectives use.
       devices: exactly N devices; default the first N of ``jax.devices()`` (ValueError if fewer).
+      check_vma: shard_map's varying-axes type checking; turn it off for steps that call custom calls without a
+        varying-axes rule (envpool's XLA step; see :func:`shard_map_unchecked`).
 
     Returns:
       A function with ``step_fn``'s (positional) signature whose every input and output leaf
@@ -99,7 +103,7 @@ def map_workers(
         outputs = step_fn(*jax.tree.map(lambda block: block[0], blocks))
         return jax.tree.map(lambda leaf: leaf[None], outputs)
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=worker_axis, out_specs=worker_axis)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=worker_axis, out_specs=worker_axis, check_vma=check_vma)
 
     def mapped(*args: Any) -> Any:
         check_worker_axis(args, num_workers, "map_workers")

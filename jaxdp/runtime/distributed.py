@@ -78,7 +78,7 @@ def make_sync_step(
     Returns:
       ``(sync_step, optimizer)``: ``optimizer = optax.chain(jaxdp.allreduce(axis_name), inner)`` (use its
       ``init`` for the state) and ``sync_step(params, opt_state, worker_state, key) -> (params, opt_state,
-      worker_state, metrics)`` for one worker.
+      worker_state, metrics)`` for one worker; ``metrics`` are the mean over the workers.
 
     Example:
       >>> import jax, optax
@@ -101,6 +101,8 @@ def make_sync_step(
     def sync_step(params, opt_state, worker_state, key):
         worker_state, grads, metrics = workload.local_step(worker_state, params, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
+        # Metrics of all workers (scalars: one small all-reduce): any worker can then log the whole job's.
+        metrics = jax.lax.pmean(metrics, axis_name)
         return optax.apply_updates(params, updates), opt_state, worker_state, metrics
 
     return sync_step, optimizer
@@ -195,6 +197,8 @@ def run_distributed(
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout: int = 300,
     config: dict | None = None,
+    check_vma: bool = True,
+    record_hook: Callable[[dict, int], dict] | None = None,
 ) -> dict:
     """Synchronous SGD over every device of ``num_processes`` JAX processes; call it in every process.
 
@@ -218,6 +222,11 @@ def run_distributed(
       local_device_ids: the local devices this process uses (default: all of them).
       initialization_timeout: seconds to wait for all processes to join.
       config: extra entries recorded under ``summary["config"]``.
+      check_vma: shard_map's type checking of varying axes; False for workloads whose step calls a custom call
+        without a varying-axes rule (envpool: the RL workload). Parameters are laid out per worker either way.
+      record_hook: ``record_hook(record, steps)`` maps each log record (``step`` = updates, ``sps`` = updates/s,
+        ``train_*`` = metrics averaged over workers and the ``steps`` steps since the last point) to the record
+        written and printed (RL: env steps, episodes, return).
 
     Returns:
       On every process: ``params`` (the final parameters, this process's copy, NumPy), ``num_workers``,
@@ -257,7 +266,7 @@ def run_distributed(
     mesh = devices_runtime.make_mesh(num_workers, AXIS_NAME, devices)
     worker_sharding = NamedSharding(mesh, PartitionSpec(AXIS_NAME))
     sync_step, optimizer = make_sync_step(workload, inner, AXIS_NAME)
-    step_fn = jax.jit(devices_runtime.map_workers(sync_step, num_workers, AXIS_NAME, devices))
+    step_fn = jax.jit(devices_runtime.map_workers(sync_step, num_workers, AXIS_NAME, devices, check_vma=check_vma))
     keys_fn = jax.jit(lambda step: worker_keys(seed, num_workers, step))
     evaluate = jax.jit(workload.evaluate)
 
@@ -301,6 +310,8 @@ def run_distributed(
         os.makedirs(logdir, exist_ok=True)
         if not resume:
             open(metrics_path, "w").close()
+        else:  # records logged after the checkpoint (a killed run) are logged again from it: keep one curve
+            protocol.truncate_json_lines(metrics_path, start_step, key="updates" if record_hook else "step")
 
     def log_point(step_count, sps, history):
         local_params = _local(global_params)
@@ -308,6 +319,8 @@ def run_distributed(
         if history:
             record.update({f"train_{k}": float(np.mean([h[k] for h in history])) for k in history[0]})
         record.update({k: float(v) for k, v in evaluate(local_params).items()})
+        if record_hook is not None:
+            record = record_hook(record, len(history))
         if metrics_path is not None:
             protocol.append_json_line(metrics_path, record)
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
@@ -336,7 +349,8 @@ def run_distributed(
                 now = time.perf_counter()
                 log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
                 history, interval_start, interval_step = [], time.perf_counter(), step_count
-        if checkpoint_every and step_count % checkpoint_every == 0 and process_id == 0:
+        at_checkpoint = step_count % checkpoint_every == 0 or step_count == total_updates if checkpoint_every else False
+        if at_checkpoint and process_id == 0:  # also at the end: a longer --resume continues exactly from here
             arrays = {"step": np.array(step_count), "params": np.asarray(ravel_pytree(_local(global_params))[0])}
             arrays.update(protocol.tree_to_arrays("opt_", _local(global_opt_state)))
             protocol.save_checkpoint(os.path.join(logdir, CHECKPOINT_NAME), arrays)

@@ -26,6 +26,9 @@ from jaxdp.workloads.base import Workload
 def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000, eval_envs: int = 4) -> Workload:
     """The worker ``worker_id`` of ``cfg`` (algo, env, envs per worker, hyperparameters) as a Workload.
 
+    ``cfg.workers`` must be the job's worker count: the DQN exploration schedule and ``--learning-starts`` count the
+    env steps of all workers (a DQN gradient is zero until then).
+
     Args:
       cfg: a validated TrainConfig; its optimizer is NOT used here (the runtime owns the update rule).
       worker_id: this worker's index: its envs are seeded ``env_seed(cfg) + worker_id·E + i``.
@@ -51,6 +54,10 @@ def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000,
         env_steps = lane.updates * steps_per_local_step * cfg.workers
         lane = lane._replace(params=params, key=key)
         handle, lane, grads, info, metrics = gradient_step(handle, lane, env_steps)
+        if cfg.is_dqn:
+            # Random play fills the replay until --learning-starts (all workers' steps): no learning signal yet.
+            learning = env_steps >= cfg.learning_starts
+            grads = jax.tree.map(lambda g: jnp.where(learning, g, jnp.zeros_like(g)), grads)
         if not cfg.is_dqn:  # DQN's gradient_step counts its own updates (target refresh)
             lane = lane._replace(updates=lane.updates + 1)
         finished = info.finished
