@@ -2,15 +2,16 @@
 
 Tables, printed as markdown:
 
-1. **Pong-v5, A2C and DQN** (the jaxdp defaults: A2C 16 envs × 8-step rollouts, one update of 128 samples per
-   rollout; DQN 4 envs, one update of a 128-sample minibatch every ``train_frequency`` = 10 env steps, i.e. every
-   2 vectorised steps = 8 env steps; the replay is capped at ``--dqn-buffer`` transitions here):
+1. **Pong-v5, A2C and DQN** (what ``jaxdp train --env Pong-v5`` runs: A2C 16 envs × 8-step rollouts, one update
+   of 128 samples per rollout; DQN with the Nature-DQN defaults of ``config.ATARI_DQN_DEFAULTS`` as CleanRL's
+   ``dqn_atari.py`` uses them: 4 envs, one update of a 32-sample minibatch every 4 env steps (one vectorised
+   step); the replay is capped at ``--dqn-buffer`` transitions here):
 
    * *env-only*: random actions, no network. ``host``: the :class:`jaxdp.envs.HostEnv` step from Python;
      ``XLA``: :func:`jaxdp.envs.make_xla`'s step inside a jitted ``lax.scan`` -- the path training takes.
    * *learner-only*: the same update as training (same network, optimizer, loss, replay sampling) on synthetic
      data, expressed as the env steps per second it could absorb: updates/s × env steps per update
-     (A2C: E·n = 128; DQN: 8).
+     (A2C: E·n = 128; DQN: 4).
    * *training*: :func:`jaxdp.train.make_train` chunks (``lax.scan`` of whole iterations: act, step, learn),
      compile excluded (reported apart: ``lower().compile()`` of the chunk, plus the DQN warmup program).
    * *training / min(env XLA, learner)*: how close the loop comes to its slower part; target >= 0.9.
@@ -54,7 +55,7 @@ from jaxdp import envs as envs_lib
 from jaxdp import loop
 from jaxdp import train as train_lib
 from jaxdp.agents import a2c, dqn, replay as replay_lib
-from jaxdp.config import TrainConfig, validate
+from jaxdp.config import ATARI_DQN_DEFAULTS, TrainConfig, validate
 
 CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (other hardware; see the module docstring)
     ("dqn", "CartPole-v1"): 4400.0,
@@ -354,8 +355,10 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         pong = {
             "a2c": validate(TrainConfig(algo="a2c", env="Pong-v5", total_steps=10_000_000)),
+            # What `jaxdp train --algo dqn --env Pong-v5` runs: the Nature-DQN defaults (CleanRL's dqn_atari).
             "dqn": validate(TrainConfig(algo="dqn", env="Pong-v5", total_steps=10_000_000,
-                                        buffer_size=args.dqn_buffer, learning_starts=2_000)),
+                                        **{**ATARI_DQN_DEFAULTS, "learning_starts": 2_000},
+                                        buffer_size=args.dqn_buffer)),
         }
         for algo, cfg in pong.items():
             E = cfg.envs_per_worker

@@ -314,6 +314,26 @@ def lane_functions(cfg: TrainConfig, env, network, tx):
     return _actor_critic_lane_fns(cfg, env, network, tx)
 
 
+def _seed_strategy_keys(opt_state: PyTree, seed_key: jax.Array) -> PyTree:
+    """Gives the strategies' random streams (delays of ``delayed``, lost writes of ``hogwild``) the lane's seed.
+
+    The optimizer is built once for all lanes, with ``seed=cfg.seeds[0]``; without this every seed of a sweep would
+    draw the same delays. ``seed_key`` is ``PRNGKey(seed)``, the key that seed gives on its own, so a sweep's lane
+    still equals the single-seed run.
+    """
+    from jaxdp.strategies.delayed import DelayedState
+    from jaxdp.strategies.hogwild import HogwildState
+
+    kinds = (DelayedState, HogwildState)
+
+    def reseed(state):
+        if isinstance(state, kinds) and jnp.shape(state.key) == jnp.shape(seed_key):
+            return state._replace(key=seed_key.astype(state.key.dtype))
+        return state
+
+    return jax.tree.map(reseed, opt_state, is_leaf=lambda x: isinstance(x, kinds))
+
+
 def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
     spec, E = env.spec, cfg.envs_per_worker
 
@@ -330,7 +350,8 @@ def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
             capacity = cfg.replay_capacity(spec.is_atari) if cfg.replay else max(cfg.batch_size, 8 * E)
             frame_stack = spec.obs_shape[0] if spec.is_atari else 1
             buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
-        return Lane(params=params, target_params=params, opt_state=tx.init(params), replay=buf, obs=obs,
+        return Lane(params=params, target_params=params, opt_state=_seed_strategy_keys(tx.init(params), seed_key),
+                    replay=buf, obs=obs,
                     first=jnp.ones((E,), bool), stats=envs_lib.episode_stats_init(E), key=key,
                     updates=jnp.zeros((), jnp.int32))
 

@@ -460,3 +460,26 @@ def test_loop_run_takes_exactly_total_steps(tmp_path):
     summary = loop.run(make_cfg(tmp_path, eval_episodes=0, **RUN_LENGTH["a2c-101"]))
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert summary["total_steps"] == records[-1]["step"] == 128 * 101
+
+
+@pytest.mark.parametrize("strategy,kw", [("async", dict(max_delay=2)), ("hogwild", dict(threads=2))])
+def test_each_seed_of_a_sweep_draws_its_own_strategy_randomness(strategy, kw, tmp_path):
+    """The optimizer is built once with seeds[0]; each lane's delayed / hogwild key must still be its own seed's
+    (PRNGKey(seed), what a single-seed run holds), so a sweep does not replay one delay sequence S times."""
+    from jaxdp.strategies.delayed import DelayedState
+    from jaxdp.strategies.hogwild import HogwildState
+
+    def strategy_keys(seeds):
+        cfg = make_cfg(tmp_path, f"{strategy}-{len(seeds)}", algo="a2c", strategy=strategy, workers=2,
+                       seeds=seeds, **kw)
+        lanes = jax.device_get(train_lib.make_train(cfg).init(train_lib.seed_keys(cfg)))
+        kinds = (DelayedState, HogwildState)
+        found = [x for x in jax.tree.leaves(lanes.opt_state, is_leaf=lambda x: isinstance(x, kinds))
+                 if isinstance(x, kinds)]
+        assert len(found) == 1
+        return np.asarray(found[0].key)  # [S, N, 2]
+
+    sweep = strategy_keys((3, 5))
+    for index, seed in enumerate((3, 5)):
+        np.testing.assert_array_equal(sweep[index], np.broadcast_to(jax.random.PRNGKey(seed), (2, 2)))
+        np.testing.assert_array_equal(strategy_keys((seed,))[0], sweep[index])
