@@ -718,19 +718,24 @@ def run_mpi(cfg: TrainConfig):
         resume=cfg.resume, config=dataclasses.asdict(cfg))
     if rank != 0 or summary is None:
         return None
-    # RL's summary fields, from the master's log: env steps, and the final return as the mean episodic return of
-    # the last 10% of log points (the master sees the workers' episodes only as per-push sums).
+    summary["total_steps"] = int(summary.get("total_updates", total_updates)) * per_update
+    return _write_rl_summary(cfg, summary)
+
+
+def _write_rl_summary(cfg: TrainConfig, summary: dict) -> dict:
+    """Process 0 of a multi-process run: adds RL's summary fields and writes summary.json.
+
+    The final return is the mean episodic return of the last 10% of log points, read back from metrics.jsonl
+    (the master sees the workers' episodes only as per-step sums). There is no greedy evaluation.
+    """
     import json
     import os
 
     from jaxdp.loop import final_return, write_json_atomic
 
-    path = os.path.join(cfg.logdir, "metrics.jsonl")
-    with open(path) as f:
+    with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
-    summary["total_steps"] = int(summary.get("total_updates", total_updates)) * per_update
-    summary["final_return"] = final_return(returns)
-    summary["eval_return"] = None
+    summary.update(final_return=final_return(returns), eval_return=None)
     write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 
@@ -744,12 +749,8 @@ def run_distributed(cfg: TrainConfig):
     a process's envpool pool belongs to one worker. ``--total-steps`` counts env steps of all workers;
     ``--workers`` is ignored (the job's device count decides). Process 0 writes the outputs.
     """
-    import json
-    import os
-
     import jax
 
-    from jaxdp.loop import final_return, write_json_atomic
     from jaxdp.runtime import distributed as dist
     from jaxdp.workloads.rl import rl_workload
 
@@ -787,13 +788,10 @@ def run_distributed(cfg: TrainConfig):
         check_vma=False, record_hook=record_hook)
     if summary.get("process_id") != 0:
         return None
-    with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
-        returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
     summary = {k: v for k, v in summary.items() if k != "params"}
-    summary.update(total_steps=total_updates * per_update, final_return=final_return(returns), eval_return=None,
+    summary.update(total_steps=total_updates * per_update,
                    sps=(total_updates - summary["start_step"]) * per_update / max(summary["wall_seconds"], 1e-9))
-    write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
-    return summary
+    return _write_rl_summary(cfg, summary)
 
 
 __all__ = ["Lane", "StepInfo", "lane_functions", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
