@@ -9,18 +9,21 @@ Tables, printed as markdown:
 
    * *env-only*: random actions, no network. ``host``: the :class:`jaxdp.envs.HostEnv` step from Python;
      ``XLA``: :func:`jaxdp.envs.make_xla`'s step inside a jitted ``lax.scan`` -- the path training takes.
+   * *actor-only*: what training does besides learning -- the env steps and the acting forward pass (A2C: a
+     rollout; DQN: the random-play warmup program, which runs the Q-network too), with the same jitted code.
    * *learner-only*: the same update as training (same network, optimizer, loss, replay sampling) on synthetic
      data, expressed as the env steps per second it could absorb: updates/s × env steps per update
-     (A2C: E·n = 128; DQN: 4).
-   * *training*: :func:`jaxdp.train.make_train` chunks (``lax.scan`` of whole iterations: act, step, learn),
-     compile excluded (reported apart: ``lower().compile()`` of the chunk, plus the DQN warmup program).
-   * *training / min(env XLA, learner)*: how close the loop comes to its slower part; target >= 0.9.
-     Training also runs the acting forward pass of every env step, which neither bound includes.
-   * *training, no scan*: the same iteration (same lanes layout) jitted alone and called once per iteration from
-     Python. On XLA:CPU the gradient of a convolution is 10-60x slower inside a ``while`` loop (``lax.scan``,
-     even of length 1) than outside one (jax-ml/jax#12868; measured here: Nature CNN, batch 32, 30 ms plain,
-     ~300 ms in a scan), so make_train's chunks pay that on Atari while this column does not. The learner-only
-     rate is measured the same way, one jitted update per call, since that is what the learner can do.
+     (A2C: E·n = 128; DQN: 4). One jitted update per call, as training calls it on CPU.
+   * *training*: :func:`jaxdp.train.make_train` chunks exactly as ``jaxdp train`` calls them (on CPU with a CNN:
+     one unrolled iteration per call -- XLA:CPU runs convolution gradients 10-60x slower inside a loop,
+     jax-ml/jax#12868), compile excluded (reported apart: ``lower().compile()`` of the chunk, plus the DQN warmup).
+   * *training / min(env XLA, learner)*: the issue's overlap measure; target >= 0.9.
+   * *cores busy*: process CPU time / wall time during the actor-only, learner-only and training timings.
+   * *CPU-work bound*: the rate if the actor's and the learner's CPU work (core-seconds per env step, measured
+     above) filled every core with nothing else: ``cores / (actor core-s per step + learner core-s per step)``.
+     Where env and learner share the same cores (a CPU-only machine) this, not min(env, learner), is the
+     ceiling: hiding the env behind the learner needs idle cores, and the learner alone keeps them busy.
+     *training / CPU-work bound* says how close the loop comes to that ceiling.
 
 2. **CartPole-v1** training steps/s of A2C and DQN (defaults), and the ratio to CleanRL's reported throughput
    (``dqn.py`` CartPole ~4.4k steps/s; ``dqn_atari.py`` Pong ~85 steps/s; ``ppo_atari.py`` Pong ~130 steps/s --
@@ -41,10 +44,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,14 +105,39 @@ def machine_table() -> str:
 # ------------------------------------------------------------------------------------------- timing
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``fn()`` (which must block until its result is ready) over ``repeats`` calls."""
+def process_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime  # every thread of the process: XLA's, envpool's, Python's
+
+
+class Timing(NamedTuple):
+    seconds: float  # median wall time of one call
+    cores: float  # CPU seconds / wall seconds over all timed calls: how many cores the work kept busy
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> Timing:
+    """Wall time of ``fn()`` (which must block until its result is ready), median over ``repeats`` calls."""
     times = []
+    cpu0 = process_cpu_seconds()
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return Timing(statistics.median(times), (process_cpu_seconds() - cpu0) / sum(times))
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls."""
+    return timed(fn, repeats).seconds
+
+
+class Rate(NamedTuple):
+    steps_per_second: float
+    cores: float  # cores busy while running (see Timing)
+
+    @property
+    def core_seconds_per_step(self) -> float:
+        return self.cores / self.steps_per_second
 
 
 # ------------------------------------------------------------------------------------------- env-only
@@ -159,7 +188,7 @@ def xla_env_steps_per_second(env_id: str, num_envs: int, steps: int, repeats: in
 # ------------------------------------------------------------------------------------------- learner-only
 
 
-def updates_per_second(update: Callable, carry: Any, data: Any, updates: int, repeats: int) -> float:
+def updates_per_second(update: Callable, carry: Any, data: Any, updates: int, repeats: int) -> Rate:
     """Rate of ``carry = update(carry, data)``, each update its own jitted call (an update inside ``lax.scan`` is
     much slower on XLA:CPU -- see the module docstring -- so a scanned rate is not what the learner can do).
     ``data`` is an argument, not a closure: a captured array would be baked into the program as a constant."""
@@ -173,10 +202,15 @@ def updates_per_second(update: Callable, carry: Any, data: Any, updates: int, re
             c = step(c, data)
         jax.block_until_ready(c)
 
-    return updates / median_seconds(run, repeats)
+    t = timed(run, repeats)
+    return Rate(updates / t.seconds, t.cores)
 
 
-def a2c_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -> float:
+def scaled(rate: Rate, steps_per_call: float) -> Rate:
+    return Rate(rate.steps_per_second * steps_per_call, rate.cores)
+
+
+def a2c_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -> Rate:
     """A2C updates on a synthetic rollout of E·n steps (Pong-shaped uint8 observations), as env steps/s."""
     spec = envs_lib.make_spec(cfg.env, cfg.envs_per_worker)
     network = train_lib.make_network(cfg, spec)
@@ -196,19 +230,20 @@ def a2c_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -
     )
     params = network.init(jax.random.PRNGKey(1), obs[0])
     opt_state = tx.init(params)
+    apply = train_lib.network_apply(cfg, network, spec)  # as training applies it
 
     def update(carry, rollout):
         p, s = carry
         grads, _ = jax.grad(
-            lambda q: a2c.loss(q, network.apply, rollout, gamma=cfg.gamma, ent_coef=cfg.ent_coef,
+            lambda q: a2c.loss(q, apply, rollout, gamma=cfg.gamma, ent_coef=cfg.ent_coef,
                                vf_coef=cfg.vf_coef), has_aux=True)(p)
         upd, s = tx.update(grads, s, p)
         return optax.apply_updates(p, upd), s
 
-    return updates_per_second(update, (params, opt_state), rollout, updates, repeats) * T * E
+    return scaled(updates_per_second(update, (params, opt_state), rollout, updates, repeats), T * E)
 
 
-def dqn_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -> float:
+def dqn_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -> Rate:
     """DQN updates (replay sample, loss, optimizer, target refresh) from a full synthetic replay, as env steps/s:
     one update per ``env_steps_per_update`` vectorised steps of E envs."""
     E = cfg.envs_per_worker
@@ -248,14 +283,18 @@ def dqn_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -
         return p, target, s, key, n + 1
 
     init = (params, params, opt_state, jax.random.PRNGKey(2), jnp.int32(0))
-    return updates_per_second(update, init, buf, updates, repeats) * cfg.env_steps_per_update * E
+    return scaled(updates_per_second(update, init, buf, updates, repeats), cfg.env_steps_per_update * E)
 
 
 # ------------------------------------------------------------------------------------------- training
 
 
-def training_steps_per_second(cfg: TrainConfig, chunk_iterations: int, repeats: int) -> tuple[float, float]:
-    """(env steps/s of make_train's chunks after compilation, compile seconds of the chunk and DQN warmup)."""
+def training_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int,
+                              chunk_iterations: int | None = None) -> tuple[Rate, float]:
+    """(env steps/s of make_train's chunks after compilation, compile seconds of the chunk and DQN warmup).
+
+    ``chunk_iterations=None`` takes make_train's own choice, i.e. what ``jaxdp train`` runs; each timing calls
+    the chunk until ``iterations`` iterations are done."""
     trainer = train_lib.make_train(cfg, chunk_iterations=chunk_iterations)
     handle = trainer.initial_handle()
     lanes = trainer.init(train_lib.seed_keys(cfg))
@@ -266,46 +305,62 @@ def training_steps_per_second(cfg: TrainConfig, chunk_iterations: int, repeats: 
         compile_seconds += time.perf_counter() - t0
         handle, lanes, _ = warmup(handle, lanes)
     start = jnp.int32(trainer.warmup_iterations)
+    n = trainer.chunk_iterations
     t0 = time.perf_counter()
-    chunk = trainer.chunk.lower(handle, lanes, start, chunk_iterations).compile()
+    chunk = trainer.chunk.lower(handle, lanes, start, n).compile()
     compile_seconds += time.perf_counter() - t0
+    calls = max(1, -(-iterations // n))
     state = [handle, lanes, trainer.warmup_iterations]
 
     def call():
-        h, ln, out = chunk(state[0], state[1], jnp.int32(state[2]))
-        jax.block_until_ready(ln.params)
-        state[:] = [h, ln, state[2] + chunk_iterations]
-
-    call()  # the first run of a program pays one-off costs (allocation, the pool's threads)
-    seconds = median_seconds(call, repeats)
-    steps = chunk_iterations * trainer.env_steps_per_iteration * len(cfg.seeds)
-    return steps / seconds, compile_seconds
-
-
-def unscanned_training_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int) -> float:
-    """make_train's iteration (same lanes layout: vmap over workers and seeds) jitted alone and called from Python
-    once per iteration -- what a chunk would do without ``lax.scan`` (see the module docstring)."""
-    trainer = train_lib.make_train(cfg, chunk_iterations=1)
-    _, iteration, _ = train_lib.lane_functions(cfg, trainer.env, trainer.network, train_lib.make_optimizer(cfg))
-    axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
-    per_seed = jax.vmap(iteration, in_axes=(axes, 0, None), out_axes=(axes, 0, 0, 0), axis_name=train_lib.WORKERS)
-    step = jax.jit(jax.vmap(per_seed, in_axes=(axes, 0, None), out_axes=(axes, 0, 0, 0)), donate_argnums=1)
-    handle, lanes = trainer.initial_handle(), trainer.init(train_lib.seed_keys(cfg))
-    if trainer.warmup is not None and trainer.warmup_iterations > 0:
-        handle, lanes, _ = trainer.warmup(handle, lanes, trainer.warmup_iterations)
-    state = [handle, lanes, trainer.warmup_iterations]
-
-    def call(n: int):
         h, ln, i = state
-        for _ in range(n):
-            h, ln, _, _ = step(h, ln, jnp.int32(i * trainer.env_steps_per_iteration))
-            i += 1
+        for _ in range(calls):
+            h, ln, _ = chunk(h, ln, jnp.int32(i))
+            i += n
         jax.block_until_ready(ln.params)
         state[:] = [h, ln, i]
 
-    call(2)  # compile, first runs
-    seconds = median_seconds(lambda: call(iterations), repeats)
-    return iterations * trainer.env_steps_per_iteration * len(cfg.seeds) / seconds
+    call()  # the first run of a program pays one-off costs (allocation, the pool's threads)
+    t = timed(call, repeats)
+    steps = calls * n * trainer.env_steps_per_iteration * len(cfg.seeds)
+    return Rate(steps / t.seconds, t.cores), compile_seconds
+
+
+def actor_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int) -> Rate:
+    """Env steps/s of training's acting half alone: env steps plus the acting forward pass, no learning.
+
+    A2C: :func:`jaxdp.train.rollout` of every lane (one jitted call per rollout, as training's iteration);
+    DQN: make_train's warmup program (``env_steps_per_update`` ε-greedy steps per iteration at ε = 1, the
+    Q-network still applied), ``iterations`` iterations per call."""
+    trainer = train_lib.make_train(cfg, chunk_iterations=1)
+    handle, lanes = trainer.initial_handle(), trainer.init(train_lib.seed_keys(cfg))
+    steps = iterations * trainer.env_steps_per_iteration * len(cfg.seeds)
+    if cfg.is_dqn:
+        warmup = trainer.warmup.lower(handle, lanes, iterations).compile()
+        state = [handle, lanes]
+
+        def call():
+            h, ln, _ = warmup(*state)
+            jax.block_until_ready(ln.obs)
+            state[:] = [h, ln]
+    else:
+        apply = train_lib.network_apply(cfg, trainer.network, trainer.env.spec)
+        axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
+        lane_rollout = lambda h, ln: train_lib.rollout(trainer.env, apply, h, ln, cfg.rollout)[:3]  # noqa: E731
+        per_seed = jax.vmap(lane_rollout, in_axes=(axes, 0), out_axes=(axes, 0, 0))
+        step = jax.jit(jax.vmap(per_seed, in_axes=(axes, 0), out_axes=(axes, 0, 0)), donate_argnums=1)
+        state = [handle, lanes]
+
+        def call():
+            h, ln = state
+            for _ in range(iterations):
+                h, ln, _ = step(h, ln)
+            jax.block_until_ready(ln.obs)
+            state[:] = [h, ln]
+
+    call()  # compile, first run
+    t = timed(call, repeats)
+    return Rate(steps / t.seconds, t.cores)
 
 
 def seed_sweep_seconds(total_steps: int, seeds: tuple[int, ...]) -> tuple[float, float]:
@@ -335,7 +390,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps, one repeat (about 2 minutes on 2 idle cores)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
     parser.add_argument("--dqn-buffer", type=int, default=50_000,
                         help="Pong DQN replay capacity (the default 1M takes 7 GB; capacity does not change speed)")
     parser.add_argument("--skip-pong", action="store_true", help="CartPole and the seed sweep only")
@@ -349,10 +404,11 @@ def main() -> None:
     print()
 
     if not args.skip_pong:
-        print("## Pong-v5: env-only, learner-only and training env steps/s\n")
-        print("| algo | envs | env-only host | env-only XLA | learner-only | training | compile s | "
-              "training / min(env XLA, learner) | target >= 0.9 | vs CleanRL | training, no scan | its ratio |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("## Pong-v5: env-only, actor-only, learner-only and training env steps/s\n")
+        print("| algo | envs | env-only host | env-only XLA | actor-only | learner-only | training | compile s | "
+              "training / min(env XLA, learner) | target >= 0.9 | cores busy: actor / learner / training | "
+              "CPU-work bound | training / CPU-work bound | vs CleanRL |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         pong = {
             "a2c": validate(TrainConfig(algo="a2c", env="Pong-v5", total_steps=10_000_000)),
             # What `jaxdp train --algo dqn --env Pong-v5` runs: the Nature-DQN defaults (CleanRL's dqn_atari).
@@ -360,25 +416,30 @@ def main() -> None:
                                         **{**ATARI_DQN_DEFAULTS, "learning_starts": 2_000},
                                         buffer_size=args.dqn_buffer)),
         }
+        cores = os.cpu_count() or 1
         for algo, cfg in pong.items():
             E = cfg.envs_per_worker
             host = host_env_steps_per_second(cfg.env, E, 50 if q else 200, repeats)
             xla = xla_env_steps_per_second(cfg.env, E, 50 if q else 200, repeats)
-            # Few updates per timing: a scanned A2C update of 128 Pong frames takes seconds on XLA:CPU.
+            # About a second per timing: A2C iterations are 128 env steps (~0.1 s), DQN iterations 4 (~20 ms).
             if algo == "a2c":
-                learner = a2c_learner_steps_per_second(cfg, 2 if q else 4, repeats)
-                chunk = 1 if q else 2
+                actor = actor_steps_per_second(cfg, 3 if q else 12, repeats)
+                learner = a2c_learner_steps_per_second(cfg, 3 if q else 12, repeats)
+                iterations = 3 if q else 12
             else:
-                learner = dqn_learner_steps_per_second(cfg, 2 if q else 6, repeats)
-                chunk = 2 if q else 4
-            training, compile_s = training_steps_per_second(cfg, chunk, repeats)
-            unscanned = unscanned_training_steps_per_second(cfg, chunk, repeats)
-            bound = min(xla, learner)
-            ratio = training / bound
+                actor = actor_steps_per_second(cfg, 100 if q else 500, repeats)
+                learner = dqn_learner_steps_per_second(cfg, 15 if q else 60, repeats)
+                iterations = 15 if q else 60
+            training, compile_s = training_steps_per_second(cfg, iterations, repeats)
+            ratio = training.steps_per_second / min(xla, learner.steps_per_second)
+            cpu_bound = cores / (actor.core_seconds_per_step + learner.core_seconds_per_step)
             ref = CLEANRL_STEPS_PER_SECOND[(algo, "Pong-v5")]
-            print(f"| {algo} | {E} | {fmt(host)} | {fmt(xla)} | {fmt(learner)} | {fmt(training)} | {compile_s:.1f} "
-                  f"| {ratio:.2f} | {'met' if ratio >= 0.9 else 'not met'} | {training / ref:.2f}× "
-                  f"({fmt(ref)}) | {fmt(unscanned)} | {unscanned / bound:.2f} |", flush=True)
+            print(f"| {algo} | {E} | {fmt(host)} | {fmt(xla)} | {fmt(actor.steps_per_second)} "
+                  f"| {fmt(learner.steps_per_second)} | {fmt(training.steps_per_second)} | {compile_s:.1f} "
+                  f"| {ratio:.2f} | {'met' if ratio >= 0.9 else 'not met'} "
+                  f"| {actor.cores:.2f} / {learner.cores:.2f} / {training.cores:.2f} of {cores} | {fmt(cpu_bound)} "
+                  f"| {training.steps_per_second / cpu_bound:.2f} "
+                  f"| {training.steps_per_second / ref:.2f}× ({fmt(ref)}) |", flush=True)
         print()
 
     print("## CartPole-v1: training env steps/s (make_train chunks, compile excluded)\n")
@@ -386,7 +447,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for algo, chunk in (("a2c", 50 if q else 200), ("dqn", 200 if q else 1000)):
         cfg = validate(TrainConfig(algo=algo, total_steps=1_000_000))
-        training, compile_s = training_steps_per_second(cfg, chunk, repeats)
+        rate, compile_s = training_steps_per_second(cfg, chunk, repeats, chunk_iterations=chunk)
+        training = rate.steps_per_second
         ref = CLEANRL_STEPS_PER_SECOND.get((algo, "CartPole-v1"))
         vs = f"{training / ref:.1f}× ({fmt(ref)})" if ref else "n/a"
         print(f"| {algo} | {cfg.envs_per_worker} | {fmt(training)} | {compile_s:.1f} | {vs} |", flush=True)

@@ -160,6 +160,27 @@ def make_network(cfg: TrainConfig, spec) -> Any:
     return nets_lib.ActorCritic(torso, num_actions=spec.num_actions)
 
 
+# The largest batch a CNN sees per call on XLA:CPU (see network_apply).
+CPU_CNN_MICROBATCH = 32
+
+
+def cnn_on_cpu(cfg: TrainConfig, spec) -> bool:
+    """Whether the network is a CNN running on XLA:CPU, whose convolutions want small batches and no loops."""
+    return spec.is_atari and cfg.torso in ("auto", "nature", "a3c") and jax.default_backend() == "cpu"
+
+
+def network_apply(cfg: TrainConfig, network, spec) -> Callable:
+    """``network.apply`` as actors and losses call it.
+
+    A CNN on XLA:CPU sees at most ``CPU_CNN_MICROBATCH`` frames per call: a convolution's im2col buffers for 128
+    Pong frames leave the cache, and the A2C update of one 16-env x 8-step rollout takes 112 ms as one batch, 50 ms
+    as four of 32 (2-core EPYC, jax 0.10). Same parameters, same outputs up to float rounding.
+    """
+    if cnn_on_cpu(cfg, spec):
+        return nets_lib.microbatched(network.apply, CPU_CNN_MICROBATCH)
+    return network.apply
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The algorithms, one lane at a time.
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,6 +190,7 @@ def _env_step(env, handle, obs_actions):
 
 def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
     spec = env.spec
+    apply = network_apply(cfg, network, spec)
     E = cfg.envs_per_worker
     k_steps = cfg.env_steps_per_update
     steps_per_update_all = k_steps * E * cfg.workers  # per seed
@@ -184,7 +206,7 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
 
     def collect(handle, lane: Lane, eps):
         key, k_act = jax.random.split(lane.key)
-        q = network.apply(lane.params, lane.obs)
+        q = apply(lane.params, lane.obs)
         actions = dqn.epsilon_greedy(q, eps, k_act)
         handle, st = env.step(handle, actions)
         reward = dqn.clip_reward(st.reward) if atari else st.reward
@@ -200,7 +222,7 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
         target = lane.target_params if cfg.target_network else lane.params
 
         def loss_fn(p):
-            return dqn.loss(p, target, network.apply, batch, double=cfg.algo == "double_dqn",
+            return dqn.loss(p, target, apply, batch, double=cfg.algo == "double_dqn",
                             huber_delta=huber_delta)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lane.params)
@@ -253,13 +275,15 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
     return warmup_iteration, iteration, gradient_step
 
 
-def _rollout(env, network, handle, lane: Lane, length: int):
-    """Acts for ``length`` steps with the current stochastic policy; returns an a2c.Rollout (time-major)."""
+def rollout(env, apply: Callable, handle, lane: Lane, length: int):
+    """Acts for ``length`` steps with the current stochastic policy; returns an a2c.Rollout (time-major).
+
+    ``apply(params, obs) -> (logits, value)`` is the actor-critic's apply (see :func:`network_apply`)."""
 
     def body(carry, _):
         h, ln = carry
         key, k_act = jax.random.split(ln.key)
-        logits, value = network.apply(ln.params, ln.obs)
+        logits, value = apply(ln.params, ln.obs)
         actions = a2c.sample_action(logits, k_act)
         h, st = env.step(h, actions)
         stats, finished, rets, lens = envs_lib.episode_stats_update(ln.stats, st)
@@ -269,24 +293,25 @@ def _rollout(env, network, handle, lane: Lane, length: int):
         return (h, ln), (step, StepInfo(finished, rets, lens))
 
     (handle, lane), (traj, info) = jax.lax.scan(body, (handle, lane), None, length=length)
-    _, bootstrap_value = network.apply(lane.params, lane.obs)
+    _, bootstrap_value = apply(lane.params, lane.obs)
     return handle, lane, traj._replace(bootstrap_value=bootstrap_value), info
 
 
 def _actor_critic_lane_fns(cfg: TrainConfig, env, network, tx):
     atari = env.spec.is_atari
+    apply = network_apply(cfg, network, env.spec)
 
     def gradient_step(handle, lane: Lane, env_steps):
         """One rollout and the A2C / REINFORCE gradient at lane.params (no optimizer: runtimes reuse this)."""
         del env_steps
-        handle, lane, traj, info = _rollout(env, network, handle, lane, cfg.rollout)
+        handle, lane, traj, info = rollout(env, apply, handle, lane, cfg.rollout)
         if atari:
             traj = traj._replace(reward=dqn.clip_reward(traj.reward))
 
         def loss_fn(p):
             if cfg.algo == "a2c":
-                return a2c.loss(p, network.apply, traj, gamma=cfg.gamma, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
-            return reinforce.loss(p, network.apply, traj, gamma=cfg.gamma, baseline=cfg.baseline,
+                return a2c.loss(p, apply, traj, gamma=cfg.gamma, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
+            return reinforce.loss(p, apply, traj, gamma=cfg.gamma, baseline=cfg.baseline,
                                   ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lane.params)
@@ -448,8 +473,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
     # XLA:CPU runs convolution gradients 10-60x slower inside a loop (jax-ml/jax#12868; measured here: a batch-32
     # Nature-CNN gradient 30 ms alone, ~300 ms in a scan, even of length 1). For CNNs on CPU each chunk is one
     # iteration with the scan unrolled (no loop around the learner); the host loop calls it repeatedly.
-    cnn_on_cpu = spec.is_atari and cfg.torso in ("auto", "nature", "a3c") and jax.default_backend() == "cpu"
-    unroll = cnn_on_cpu
+    unroll = cnn_on_cpu(cfg, spec)
     steps_per_iteration = cfg.steps_per_iteration
     lane_iteration = over_lanes(iteration, with_metrics=True)
 
@@ -471,7 +495,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
         return handle, lanes, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
     if chunk_iterations is None:
-        chunk_iterations = 1 if cnn_on_cpu else default_chunk_iterations(cfg)
+        chunk_iterations = 1 if unroll else default_chunk_iterations(cfg)
     warmup_iters = 0
     warmup_fn = None
     if warmup_iteration is not None:
@@ -795,5 +819,5 @@ def run_distributed(cfg: TrainConfig):
 
 
 __all__ = ["Lane", "StepInfo", "lane_functions", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
-           "make_train", "run", "seed_keys", "train", "env_seed", "device_env"]
+           "make_train", "run", "seed_keys", "train", "env_seed", "device_env", "network_apply", "cnn_on_cpu", "rollout"]
 

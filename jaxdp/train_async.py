@@ -226,7 +226,7 @@ def make_worker_env_step(envs: Sequence[envs_lib.XlaEnv]) -> Callable:
 
 
 class _WorkerEnv(NamedTuple):
-    """Duck-types the part of XlaEnv that ``jaxdp.train._rollout`` uses (``step``), bound to one worker."""
+    """Duck-types the part of XlaEnv that ``jaxdp.train.rollout`` uses (``step``), bound to one worker."""
 
     step: Callable
 
@@ -313,6 +313,7 @@ def make_local_step(cfg: TrainConfig, network, env_step: Callable, spec: envs_li
     B = _local_steps_B(cfg)
     T = _steps_per_local_step(cfg)
     atari = spec.is_atari
+    apply = train_lib.network_apply(cfg, network, spec)
 
     def record(ws: AsyncWorkerState, info: train_lib.StepInfo) -> AsyncWorkerState:
         slot = ws.local_updates % B
@@ -323,8 +324,8 @@ def make_local_step(cfg: TrainConfig, network, env_step: Callable, spec: envs_li
 
         def loss_fn(p, traj):
             if cfg.algo == "a2c":
-                return a2c.loss(p, network.apply, traj, gamma=cfg.gamma, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
-            return reinforce.loss(p, network.apply, traj, gamma=cfg.gamma, baseline=cfg.baseline,
+                return a2c.loss(p, apply, traj, gamma=cfg.gamma, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
+            return reinforce.loss(p, apply, traj, gamma=cfg.gamma, baseline=cfg.baseline,
                                   ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef)
 
         def actor_critic_step(ws: AsyncWorkerState, params, key):
@@ -332,7 +333,7 @@ def make_local_step(cfg: TrainConfig, network, env_step: Callable, spec: envs_li
             lane = train_lib.Lane(params=params, target_params=(), opt_state=(), replay=(), obs=ws.obs,
                                   first=ws.first, stats=ws.stats, key=key, updates=ws.local_updates)
             handle = envs_lib.XlaHandle(ws.pool, ws.pending_reset)
-            handle, lane, traj, info = train_lib._rollout(env, network, handle, lane, T)
+            handle, lane, traj, info = train_lib.rollout(env, apply, handle, lane, T)
             if atari:
                 traj = traj._replace(reward=dqn.clip_reward(traj.reward))
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, traj)
@@ -359,7 +360,7 @@ def make_local_step(cfg: TrainConfig, network, env_step: Callable, spec: envs_li
         target = ws.target_params if cfg.target_network else params
 
         def loss_fn(p):
-            return dqn.loss(p, target, network.apply, batch, double=cfg.algo == "double_dqn",
+            return dqn.loss(p, target, apply, batch, double=cfg.algo == "double_dqn",
                             huber_delta=huber_delta)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

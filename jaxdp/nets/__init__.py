@@ -2,7 +2,8 @@
 
 * torsos: :class:`NatureCNN` (Mnih 2015), :class:`A3CCNN` (Mnih 2013), :class:`MLP`, built by name
   with :func:`make_torso` (``"nature"``, ``"a3c"``, ``"mlp"``), optional LayerNorm;
-* heads: :class:`QNetwork` (action values) and :class:`ActorCritic` (policy logits + value).
+* heads: :class:`QNetwork` (action values) and :class:`ActorCritic` (policy logits + value);
+* :func:`microbatched`: an ``apply`` that runs a large batch as several small ones (faster convolutions on CPU).
 
 uint8 frames are scaled by 1/255 inside the torso and envpool's channels-first Atari frames are
 transposed there, so observations go in exactly as the environments return them.
@@ -10,6 +11,7 @@ This package knows nothing of environments, agents or distribution.
 """
 
 from jaxdp.nets.heads import ActorCritic, QNetwork, make_actor_critic, make_q_network
+from jaxdp.nets.microbatch import microbatched
 from jaxdp.nets.torsos import MLP, TORSOS, A3CCNN, NatureCNN, make_torso, preprocess
 
 __all__ = [
@@ -22,5 +24,6 @@ __all__ = [
     "make_actor_critic",
     "make_q_network",
     "make_torso",
+    "microbatched",
     "preprocess",
 ]
