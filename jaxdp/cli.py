@@ -152,7 +152,7 @@ def _process_rank(cfg: config_lib.TrainConfig) -> int:
     import os
 
     if cfg.runtime == "distributed":
-        return max(cfg.process_id, 0) if cfg.process_id >= 0 else int(os.environ.get("SLURM_PROCID", 0))
+        return cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("SLURM_PROCID", 0))
     if cfg.runtime == "mpi":
         for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
             if os.environ.get(name, "").isdigit():

@@ -732,8 +732,7 @@ def run_mpi(cfg: TrainConfig):
         outer = optax.sgd(cfg.global_lr) if mode == "dpsgd" else None
     total_updates = max(1, cfg.total_steps // per_update)
     # Each worker's own optimizer steps over the run (the annealing horizon): all env steps / its share.
-    num_workers = size if mode == "sync" else max(1, size - 1)
-    worker_steps = max(1, cfg.total_steps // (per_local_step * num_workers))
+    worker_steps = max(1, cfg.total_steps // (per_local_step * cfg.workers))
     summary = mpi_runtime.run_mpi(
         workload, mode=mode, inner=make_inner_optimizer(cfg, decay_steps=worker_steps), outer=outer,
         local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
@@ -788,7 +787,7 @@ def run_distributed(cfg: TrainConfig):
     num_workers = jax.device_count()
     worker_id = jax.devices().index(jax.local_devices()[0])
     cfg = dataclasses.replace(cfg, workers=num_workers)
-    per_update = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout) * num_workers
+    per_update = cfg.steps_per_iteration  # env steps of all workers per synchronous update
     total_updates = max(1, cfg.total_steps // per_update)
     workload = rl_workload(cfg, worker_id, eval_steps=0)
 

@@ -58,7 +58,7 @@ def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000,
             # Random play fills the replay until --learning-starts (all workers' steps): no learning signal yet.
             learning = env_steps >= cfg.learning_starts
             grads = jax.tree.map(lambda g: jnp.where(learning, g, jnp.zeros_like(g)), grads)
-        if not cfg.is_dqn:  # DQN's gradient_step counts its own updates (target refresh)
+        else:  # actor-critic counts its update here (DQN's gradient_step counts its own, for the target refresh)
             lane = lane._replace(updates=lane.updates + 1)
         finished = info.finished
         metrics = dict(metrics)
