@@ -76,6 +76,12 @@ def run_job(logdir: Path, *args: str, timeout: float = 180.0) -> list[str]:
     return outputs
 
 
+def executed_local_steps(logdir: Path, process_id: int) -> int:
+    """Local steps process ``process_id`` executed, over all its runs in ``logdir`` (``--count-steps``)."""
+    path = logdir / f"local_steps_process{process_id}.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def vmap_reference(steps: int) -> np.ndarray:
     """The same sync step, two workers, jaxdp's vmap runtime in this process: worker-stacked final params."""
     workload = digits_workload(batch_size=16, hidden=(16,), seed=0)
@@ -99,7 +105,11 @@ def hand_reference(steps: int) -> np.ndarray:
 
 
 def test_two_processes_match_the_vmap_runtime_and_resume(tmp_path):
-    run_job(tmp_path, *SMALL, "--total-updates", "4", "--log-every", "2", "--checkpoint-every", "4", "--dump-params")
+    run_job(tmp_path, *SMALL, "--total-updates", "4", "--log-every", "2", "--checkpoint-every", "4", "--dump-params",
+            "--count-steps")  # fmt: skip
+    # Each process executed exactly its 4 steps: the warm-up compiles, it does not run a step (a thrown-away
+    # run would advance an RL worker's env pool behind its state's back).
+    assert [executed_local_steps(tmp_path, i) for i in range(2)] == [4, 4]
     expected = vmap_reference(4)
     np.testing.assert_array_equal(expected[0], expected[1])
     for process_id in range(2):
@@ -109,7 +119,8 @@ def test_two_processes_match_the_vmap_runtime_and_resume(tmp_path):
     assert summary["num_workers"] == 2 and summary["total_updates"] == 4
 
     # Resume from the checkpoint at step 4 (process 0 reads it and broadcasts it) and go on to 6.
-    run_job(tmp_path, *SMALL, "--total-updates", "6", "--log-every", "2", "--resume", "--dump-params")
+    run_job(tmp_path, *SMALL, "--total-updates", "6", "--log-every", "2", "--resume", "--dump-params", "--count-steps")
+    assert [executed_local_steps(tmp_path, i) for i in range(2)] == [6, 6]  # 4 + the 2 after the checkpoint
     expected = vmap_reference(6)
     for process_id in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"params_process{process_id}.npy"), expected[0], atol=1e-6)

@@ -91,6 +91,12 @@ def metrics(logdir: Path) -> list[dict]:
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def executed_local_steps(logdir: Path, rank: int) -> int:
+    """Local steps rank ``rank`` executed (``--count-steps``): a warm-up run that was thrown away would count."""
+    path = logdir / f"local_steps_rank{rank}.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def wait_for_step(logdir: Path, process: subprocess.Popen, step: int, timeout: float = 120.0) -> None:
     """Block until rank 0 has logged a point at ``step`` or later (the job is past compilation)."""
     deadline = time.monotonic() + timeout
@@ -125,7 +131,10 @@ def reference_sync_sgd(num_ranks: int, steps: int, lr: float, seed: int = 0) -> 
 
 def test_sync_three_ranks_learn_with_identical_params(tmp_path):
     summary = run(3, tmp_path, "--mode", "sync", "--total-updates", "150", "--lr", "0.1", "--log-every", "50",
-                  "--dump-params")  # fmt: skip
+                  "--dump-params", "--count-steps")  # fmt: skip
+    # Every rank executed exactly the 150 steps it trained on: the warm-up compiles, it does not run a step
+    # (an extra run would advance an RL worker's env pool behind its state's back).
+    assert [executed_local_steps(tmp_path, r) for r in range(3)] == [150, 150, 150]
     params = [np.load(tmp_path / f"params_rank{r}.npy") for r in range(3)]
     np.testing.assert_array_equal(params[0], params[1])
     np.testing.assert_array_equal(params[0], params[2])
@@ -137,7 +146,7 @@ def test_sync_three_ranks_learn_with_identical_params(tmp_path):
 
 def test_async_master_learns_and_counts_arrivals(tmp_path):
     summary = run(3, tmp_path, "--mode", "async", "--total-updates", "300", "--lr", "0.1", "--log-every", "100",
-                  "--dump-params")  # fmt: skip
+                  "--dump-params", "--count-steps")  # fmt: skip
     assert summary["completed"] and summary["lost_workers"] == []
     assert summary["final"]["accuracy"] > 0.85, summary["final"]
     arrivals = summary["arrivals_per_worker"]
@@ -147,6 +156,9 @@ def test_async_master_learns_and_counts_arrivals(tmp_path):
     assert summary["gradient_steps"] == 300  # B = 1
     message_bytes = 4 * (summary["num_params"] + protocol.HEADER_SLOTS)
     assert summary["bytes_sent_workers"] == message_bytes * (300 + summary["discarded_arrivals"])
+    # Every round a worker executed was pushed (B = 1): no warm-up round ran and was thrown away.
+    assert executed_local_steps(tmp_path, 0) == 0
+    assert executed_local_steps(tmp_path, 1) + executed_local_steps(tmp_path, 2) == 300 + summary["discarded_arrivals"]
     assert summary["communication_rounds"] == 300
     assert np.load(tmp_path / "params_rank0.npy").shape == (summary["num_params"],)
     assert all("staleness_mean" in m for m in metrics(tmp_path)[1:])

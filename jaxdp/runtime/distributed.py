@@ -268,7 +268,7 @@ def run_distributed(
     sync_step, optimizer = make_sync_step(workload, inner, AXIS_NAME)
     step_fn = jax.jit(devices_runtime.map_workers(sync_step, num_workers, AXIS_NAME, devices, check_vma=check_vma))
     keys_fn = jax.jit(lambda step: worker_keys(seed, num_workers, step))
-    evaluate = jax.jit(workload.evaluate)
+    evaluate = workload.evaluate  # host-side by contract (workloads/base.py): never traced here
 
     def to_global(tree: Any, stacked: bool = False) -> Any:
         # Every process holds the host values of all workers (a broadcast view for replicated state);
@@ -326,10 +326,16 @@ def run_distributed(
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
         print(f"[jaxdp.distributed] step {step_count}/{total_updates} {shown}", flush=True)
 
-    # Warm-up: compile and run the step once (result discarded; it is pure), so that wall_seconds and
-    # sps measure training, not compilation.
-    jax.block_until_ready(step_fn(global_params, global_opt_state, global_worker_state,
-                                  to_global(np.asarray(keys_fn(start_step)), stacked=True)))  # fmt: skip
+    # Warm-up: compile the step ahead of time (it lands in jit's cache), then meet, so that wall_seconds
+    # and sps measure training, not compilation. Compile only, never run: a workload's step may have
+    # effects outside its state (an RL worker's env pool advances), and a discarded run would leave the
+    # first real step acting on stale observations.
+    step_fn.lower(global_params, global_opt_state, global_worker_state,
+                  to_global(np.asarray(keys_fn(start_step)), stacked=True)).compile()  # fmt: skip
+    if num_processes > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("jaxdp.distributed warm-up")
     if process_id == 0 and start_step == 0:
         log_point(0, None, [])
     history: list[dict] = []

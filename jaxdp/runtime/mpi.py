@@ -427,7 +427,7 @@ def _run_sync(
             return (optax.apply_updates(anchor, updates), inner_state, outer_state, worker_state), metrics
 
     step = jax.jit(step)
-    evaluate = jax.jit(workload.evaluate)
+    evaluate = workload.evaluate  # host-side by contract (workloads/base.py): never traced here
 
     start_step = 0
     if resume:
@@ -474,9 +474,12 @@ def _run_sync(
         protocol.save_checkpoint(_checkpoint_path(logdir), arrays)
 
     watchdog = _Watchdog(step_timeout, rank)
-    # Warm-up: compile and run the step once (result discarded; it is pure), so that wall_seconds and
-    # sps measure training, not compilation.
-    jax.block_until_ready(step(state, jnp.asarray(start_step, jnp.int32)))
+    # Warm-up: compile the step ahead of time (it lands in jit's cache), then meet, so that wall_seconds
+    # and sps measure training, not compilation. Compile only, never run: a workload's step may have
+    # effects outside its state (an RL worker's env pool advances), and a discarded run would leave the
+    # first real step acting on stale observations.
+    step.lower(state, jnp.asarray(start_step, jnp.int32)).compile()
+    comm.Barrier()
     watchdog.beat(start_step)
     if rank == 0 and start_step == 0:
         log_point(0, None, [])
@@ -546,7 +549,7 @@ def _run_master(
     workers = list(range(1, size))
     num_params = ravel_pytree(params)[0].size
     outer_state = outer.init(params)
-    evaluate = jax.jit(workload.evaluate)
+    evaluate = workload.evaluate  # host-side by contract (workloads/base.py): never traced here
 
     @jax.jit
     def apply_outer(params, outer_state, aggregated_flat):
@@ -888,9 +891,10 @@ def _run_worker(
     push_buffer = protocol.message_buffer(num_params)
     rounds = 0
     try:
-        # Warm-up (see the master): compile the round, run it once on θ_0 (discarded), then meet.
+        # Warm-up (see the master): compile the round ahead of time, then meet. Compile only: running it
+        # would advance an RL worker's env pool behind its state's back (see _run_sync).
         anchor = ravel_pytree(params)[0]
-        jax.block_until_ready(local_round(anchor, inner_state, worker_state, jnp.asarray(0, jnp.int32)))
+        local_round.lower(anchor, inner_state, worker_state, jnp.asarray(0, jnp.int32)).compile()
         comm.Barrier()
         request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
         _wait(request, time.monotonic() + reply_timeout, "parameters", MPI)

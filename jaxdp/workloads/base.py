@@ -7,7 +7,9 @@ a workload owns the data (a dataset, or environments and a replay buffer) and th
   (its data stream, env state, replay buffer...). Runtimes stack ``worker_state`` along a leading worker axis.
 * ``local_step(worker_state, params, key) -> (worker_state, grads, metrics)`` -- one stochastic gradient at
   ``params`` from the worker's own data; ``metrics`` is a flat dict of scalars.
-* ``evaluate(params) -> metrics`` -- a dict of scalars for logging (test accuracy, greedy return...).
+* ``evaluate(params) -> metrics`` -- a dict of scalars for logging (test accuracy, greedy return...). Runtimes call
+  it on the host between steps and never trace it, so it may keep host-side state (an RL workload carries its
+  evaluation env pool from one call to the next); a pure ``evaluate`` jits itself.
 
 Keeping the gradient computation separate from the optimizer lets every strategy (allreduce, delayed, local_steps,
 hogwild) wrap the same workload, and keeps ``strategies/`` free of any knowledge of data or RL.

@@ -8,7 +8,8 @@ async simulator) decides how gradients become parameters. Its metrics report the
 (``episodes``, ``episode_return_sum``) so a master can log the episodic return.
 
 ``evaluate(params)`` plays the greedy policy for ``eval_steps`` steps on a separate pool (no episodic life) and
-returns the mean return of the games that ended (NaN when none did).
+returns the mean return of the games that ended in that call (NaN when none did). The pool carries on from call to
+call, so a game that spans two calls counts whole; ``evaluate`` runs on the host and refuses to be traced.
 """
 
 from __future__ import annotations
@@ -94,7 +95,12 @@ def _make_evaluate(cfg: TrainConfig, network, eval_steps: int, eval_envs: int, s
     play = jax.jit(play)
 
     def evaluate(params):
-        # The eval pool is stateful: carry its handle between calls (host side), so this is not jitted by callers.
+        # The eval pool is stateful: its handle, last observations and running episode statistics are carried
+        # from call to call on the host, so an episode that spans two calls is reported whole. Traced, the state
+        # would be baked in as constants (every call replaying the first call's start) and tracers would leak.
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
+            raise TypeError(f"rl_workload({cfg.algo}:{cfg.env}).evaluate plays a stateful env pool on the host; "
+                            "call it outside jit/vmap (the runtimes do)")
         handle, obs, stats, mean = play(params, state["handle"], state["obs"], state["stats"])
         state.update(handle=handle, obs=obs, stats=stats)
         return {"eval_return": mean}

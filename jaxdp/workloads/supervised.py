@@ -99,6 +99,7 @@ def digits_workload(
         worker_state = SupervisedWorkerState(examples_seen=worker_state.examples_seen + batch_size)
         return worker_state, grads, {"loss": loss}
 
+    @jax.jit  # runtimes call evaluate un-jitted (workloads/base.py): a pure one compiles itself
     def evaluate(params: digits.Params) -> dict[str, jax.Array]:
         data = dataset()
         return {

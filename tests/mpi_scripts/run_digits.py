@@ -1,6 +1,7 @@
 """Launched by tests/test_mpi.py under mpirun: ``python -m jaxdp.runtime.mpi``'s command line, plus
 ``--dump-params``, which makes every rank that holds the final parameters save them (flattened) to
-``LOGDIR/params_rank{r}.npy`` so the test can compare ranks with each other and with a reference.
+``LOGDIR/params_rank{r}.npy`` so the test can compare ranks with each other and with a reference, and
+``--count-steps``, which makes every rank count the local steps it executes in ``LOGDIR/local_steps_rank{r}.txt``.
 """
 
 import os
@@ -9,12 +10,14 @@ import sys
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from counting import counting_local_steps
 from jaxdp.runtime import mpi
 
 
 def main() -> int:
     parser = mpi.build_parser()
     parser.add_argument("--dump-params", action="store_true")
+    parser.add_argument("--count-steps", action="store_true")
     args = parser.parse_args()
     from mpi4py import MPI
 
@@ -22,8 +25,11 @@ def main() -> int:
 
     rank = MPI.COMM_WORLD.Get_rank()
     inner, outer = mpi.make_optimizers(args)
+    workload = digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed, worker_id=rank)
+    if args.count_steps:
+        workload = counting_local_steps(workload, os.path.join(args.logdir, f"local_steps_rank{rank}.txt"))
     result = mpi.run_mpi(
-        digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed, worker_id=rank),
+        workload,
         mode=args.mode,
         inner=inner,
         outer=outer,
