@@ -310,7 +310,7 @@ def training_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int,
     chunk = trainer.chunk.lower(handle, lanes, start, n).compile()
     compile_seconds += time.perf_counter() - t0
     calls = max(1, -(-iterations // n))
-    state = [handle, lanes, trainer.warmup_iterations]
+    state = [handle, lanes, int(start)]
 
     def call():
         h, ln, i = state
@@ -329,7 +329,8 @@ def training_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int,
 def actor_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int) -> Rate:
     """Env steps/s of training's acting half alone: env steps plus the acting forward pass, no learning.
 
-    A2C: :func:`jaxdp.train.rollout` of every lane (one jitted call per rollout, as training's iteration);
+    A2C: the ``act`` half of training's iteration (:class:`jaxdp.train.LaneFunctions`: one rollout, rewards
+    clipped), laid out over the lanes as make_train does, one jitted call per rollout;
     DQN: make_train's warmup program (``env_steps_per_update`` ε-greedy steps per iteration at ε = 1, the
     Q-network still applied), ``iterations`` iterations per call."""
     trainer = train_lib.make_train(cfg, chunk_iterations=1)
@@ -344,11 +345,11 @@ def actor_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int) -> R
             jax.block_until_ready(ln.obs)
             state[:] = [h, ln]
     else:
-        apply = train_lib.network_apply(cfg, trainer.network, trainer.env.spec)
+        fns = train_lib.lane_functions(cfg, trainer.env, trainer.network, train_lib.make_optimizer(cfg))
         axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
-        lane_rollout = lambda h, ln: train_lib.rollout(trainer.env, apply, h, ln, cfg.rollout)[:3]  # noqa: E731
-        per_seed = jax.vmap(lane_rollout, in_axes=(axes, 0), out_axes=(axes, 0, 0))
-        step = jax.jit(jax.vmap(per_seed, in_axes=(axes, 0), out_axes=(axes, 0, 0)), donate_argnums=1)
+        lane_act = train_lib.vmap_lanes(fns.act, (axes, 0, None), (axes, 0, 0, 0),
+                                        single=len(cfg.seeds) * cfg.workers == 1)  # as make_train lays lanes out
+        step = jax.jit(lambda h, ln: lane_act(h, ln, 0)[:3], donate_argnums=1)
         state = [handle, lanes]
 
         def call():

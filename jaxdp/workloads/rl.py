@@ -41,7 +41,7 @@ def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000,
     network = train_lib.make_network(cfg, env.spec)
     no_optimizer = optax.identity()  # lanes keep an optimizer state slot; workers here never apply updates
     init_lane = train_lib._make_init_lane(cfg, env, network, no_optimizer)
-    _, _, gradient_step = train_lib.lane_functions(cfg, env, network, no_optimizer)
+    gradient_step = train_lib.lane_functions(cfg, env, network, no_optimizer).gradient_step
     steps_per_local_step = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout)
 
     def init(key: jax.Array):
