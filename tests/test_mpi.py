@@ -159,6 +159,8 @@ def test_async_master_learns_and_counts_arrivals(tmp_path):
     # Every round a worker executed was pushed (B = 1): no warm-up round ran and was thrown away.
     assert executed_local_steps(tmp_path, 0) == 0
     assert executed_local_steps(tmp_path, 1) + executed_local_steps(tmp_path, 2) == 300 + summary["discarded_arrivals"]
+    # The master evaluated once per log point and once for the summary's "final", never for nothing.
+    assert len((tmp_path / "evaluations_rank0.txt").read_text().splitlines()) == len(metrics(tmp_path)) + 1
     assert summary["communication_rounds"] == 300
     assert np.load(tmp_path / "params_rank0.npy").shape == (summary["num_params"],)
     assert all("staleness_mean" in m for m in metrics(tmp_path)[1:])

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -285,8 +286,6 @@ def run_distributed(
     opt_state = optimizer.init(params)
     start_step = 0
     if resume:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         flat, unravel = ravel_pytree(params)
         if process_id == 0:
             arrays = protocol.load_checkpoint(os.path.join(logdir, CHECKPOINT_NAME))
@@ -333,8 +332,6 @@ def run_distributed(
     step_fn.lower(global_params, global_opt_state, global_worker_state,
                   to_global(np.asarray(keys_fn(start_step)), stacked=True)).compile()  # fmt: skip
     if num_processes > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         multihost_utils.sync_global_devices("jaxdp.distributed warm-up")
     if process_id == 0 and start_step == 0:
         log_point(0, None, [])

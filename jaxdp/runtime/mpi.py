@@ -695,9 +695,14 @@ def _run_master(
         return False
 
     # Warm-up: compile the master's functions, then wait until every worker has compiled its round
-    # too, so that compilation shows up neither as staleness nor in wall_seconds.
+    # too, so that compilation shows up neither as staleness nor in wall_seconds. apply_outer is pure,
+    # so a discarded run of it only compiles it. evaluate may keep host state (workloads/base.py) and
+    # is never run for nothing: a fresh run logs θ_0 here, before any worker starts (which compiles it);
+    # a resumed run compiles it at its first log point.
     jax.block_until_ready(apply_outer(params, outer_state, jnp.zeros(num_params, jnp.float32)))
-    jax.block_until_ready(evaluate(params))
+    interval = {"metrics": [], "staleness": []}
+    if start_version == 0:
+        write_log(0, None, interval)
     comm.Barrier()
     startup_seconds = time.perf_counter() - launched
     last_heard.update({w: time.monotonic() for w in workers})
@@ -710,9 +715,6 @@ def _run_master(
     request = comm.Irecv(receive_buffer, source=MPI.ANY_SOURCE, tag=protocol.TAG_DELTA)
     delta_sum = np.zeros(num_params, np.float32)
     pending: list[tuple[int, int]] = []  # (worker, pulled version) of the Δ's in delta_sum
-    interval = {"metrics": [], "staleness": []}
-    if start_version == 0:
-        write_log(0, None, interval)
     started = time.perf_counter()
     interval_start, interval_version = started, version
     idle_sleep = 0.0

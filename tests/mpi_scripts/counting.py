@@ -1,6 +1,7 @@
 """``--count-steps`` for the launched scripts: a workload whose every executed ``local_step`` appends one line per
 worker to a file, through an ``io_callback`` -- an effect outside the workload's state, like an RL worker's env
-pool. A runtime that ran a step and discarded its result (a warm-up run) would show up as extra lines.
+pool -- and whose every ``evaluate`` call appends one line to another. A runtime that ran a step or an evaluation
+and discarded its result (a warm-up run) would show up as extra lines.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from jax.experimental import io_callback
 from jaxdp.workloads.base import Workload
 
 
-def counting_local_steps(workload: Workload, path: str) -> Workload:
-    """``workload`` whose ``local_step`` appends ``np.size(examples_seen)`` lines to ``path`` each time it runs."""
+def counting_local_steps(workload: Workload, path: str, evaluations_path: str) -> Workload:
+    """``workload`` whose ``local_step`` appends ``np.size(examples_seen)`` lines to ``path`` each time it runs, and
+    whose ``evaluate`` (host-side, as runtimes call it) appends one line to ``evaluations_path``."""
 
     def record(examples_seen: np.ndarray) -> None:
         with open(path, "a") as file:
@@ -24,5 +26,10 @@ def counting_local_steps(workload: Workload, path: str) -> Workload:
         io_callback(record, None, worker_state.examples_seen, ordered=False)
         return workload.local_step(worker_state, params, key)
 
-    return workload._replace(local_step=local_step)
+    def evaluate(params):
+        with open(evaluations_path, "a") as file:
+            file.write("evaluate\n")
+        return workload.evaluate(params)
+
+    return workload._replace(local_step=local_step, evaluate=evaluate)
 

@@ -1,7 +1,8 @@
 """Launched by tests/test_distributed.py, once per process: ``python -m jaxdp.runtime.distributed``'s
 command line plus ``--dump-params``, which saves this process's final parameters (flattened) to
 ``LOGDIR/params_process{i}.npy``, and ``--count-steps``, which counts the local steps this process executes in
-``LOGDIR/local_steps_process{i}.txt``. The workload is built by a function, after jax.distributed starts.
+``LOGDIR/local_steps_process{i}.txt`` (and its evaluations in ``evaluations_process{i}.txt``). The workload is
+built by a function, after jax.distributed starts.
 """
 
 import os
@@ -27,7 +28,8 @@ def main() -> int:
         if not args.count_steps:
             return built
         os.makedirs(args.logdir, exist_ok=True)
-        return counting_local_steps(built, os.path.join(args.logdir, f"local_steps_process{args.process_id}.txt"))
+        return counting_local_steps(built, os.path.join(args.logdir, f"local_steps_process{args.process_id}.txt"),
+                                    os.path.join(args.logdir, f"evaluations_process{args.process_id}.txt"))
 
     result = distributed.run_distributed(
         workload,

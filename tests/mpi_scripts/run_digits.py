@@ -1,7 +1,8 @@
 """Launched by tests/test_mpi.py under mpirun: ``python -m jaxdp.runtime.mpi``'s command line, plus
 ``--dump-params``, which makes every rank that holds the final parameters save them (flattened) to
 ``LOGDIR/params_rank{r}.npy`` so the test can compare ranks with each other and with a reference, and
-``--count-steps``, which makes every rank count the local steps it executes in ``LOGDIR/local_steps_rank{r}.txt``.
+``--count-steps``, which makes every rank count the local steps it executes in ``LOGDIR/local_steps_rank{r}.txt``
+and its evaluations in ``LOGDIR/evaluations_rank{r}.txt``.
 """
 
 import os
@@ -27,7 +28,8 @@ def main() -> int:
     inner, outer = mpi.make_optimizers(args)
     workload = digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed, worker_id=rank)
     if args.count_steps:
-        workload = counting_local_steps(workload, os.path.join(args.logdir, f"local_steps_rank{rank}.txt"))
+        workload = counting_local_steps(workload, os.path.join(args.logdir, f"local_steps_rank{rank}.txt"),
+                                        os.path.join(args.logdir, f"evaluations_rank{rank}.txt"))
     result = mpi.run_mpi(
         workload,
         mode=args.mode,
