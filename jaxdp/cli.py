@@ -54,6 +54,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--ent-coef", "ent_coef", float, "A2C/REINFORCE entropy bonus"),
     ("--vf-coef", "vf_coef", float, "A2C/REINFORCE value-loss coefficient"),
     ("--baseline", "baseline", str, "REINFORCE baseline: value, mean or none"),
+    ("--pipeline", "pipeline", str, "fused: act, then learn, in one program; overlap: an actor thread acts "
+                                    "with parameters one update old while the learner updates (Cleanba's "
+                                    "schedule; --runtime vmap)"),
     ("--strategy", "strategy", str, f"how workers cooperate: {', '.join(config_lib.STRATEGIES)}"),
     ("--runtime", "runtime", str, f"where workers run: {', '.join(config_lib.RUNTIMES)}"),
     ("--workers", "workers", int, "number of workers N"),

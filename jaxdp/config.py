@@ -18,6 +18,7 @@ RUNTIMES = ("vmap", "devices", "async_sim", "mpi", "distributed")
 TORSOS = ("auto", "mlp", "nature", "a3c")
 DELAY_KINDS = ("fixed", "uniform", "geometric", "zipf")
 LOSSES = ("auto", "mse", "huber")
+PIPELINES = ("fused", "overlap")
 
 
 # DQN on Atari: the values of Mnih et al. (2015) as CleanRL's dqn_atari uses them. The dataclass defaults are for
@@ -79,6 +80,10 @@ class TrainConfig:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     baseline: Literal["value", "mean", "none"] = "value"
+
+    # How acting and learning share the machine (see jaxdp.train.make_train): fused = act, then learn, in one
+    # program; overlap = an actor thread acts with parameters one update old while the learner updates (Cleanba).
+    pipeline: str = "fused"
 
     # How workers cooperate (see jaxdp.strategies) and where they run (see jaxdp.runtime).
     strategy: str = "single"
@@ -161,6 +166,13 @@ class TrainConfig:
     def num_iterations(self) -> int:
         return max(1, self.total_steps // self.steps_per_iteration)
 
+    @property
+    def acting_only_iterations(self) -> int:
+        """Loop iterations that act without learning: DQN's random play before ``learning_starts``, and with
+        ``pipeline="overlap"`` one more -- the first data is learned while the next is being collected."""
+        warmup = self.learning_starts // self.steps_per_iteration if self.is_dqn else 0
+        return warmup + (1 if self.pipeline == "overlap" else 0)
+
 
 def _fail(msg: str) -> None:
     raise ConfigError(msg)
@@ -180,6 +192,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--anneal-lr {cfg.anneal_lr!r} is not one of auto, on, off")
     if cfg.loss not in LOSSES:
         _fail(f"--loss {cfg.loss!r} is not one of {', '.join(LOSSES)}")
+    if cfg.pipeline not in PIPELINES:
+        _fail(f"--pipeline {cfg.pipeline!r} is not one of {', '.join(PIPELINES)}")
     if cfg.delay not in DELAY_KINDS:
         _fail(f"--delay {cfg.delay!r} is not one of {', '.join(DELAY_KINDS)}")
     positive_ints = {
@@ -284,6 +298,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--comm-time must be a finite number >= 0, got {cfg.comm_time}")
     if len(cfg.seeds) > 1 and cfg.runtime in ("mpi", "distributed", "async_sim"):
         _fail(f"--seeds with several seeds runs as one vmapped program; --runtime {cfg.runtime} takes one seed")
+    if cfg.pipeline == "overlap" and cfg.runtime != "vmap":
+        _fail(f"--pipeline overlap runs an actor thread beside the learner in one process: use --runtime vmap, "
+              f"not {cfg.runtime}")
+    if cfg.pipeline == "overlap" and cfg.num_iterations <= cfg.acting_only_iterations:
+        needed = (cfg.acting_only_iterations + 1) * cfg.steps_per_iteration
+        _fail(f"--pipeline overlap learns the data of one iteration while acting the next: --total-steps "
+              f"{cfg.total_steps} leaves no update (at least {needed} needed)")
     if cfg.algo == "reinforce" and cfg.baseline not in ("value", "mean", "none"):
         _fail(f"--baseline {cfg.baseline!r} is not one of value, mean, none")
     return cfg

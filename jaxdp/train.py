@@ -11,12 +11,16 @@ Layout of one run (PureJaxRL's idea, made explicit):
   inside ``lax.scan``; :mod:`jaxdp.envs` batches the env step under ``vmap`` (``custom_vmap``) so the per-lane code
   never sees the flattening. One compile serves every seed and worker.
 * :func:`make_train` returns a :class:`Trainer` of jitted pieces (``init``, ``warmup``, ``chunk``); the host loop
-  :func:`run` calls them, logs between chunks and checkpoints. ``Trainer.train(key)`` is the whole run as one
-  pure function, which a user may ``jax.vmap`` over keys (and hyperparameters held as arrays).
+  (:func:`run`, :mod:`jaxdp.loop`) calls them, logs between chunks and checkpoints. :func:`make_train_fn` gives
+  the whole run as one pure function, which a user may ``jax.vmap`` over keys (and hyperparameters held as
+  arrays).
+* ``--pipeline overlap`` (:func:`_overlap`): each iteration's acting and learning run at the same time, as two
+  programs on two threads, acting with parameters one update old -- Cleanba's schedule, deterministic.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
@@ -53,8 +57,7 @@ def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | No
     if cfg.anneals_lr:
         # Linear decay to 0 over the learner's gradient steps (PureJaxRL, SB3): a final policy that stays put.
         if decay_steps is None:
-            warmup = cfg.learning_starts // cfg.steps_per_iteration if cfg.is_dqn else 0
-            decay_steps = cfg.num_iterations - warmup
+            decay_steps = cfg.num_iterations - cfg.acting_only_iterations
         lr = optax.linear_schedule(lr, 0.0, max(1, int(decay_steps)))
     opt = {
         "adam": lambda: optax.adam(lr, eps=1e-5),
@@ -119,6 +122,21 @@ class Lane(NamedTuple):
     stats: PyTree  # episode statistics accumulators
     key: jax.Array
     updates: jax.Array  # gradient updates done (int32)
+    # --pipeline overlap: the data acted in the last iteration, which the next update learns (``act``'s ``data``:
+    # an a2c.Rollout, or DQN's Played steps); () otherwise.
+    pending: PyTree = ()
+
+
+class Played(NamedTuple):
+    """DQN: the ``k`` vectorised env steps one iteration played, ``[k, E, ...]``, not yet in the replay (the
+    arguments of :func:`jaxdp.agents.replay.add`)."""
+
+    obs: jax.Array  # the observations the actions were taken in
+    action: jax.Array
+    reward: jax.Array  # clipped on Atari
+    terminated: jax.Array
+    truncated: jax.Array
+    first: jax.Array  # obs is the first observation of an episode
 
 
 class StepInfo(NamedTuple):
@@ -137,7 +155,9 @@ class Trainer(NamedTuple):
     initial_handle: Callable  # () -> the env handle laid out for [S, N] lanes
     init: Callable  # (keys[S]) -> lanes[S, N]
     warmup: Callable | None  # DQN random play before learning: (handle, lanes) -> (handle, lanes, info)
-    chunk: Callable  # (handle, lanes) -> (handle, lanes, (info, metrics))
+    # (handle, lanes, start, length) -> (handle, lanes, (info, metrics)); jitted, except with --pipeline overlap
+    # (host code that runs an actor program and a learner program at once, see _overlap)
+    chunk: Callable
     chunk_iterations: int
     warmup_iterations: int
     num_chunks: int
@@ -210,10 +230,22 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
         actions = dqn.epsilon_greedy(q, eps, k_act)
         handle, st = env.step(handle, actions)
         reward = dqn.clip_reward(st.reward) if atari else st.reward
-        buf = replay_lib.add(lane.replay, lane.obs, actions, reward, st.terminated, st.truncated, lane.first)
+        played = Played(lane.obs, actions, reward, st.terminated, st.truncated, lane.first)
         stats, finished, rets, lens = envs_lib.episode_stats_update(lane.stats, st)
-        lane = lane._replace(replay=buf, obs=st.obs, first=st.first, stats=stats, key=key)
-        return handle, lane, StepInfo(finished, rets, lens)
+        lane = lane._replace(obs=st.obs, first=st.first, stats=stats, key=key)
+        return handle, lane, played, StepInfo(finished, rets, lens)
+
+    def store(lane: Lane, played: Played):
+        """Writes the ``k_steps`` played steps into the replay, oldest first (the learner's half: acting leaves
+        the replay alone, so an actor can run while the learner samples it)."""
+        def add(i, buf):
+            return replay_lib.add(buf, *jax.tree.map(lambda x: x[i], played))
+
+        # A real loop, even for one step: XLA removes a loop of one trip, and then fuses the buffer's update into
+        # both of its readers (the minibatch gather and the lane's output) and copies the whole buffer every
+        # update (Pong DQN: 12 steps/s instead of ~190). `updates` is never negative, but XLA cannot know that.
+        trips = k_steps + jnp.minimum(lane.updates, 0)
+        return lane._replace(replay=jax.lax.fori_loop(0, trips, add, lane.replay))
 
     def gradient(lane: Lane):
         """The DQN gradient at lane.params from a replay minibatch (no optimizer: runtimes reuse this)."""
@@ -249,22 +281,25 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
 
         def body(carry, _):
             h, ln = carry
-            h, ln, info = collect(h, ln, eps)
-            return (h, ln), info
+            h, ln, played, info = collect(h, ln, eps)
+            return (h, ln), (played, info)
 
-        (handle, lane), info = jax.lax.scan(body, (handle, lane), None, length=k_steps)
-        return handle, lane, info
+        # The replay stays out of the loop: acting does not touch it, and a 1M-frame buffer carried through a
+        # while loop is copied (measured: Pong DQN 12 steps/s instead of ~190).
+        replay = lane.replay
+        (handle, lane), (played, info) = jax.lax.scan(body, (handle, lane._replace(replay=())), None,
+                                                      length=k_steps)
+        return handle, lane._replace(replay=replay), played, info
 
     def warmup_iteration(handle, lane):
-        return collect_steps(handle, lane, 1.0)
+        handle, lane, played, info = collect_steps(handle, lane, 1.0)
+        return handle, store(lane, played), info
 
     def act(handle, lane: Lane, env_steps):
-        handle, lane, info = collect_steps(handle, lane, epsilon(env_steps))
-        return handle, lane, (), info  # the transitions went into lane.replay
+        return collect_steps(handle, lane, epsilon(env_steps))  # data: the played steps, for `learn` to store
 
-    def learn_half(lane: Lane, data, env_steps):
-        del data
-        lane, metrics = learn(lane)
+    def learn_half(lane: Lane, played: Played, env_steps):
+        lane, metrics = learn(store(lane, played))
         metrics["epsilon"] = epsilon(env_steps)
         return lane, metrics
 
@@ -275,8 +310,8 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
 
     def gradient_step(handle, lane: Lane, env_steps):
         """Workload form: k env steps, then the gradient and the target refresh (params updated by the caller)."""
-        handle, lane, info = collect_steps(handle, lane, epsilon(env_steps))
-        lane, grads, metrics = gradient(lane)
+        handle, lane, played, info = collect_steps(handle, lane, epsilon(env_steps))
+        lane, grads, metrics = gradient(store(lane, played))
         lane = refresh_target(lane, lane.params)
         return handle, lane, grads, info, metrics
 
@@ -354,9 +389,12 @@ class LaneFunctions(NamedTuple):
     ``iteration(handle, lane, env_steps) -> (handle, lane, StepInfo, metrics)`` acts and learns with ``tx``; it is
     exactly ``act`` then ``learn``, its two halves (the benchmark times ``act`` alone as the actor's cost):
     ``act(handle, lane, env_steps) -> (handle, lane, data, StepInfo)`` plays (A2C/REINFORCE: ``data`` is the
-    rollout; DQN: ``()``, the transitions are in ``lane.replay``) and ``learn(lane, data, env_steps) -> (lane,
-    metrics)`` updates. ``gradient_step(handle, lane, env_steps) -> (handle, lane, grads, StepInfo, metrics)`` acts
-    and returns the gradient at ``lane.params`` without applying it -- what a worker of an asynchronous runtime
+    rollout; DQN: the :class:`Played` steps) and changes only the acting fields of the lane (obs, first, stats,
+    key); ``learn(lane, data, env_steps) -> (lane, metrics)`` updates (DQN: stores ``data`` in the replay first)
+    and changes only the learning fields (params, target_params, opt_state, replay, updates; DQN also draws
+    from key) -- so the two can run at the same time (``--pipeline overlap``).
+    ``gradient_step(handle, lane, env_steps) -> (handle, lane, grads, StepInfo, metrics)`` acts and returns the
+    gradient at ``lane.params`` without applying it -- what a worker of an asynchronous runtime
     computes. ``warmup_iteration(handle, lane) -> (handle, lane, StepInfo)``: DQN's random play (None otherwise).
     """
 
@@ -530,10 +568,9 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
 
     if chunk_iterations is None:
         chunk_iterations = 1 if unroll else default_chunk_iterations(cfg)
-    warmup_iters = 0
+    random_play = cfg.learning_starts // steps_per_iteration if warmup_iteration is not None else 0
     warmup_fn = None
     if warmup_iteration is not None:
-        warmup_iters = cfg.learning_starts // steps_per_iteration
         lane_warmup = over_lanes(lambda h, ln, _: warmup_iteration(h, ln), with_metrics=False)
 
         def warmup_fn(handle, lanes, length: int):
@@ -549,11 +586,15 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
         chunk_fn = _on_mesh(chunk_fn, mesh, with_start=True)
         warmup_fn = None if warmup_fn is None else _on_mesh(warmup_fn, mesh, with_start=False)
     warmup = None if warmup_fn is None else jax.jit(warmup_fn, static_argnums=2, donate_argnums=1)
+    chunk = jax.jit(chunk_fn, static_argnums=3, donate_argnums=1)
+    if cfg.pipeline == "overlap":
+        init, warmup, chunk = _overlap(cfg, fns, S * N == 1, init, warmup_fn, random_play, initial_handle)
+    warmup_iters = cfg.acting_only_iterations
     learn_iters = max(1, cfg.num_iterations - warmup_iters)
     num_chunks = max(1, math.ceil(learn_iters / chunk_iterations))
     total_iterations = warmup_iters + learn_iters
-    chunk = jax.jit(chunk_fn, static_argnums=3, donate_argnums=1)
-    return Trainer(cfg=cfg, env=env, initial_handle=initial_handle, init=init if on_devices else jax.jit(init), warmup=warmup, chunk=chunk,
+    return Trainer(cfg=cfg, env=env, initial_handle=initial_handle, init=init if on_devices else jax.jit(init),
+                   warmup=warmup, chunk=chunk,
                    chunk_iterations=chunk_iterations, warmup_iterations=warmup_iters, num_chunks=num_chunks,
                    total_iterations=total_iterations,
                    env_steps_per_iteration=steps_per_iteration, network=network)
@@ -585,6 +626,110 @@ def vmap_lanes(fn: Callable, in_axes: tuple, out_axes: tuple, *, single: bool) -
         return on_lane_axes(out_axes, out, lambda x: x[None, None])
 
     return single_lane
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --pipeline overlap: acting and learning at the same time, with parameters one update old (Cleanba's schedule).
+# ---------------------------------------------------------------------------------------------------------------
+_ACTING = ("obs", "first", "stats", "key")  # what `act` changes
+_SHARED = ("params", "target_params", "key", "updates")  # read by the learner (params, key: by the actor too)
+_OWNED = ("opt_state", "replay")  # the learner's alone: donated to it
+
+
+def _only(lanes: Lane, fields: tuple[str, ...]) -> Lane:
+    """``lanes`` with every field outside ``fields`` emptied to ``()``."""
+    return Lane(*(getattr(lanes, f) if f in fields else () for f in Lane._fields))
+
+
+def _merge(*parts: Lane) -> Lane:
+    """One Lane from parts that each hold some fields (the first non-``()`` value of each field wins)."""
+    def pick(*values):
+        return next((v for v in values if not (isinstance(v, tuple) and v == ())), ())
+
+    return Lane(*(pick(*values) for values in zip(*parts)))
+
+
+def _ready(fn: Callable, *args):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    return out
+
+
+def _overlap(cfg: TrainConfig, fns: LaneFunctions, single: bool, base_init: Callable, random_play_fn,
+             random_play: int, initial_handle: Callable) -> tuple[Callable, Callable, Callable]:
+    """``(init, warmup, chunk)`` of ``--pipeline overlap``, for the vmap runtime.
+
+    Iteration ``k`` acts with the parameters before update ``k - 1`` and, at the same time, learns the data acted
+    in iteration ``k - 1`` -- an actor thread and the learner (the calling thread) each run one jitted program
+    and block on it (one thread blocking on both gains nothing: XLA:CPU runs them one after the other). The
+    schedule is fixed, not "whatever parameters are ready", so a run is as deterministic as a fused one:
+
+        data_0 = act(θ_0)                                   (warmup: the last acting-only iteration)
+        data_k = act(θ_{k-1})  ||  θ_k = learn(θ_{k-1}, data_{k-1})     for k = 1, 2, ...
+
+    The data acted but not learned yet rides in ``Lane.pending`` (so it is checkpointed); the data of the last
+    iteration is never learned, so a run takes exactly ``--total-steps`` env steps and one update fewer than
+    fused. Acting changes only (obs, first, stats, key), learning only (params, target_params, opt_state,
+    replay, updates); the learner draws its random numbers (DQN's minibatches) from ``fold_in(key, 1)``, a stream
+    apart from the actor's. Nothing the actor reads is donated to the learner.
+    """
+    handle_axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
+    steps_per_iteration = cfg.steps_per_iteration
+    lane_act = vmap_lanes(fns.act, (handle_axes, 0, None), (handle_axes, 0, 0, 0), single=single)
+
+    def learn_apart(lane: Lane, data, env_steps):
+        lane, metrics = fns.learn(lane._replace(key=jax.random.fold_in(lane.key, 1)), data, env_steps)
+        return lane, metrics
+
+    lane_learn = vmap_lanes(learn_apart, (0, 0, None), (0, 0), single=single)
+
+    def act_program(handle, params, acting: Lane, iteration):
+        env_steps = iteration * steps_per_iteration
+        handle, lanes, data, info = lane_act(handle, acting._replace(params=params), env_steps)
+        return handle, _only(lanes, _ACTING), data, info
+
+    def learn_program(shared: Lane, owned: Lane, data, iteration):
+        lanes, metrics = lane_learn(_merge(shared, owned), data, iteration * steps_per_iteration)
+        return _only(lanes, ("params", "target_params", "opt_state", "replay", "updates")), metrics
+
+    act_jit = jax.jit(act_program)
+    learn_jit = jax.jit(learn_program, donate_argnums=1)
+    actor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxdp-actor")
+
+    def init(keys: jax.Array) -> Lane:
+        lanes = base_init(keys)
+        data = jax.eval_shape(lane_act, initial_handle(), lanes, 0)[2]
+        return lanes._replace(pending=jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), data))
+
+    def warmup_fn(handle, lanes: Lane, length: int):
+        """The acting-only iterations left: DQN's random play, then the first data (acted into ``pending``)."""
+        infos = []
+        if length > 1:
+            handle, lanes, info = random_play_fn(handle, lanes, length - 1)
+            infos.append(info)
+        handle, acted, data, info = lane_act(handle, lanes, random_play * steps_per_iteration)
+        infos.append(jax.tree.map(lambda x: x[None], info))
+        lanes = _merge(_only(acted, _ACTING), lanes)._replace(pending=data)
+        return handle, lanes, jax.tree.map(lambda *xs: jnp.concatenate(xs), *infos)
+
+    def chunk(handle, lanes: Lane, start_iteration, length: int):
+        """``length`` overlapped iterations from ``start_iteration`` (host code: two programs per iteration)."""
+        infos, metrics = [], []
+        for i in range(length):
+            k = int(start_iteration) + i
+            acting = actor.submit(_ready, act_jit, handle, lanes.params, _only(lanes, _ACTING), jnp.int32(k))
+            try:
+                learned, m = _ready(learn_jit, _only(lanes, _SHARED), _only(lanes, _OWNED), lanes.pending,
+                                    jnp.int32(k - 1))
+            finally:
+                handle, acted, data, info = acting.result()  # never leave the actor running on a failure
+            lanes = _merge(learned, acted)._replace(pending=data)
+            infos.append(info)
+            metrics.append(m)
+        return handle, lanes, jax.tree.map(lambda *xs: jnp.stack(xs), *zip(infos, metrics))
+
+    warmup = jax.jit(warmup_fn, static_argnums=2, donate_argnums=1)
+    return init, warmup, chunk
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -654,8 +799,8 @@ def _on_mesh(fn: Callable, mesh, *, with_start: bool) -> Callable:
 def train(trainer: Trainer, keys: jax.Array):
     """The whole run as one pure function of ``keys[S]`` (no logging): returns the final lanes and every episode.
 
-    Jittable; the env step is batched by ``custom_vmap`` so this may itself be vmapped when the pool was built
-    with enough lanes.
+    Jittable (with ``pipeline="fused"``); the env step is batched by ``custom_vmap`` so this may itself be vmapped
+    when the pool was built with enough lanes.
     """
     handle = trainer.initial_handle()
     lanes = trainer.init(keys)
@@ -692,6 +837,9 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
     Returns:
       ``(train, env)``.
     """
+    if cfg.pipeline != "fused":
+        raise ValueError(f"make_train_fn: the whole run is one program, so acting and learning cannot overlap "
+                         f"(pipeline={cfg.pipeline!r}); use make_train, or pipeline='fused'")
     N, E = cfg.workers, cfg.envs_per_worker
     env = envs_lib.make_xla(cfg.env, E, seed=env_seed(cfg), lanes=lanes * N, episodic_life=True)
     network = make_network(cfg, env.spec)
