@@ -290,13 +290,15 @@ def test_rl_agent_trains_under_mpirun_with_a_parameter_server(tmp_path):
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
     cmd += [sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", "async", "--algo", "a2c",
-            "--total-steps", "300000", "--logdir", str(logdir), "--no-progress"]
+            "--total-steps", "500000", "--logdir", str(logdir), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["mode"] == "async" and summary["num_workers"] == 2
-    assert summary["total_steps"] >= 290_000
+    assert summary["total_steps"] >= 490_000
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("episodic_return") is not None for r in records)
-    # Measured: final return ~408 (2 workers, Downpour); CartPole's random policy scores ~22.
+    # The workers' arrival order at the server is real and varies run to run, and so does the final return. CartPole's
+    # random policy scores ~22. Measured, 2026-11-22, same code: 300k steps, 20 runs: 111 to 500, 2 below 150;
+    # 500k steps, 18 runs: 175 to 500, median 482.
     assert summary["final_return"] > 150, summary["final_return"]
