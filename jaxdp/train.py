@@ -637,16 +637,14 @@ _OWNED = ("opt_state", "replay")  # the learner's alone: donated to it
 
 
 def _only(lanes: Lane, fields: tuple[str, ...]) -> Lane:
-    """``lanes`` with every field outside ``fields`` emptied to ``()``."""
-    return Lane(*(getattr(lanes, f) if f in fields else () for f in Lane._fields))
+    """``lanes`` with every field outside ``fields`` set to ``None`` (a pytree with no leaves; not ``()``, which
+    is a real value here: A2C's replay, an empty optimizer state)."""
+    return Lane(*(getattr(lanes, f) if f in fields else None for f in Lane._fields))
 
 
 def _merge(*parts: Lane) -> Lane:
-    """One Lane from parts that each hold some fields (the first non-``()`` value of each field wins)."""
-    def pick(*values):
-        return next((v for v in values if not (isinstance(v, tuple) and v == ())), ())
-
-    return Lane(*(pick(*values) for values in zip(*parts)))
+    """One Lane from parts that each hold some fields (the first value that is not ``None`` wins)."""
+    return Lane(*(next((v for v in values if v is not None), None) for values in zip(*parts)))
 
 
 def _ready(fn: Callable, *args):
