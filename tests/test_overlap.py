@@ -3,7 +3,8 @@
 * The schedule: the overlapped run equals the lag-one schedule written out serially with the public
   :class:`jaxdp.train.LaneFunctions` (``data_k = act(θ_{k-1})``, ``θ_k = learn(θ_{k-1}, data_{k-1})``), and it is
   not the fused run (the lag is real).
-* Determinism: two overlapped runs with one seed are identical (threads add no race).
+* Determinism: two overlapped runs with one seed are identical (threads add no race); a seed sweep's lanes are
+  the single-seed runs, and a synchronous strategy's workers stay in step.
 * Accounting: exactly ``--total-steps`` env steps, one update fewer than fused; the pending data is checkpointed.
 * Learning: A2C solves CartPole-v1 with the lag.
 * Bad input: ``--pipeline`` values and combinations are rejected before any work (exit 2, one line).
@@ -103,6 +104,20 @@ def test_overlapped_dqn_is_deterministic_and_learns_from_its_replay(tmp_path):
     assert int(a.updates[0, 0]) == 300 - trainer.warmup_iterations
     # Every played step but the pending ones is in the replay: warmup and learned iterations, 2 steps each.
     assert int(a.replay.count[0, 0]) == 2 * (300 - 1)
+
+
+def test_overlapped_seed_sweep_equals_single_seed_runs(tmp_path):
+    """Seeds and workers stay vmapped lanes under the overlap: lane s of --seeds 0 1 is the single-seed run."""
+    kw = dict(algo="a2c", total_steps=128 * 20, pipeline="overlap")
+    _, sweep, _ = run_overlapped(make_cfg(tmp_path, seeds=(0, 1), **kw))
+    for s in (0, 1):
+        _, single, _ = run_overlapped(make_cfg(tmp_path, seeds=(s,), **kw))
+        for a, b in zip(jax.tree.leaves(sweep.params), jax.tree.leaves(single.params)):
+            np.testing.assert_allclose(a[s], b[0], rtol=1e-4, atol=1e-5)
+    # A synchronous strategy's all-reduce runs inside the learner program, across the workers axis.
+    _, workers, _ = run_overlapped(make_cfg(tmp_path, strategy="sync", workers=2, num_envs=8, **kw))
+    for leaf in jax.tree.leaves(workers.params):
+        np.testing.assert_array_equal(leaf[0, 0], leaf[0, 1])  # every worker applies the same mean gradient
 
 
 @pytest.mark.parametrize("algo", ["a2c", "dqn"])
