@@ -41,6 +41,84 @@ WORKERS = "workers"
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Hyperparameters that may be arrays (sweeps with jax.vmap).
+# ---------------------------------------------------------------------------------------------------------------
+class Hyperparams(NamedTuple):
+    """The hyperparameters a pure ``train`` (:func:`make_train_fn`) takes as values, so that ``jax.vmap`` sweeps
+    them: each field is a number or an array, or ``None`` to keep the config's value. A field that is given
+    overrides the config; under ``vmap``, give ``in_axes`` as a ``Hyperparams`` too (``None`` for fields not swept).
+
+    Attributes:
+      learning_rate: the inner optimizer's rate (the start of its annealing when ``--anneal-lr``).
+      eps_start, eps_end, eps_fraction: DQN's ε-greedy schedule: ε falls linearly from ``eps_start`` to
+        ``eps_end`` over the first ``eps_fraction`` of ``total_steps``.
+      delay: ``--strategy async``: how late every gradient is applied, an int in ``[0, max_delay]``, or a
+        :class:`jaxdp.delays.DelayDistribution` over ``0..max_delay`` (``probs`` of shape ``(max_delay + 1,)``).
+        ``cfg.max_delay`` sizes the ring buffer of gradients in flight, so it is the largest delay a sweep can hold.
+    """
+
+    learning_rate: float | jax.Array | None = None
+    eps_start: float | jax.Array | None = None
+    eps_end: float | jax.Array | None = None
+    eps_fraction: float | jax.Array | None = None
+    delay: int | jax.Array | jaxdp.delays.DelayDistribution | None = None
+
+
+def _concrete_value(x: Any) -> float | None:
+    """The value of the scalar ``x`` when known at trace time, else None (a tracer cannot be checked)."""
+    return None if isinstance(x, jax.core.Tracer) else float(x)
+
+
+def check_hyperparams(cfg: TrainConfig, hparams: Hyperparams) -> Hyperparams:
+    """Checks ``hparams`` against ``cfg``: the fields ``cfg`` can use, their shapes (one value per ``train`` call;
+    ``vmap`` adds the sweep axes) and, where known at trace time, their ranges. Raises TypeError / ValueError
+    naming the field; returns ``hparams``."""
+    if not isinstance(hparams, Hyperparams):
+        raise TypeError(f"train: hyperparameters must be a jaxdp.train.Hyperparams, e.g. "
+                        f"Hyperparams(learning_rate=lr), got {type(hparams).__name__}")
+
+    def check(name: str, value: Any, low: float, high: float) -> None:
+        if value is None:
+            return
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"train: Hyperparams.{name} must be one number per train call (vmap over an array to "
+                             f"sweep it), got shape {jnp.shape(value)}")
+        v = _concrete_value(value)
+        if v is not None and not low <= v <= high:  # also refuses NaN
+            raise ValueError(f"train: Hyperparams.{name} must be in [{low:g}, {high:g}], got {v:g}")
+
+    check("learning_rate", hparams.learning_rate, 0.0, float("inf"))
+    eps_given = [n for n in ("eps_start", "eps_end", "eps_fraction") if getattr(hparams, n) is not None]
+    if eps_given and not cfg.is_dqn:
+        raise ValueError(f"train: Hyperparams.{eps_given[0]} is DQN's ε-greedy schedule; --algo {cfg.algo} has none")
+    check("eps_start", hparams.eps_start, 0.0, 1.0)
+    check("eps_end", hparams.eps_end, 0.0, 1.0)
+    check("eps_fraction", hparams.eps_fraction, 0.0, 1.0)
+    delay = hparams.delay
+    if delay is not None:
+        if cfg.strategy != "async":
+            raise ValueError(f"train: Hyperparams.delay is the stale-gradient delay of --strategy async; "
+                             f"--strategy {cfg.strategy} has none")
+        if isinstance(delay, jaxdp.delays.DelayDistribution):
+            if jnp.shape(delay.probs) != (cfg.max_delay + 1,):
+                raise ValueError(f"train: Hyperparams.delay.probs must have shape (max_delay + 1,) = "
+                                 f"({cfg.max_delay + 1},) per train call, got {jnp.shape(delay.probs)}")
+            jaxdp.delays._validate(delay, "train: Hyperparams.delay")
+        else:
+            if not jnp.issubdtype(jnp.result_type(delay), jnp.integer):
+                raise ValueError(f"train: Hyperparams.delay must be an int (or a DelayDistribution), "
+                                 f"got dtype {jnp.result_type(delay)}")
+            check("delay", delay, 0, cfg.max_delay)
+    return hparams
+
+
+def _given(cfg: TrainConfig, hparams: Hyperparams | None, name: str):
+    """``hparams.<name>`` when given, else the config's value."""
+    value = None if hparams is None else getattr(hparams, name)
+    return getattr(cfg, name) if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Optimizer: the inner optax chain, wrapped by the strategy.
 # ---------------------------------------------------------------------------------------------------------------
 def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None, *,
@@ -69,8 +147,14 @@ def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | No
     return opt
 
 
-def _delay_distribution(cfg: TrainConfig):
+def _delay_distribution(cfg: TrainConfig, delay: Any = None):
+    """The delays of ``--strategy async``: ``cfg.delay`` up to ``cfg.max_delay``, or a swept ``Hyperparams.delay``
+    (an int becomes a one-hot distribution over ``0..max_delay``: the ring buffer keeps ``max_delay + 1`` slots)."""
     d = jaxdp.delays
+    if isinstance(delay, d.DelayDistribution):
+        return delay
+    if delay is not None:
+        return d.DelayDistribution(jax.nn.one_hot(delay, cfg.max_delay + 1, dtype=jnp.float32))
     return {
         "fixed": lambda: cfg.max_delay,
         "uniform": lambda: d.uniform(cfg.max_delay),
@@ -79,8 +163,11 @@ def _delay_distribution(cfg: TrainConfig):
     }[cfg.delay]()
 
 
-def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None, *,
+                   delay: Any = None) -> optax.GradientTransformation:
     """The per-worker update rule for ``cfg.strategy`` (run under ``vmap(axis_name="workers")``).
+
+    ``learning_rate`` and ``delay`` override the config (see :class:`Hyperparams`); both may be traced arrays.
 
     * single: the inner optimizer.
     * sync: ``allreduce`` then inner -- every worker applies the mean gradient (synchronous data parallelism).
@@ -97,7 +184,7 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = N
     if cfg.strategy == "sync":
         return optax.chain(jaxdp.allreduce(WORKERS), inner)
     if cfg.strategy == "async":
-        stale = jaxdp.delayed(inner, _delay_distribution(cfg), seed=cfg.seeds[0])
+        stale = jaxdp.delayed(inner, _delay_distribution(cfg, delay), seed=cfg.seeds[0])
         return optax.chain(jaxdp.allreduce(WORKERS), stale) if many else stale
     if cfg.strategy == "dpsgd":
         return jaxdp.local_steps(inner, optax.sgd(cfg.global_lr), cfg.local_steps, axis_name=WORKERS if many else None)
@@ -208,21 +295,26 @@ def _env_step(env, handle, obs_actions):
     return env.step(handle, obs_actions)
 
 
-def _dqn_lane_fns(cfg: TrainConfig, env, network, tx):
+def _dqn_lane_fns(cfg: TrainConfig, env, network, tx, hparams: Hyperparams | None = None):
     spec = env.spec
     apply = network_apply(cfg, network, spec)
     E = cfg.envs_per_worker
     k_steps = cfg.env_steps_per_update
     steps_per_update_all = k_steps * E * cfg.workers  # per seed
     target_every = max(1, round(cfg.target_update / steps_per_update_all))
-    eps_duration = max(1.0, cfg.eps_fraction * cfg.total_steps)
+    eps_start, eps_end = _given(cfg, hparams, "eps_start"), _given(cfg, hparams, "eps_end")
+    eps_fraction = _given(cfg, hparams, "eps_fraction")
+    if hparams is None or hparams.eps_fraction is None:
+        eps_duration = max(1.0, eps_fraction * cfg.total_steps)
+    else:  # swept: maybe a traced array
+        eps_duration = jnp.maximum(1.0, jnp.asarray(eps_fraction, jnp.float32) * cfg.total_steps)
     atari = spec.is_atari
     # Huber for clipped Atari rewards (Mnih et al. 2015); the squared error elsewhere (see dqn.loss).
     huber_delta = 1.0 if (cfg.loss == "huber" or (cfg.loss == "auto" and atari)) else None
 
     def epsilon(env_steps):
         frac = jnp.clip(env_steps / eps_duration, 0.0, 1.0)
-        return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
+        return eps_start + frac * (eps_end - eps_start)
 
     def collect(handle, lane: Lane, eps):
         key, k_act = jax.random.split(lane.key)
@@ -405,10 +497,11 @@ class LaneFunctions(NamedTuple):
     learn: Callable
 
 
-def lane_functions(cfg: TrainConfig, env, network, tx) -> LaneFunctions:
-    """The :class:`LaneFunctions` of ``cfg.algo``, learning with ``tx``."""
+def lane_functions(cfg: TrainConfig, env, network, tx, hparams: Hyperparams | None = None) -> LaneFunctions:
+    """The :class:`LaneFunctions` of ``cfg.algo``, learning with ``tx``; ``hparams``' ε schedule overrides the
+    config's (the learning rate and delays live in ``tx``: see :func:`make_optimizer`)."""
     if cfg.is_dqn:
-        return _dqn_lane_fns(cfg, env, network, tx)
+        return _dqn_lane_fns(cfg, env, network, tx, hparams)
     return _actor_critic_lane_fns(cfg, env, network, tx)
 
 
@@ -472,14 +565,12 @@ def default_chunk_iterations(cfg: TrainConfig) -> int:
     return max(1, min(cfg.num_iterations, math.ceil(cfg.num_iterations / 100)))
 
 
-def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
-               learning_rate: float | jax.Array | None = None) -> Trainer:
+def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trainer:
     """Builds the environments, network, optimizer and jitted loop pieces for ``cfg``.
 
     Args:
       cfg: a validated :class:`TrainConfig`.
       chunk_iterations: loop iterations per jitted chunk (the host logs and checkpoints between chunks).
-      learning_rate: optional override of ``cfg.learning_rate``; may be a traced array (hyperparameter sweeps).
 
     Returns:
       A :class:`Trainer`.
@@ -501,7 +592,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
         env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
     network = make_network(cfg, spec)
-    tx = make_optimizer(cfg, learning_rate)
+    tx = make_optimizer(cfg)
     fns = lane_functions(cfg, env, network, tx)
     warmup_iteration, iteration = fns.warmup_iteration, fns.iteration
 
@@ -824,13 +915,19 @@ class TrainOutput(NamedTuple):
 
 
 def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., TrainOutput], Any]:
-    """The whole run of ONE seed as a pure function ``train(key, learning_rate=None) -> TrainOutput``.
+    """The whole run of ONE seed as a pure function ``train(key, hparams=None) -> TrainOutput``.
 
     PureJaxRL's ``make_train``: ``jax.jit(train)(key)`` is one program (warmup and learning scans, no host loop);
-    ``jax.vmap(train)(keys)`` trains ``lanes`` seeds at once, and ``jax.vmap(train)(keys, lrs)`` sweeps learning
-    rates (any optax-accepted array) -- the env pool holds ``lanes`` × workers × E envs and its step is batched
-    by ``custom_vmap``, so exactly ``lanes`` vmapped calls must share it (nested vmaps multiply). The pool is
-    stateful C++: build a new function (``make_train_fn`` again) to replay a run.
+    ``jax.vmap(train)(keys)`` trains ``lanes`` seeds at once, and ``hparams``, a :class:`Hyperparams` of numbers or
+    arrays, sweeps the learning rate, DQN's ε schedule and the stale-gradient delays::
+
+        hp = Hyperparams(learning_rate=jnp.array([1e-3, 3e-3]))
+        jax.vmap(train, in_axes=(None, Hyperparams(learning_rate=0)))(key, hp)
+
+    Every vmapped call is a lane of the env pool, which holds ``lanes`` × workers × E envs and whose step is batched
+    by ``custom_vmap``: exactly ``lanes`` vmapped calls must share it (nested vmaps multiply). Lane ``l`` plays the
+    envs of a single-seed run with seed ``cfg.seeds[0] + l`` (see :func:`env_seed`). The pool is stateful C++: build
+    a new function (``make_train_fn`` again) to replay a run.
 
     Returns:
       ``(train, env)``.
@@ -845,17 +942,18 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
     handle_axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
     workers = jnp.arange(N)
 
-    def train(key: jax.Array, learning_rate: float | jax.Array | None = None) -> TrainOutput:
-        tx = make_optimizer(cfg, learning_rate)
-        fns = lane_functions(cfg, env, network, tx)
+    def train(key: jax.Array, hparams: Hyperparams | None = None) -> TrainOutput:
+        hp = check_hyperparams(cfg, Hyperparams() if hparams is None else hparams)
+        tx = make_optimizer(cfg, hp.learning_rate, delay=hp.delay)
+        fns = lane_functions(cfg, env, network, tx, hp)
         warmup_iteration, iteration = fns.warmup_iteration, fns.iteration
         init_lane = _make_init_lane(cfg, env, network, tx)
         lane_key = key
-        if learning_rate is not None:
-            # Every vmapped axis is a lane of the env pool: make the key carry the learning-rate axis too, so
+        for leaf in jax.tree.leaves(hp):
+            # Every vmapped axis is a lane of the env pool: make the key carry the hyperparameters' axes too, so
             # that a sweep over (keys x learning rates) steps keys x learning rates x workers lanes.
-            zero = (jax.lax.stop_gradient(jnp.asarray(learning_rate)) * 0).astype(key.dtype)
-            lane_key = key + zero[..., None]
+            zero = (jnp.sum(jax.lax.stop_gradient(jnp.asarray(leaf))) * 0).astype(key.dtype)
+            lane_key = lane_key + zero
         state = jax.vmap(lambda w: init_lane(lane_key, w))(workers)
         # Derive the pending-reset flags from the lanes so they carry the same (possibly vmapped) batching.
         handle = envs_lib.XlaHandle(pool=env.handle.pool, pending_reset=jnp.zeros_like(state.first))
@@ -1026,6 +1124,8 @@ def run_distributed(cfg: TrainConfig):
     return _write_rl_summary(cfg, summary)
 
 
-__all__ = ["Lane", "LaneFunctions", "StepInfo", "lane_functions", "vmap_lanes", "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
-           "make_train", "run", "seed_keys", "train", "env_seed", "device_env", "network_apply", "cnn_on_cpu", "rollout"]
-
+__all__ = [
+    "Hyperparams", "check_hyperparams", "Lane", "LaneFunctions", "StepInfo", "lane_functions", "vmap_lanes",
+    "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
+    "make_train", "run", "seed_keys", "train", "env_seed", "device_env", "network_apply", "cnn_on_cpu", "rollout",
+]
