@@ -914,6 +914,20 @@ class TrainOutput(NamedTuple):
     metrics: dict  # learner metrics per iteration, [iterations, N]
 
 
+def _batched_like(key: jax.Array, hparams: Hyperparams) -> jax.Array:
+    """``key``, batched also over the vmapped axes of ``hparams``.
+
+    Every vmapped call is a lane of the env pool: a sweep over (keys x learning rates) must step keys x learning
+    rates x workers lanes, so the key, which the lanes' state comes from, has to carry the hyperparameters' axes.
+    Adding a zero computed from each hyperparameter does that without changing the key's value."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    for leaf in jax.tree.leaves(hparams):
+        # isnan, not x * 0: a zero whatever the value (inf * 0 is NaN, and NaN has no integer value).
+        data = data + jnp.isnan(jnp.sum(jax.lax.stop_gradient(jnp.asarray(leaf)))).astype(data.dtype) * 0
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
+
+
 def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., TrainOutput], Any]:
     """The whole run of ONE seed as a pure function ``train(key, hparams=None) -> TrainOutput``.
 
@@ -948,12 +962,7 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
         fns = lane_functions(cfg, env, network, tx, hp)
         warmup_iteration, iteration = fns.warmup_iteration, fns.iteration
         init_lane = _make_init_lane(cfg, env, network, tx)
-        lane_key = key
-        for leaf in jax.tree.leaves(hp):
-            # Every vmapped axis is a lane of the env pool: make the key carry the hyperparameters' axes too, so
-            # that a sweep over (keys x learning rates) steps keys x learning rates x workers lanes.
-            zero = (jnp.sum(jax.lax.stop_gradient(jnp.asarray(leaf))) * 0).astype(key.dtype)
-            lane_key = lane_key + zero
+        lane_key = _batched_like(key, hp)
         state = jax.vmap(lambda w: init_lane(lane_key, w))(workers)
         # Derive the pending-reset flags from the lanes so they carry the same (possibly vmapped) batching.
         handle = envs_lib.XlaHandle(pool=env.handle.pool, pending_reset=jnp.zeros_like(state.first))

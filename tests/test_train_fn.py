@@ -108,6 +108,18 @@ def test_vmap_over_delays_equals_runs_configured_with_them():
     assert not np.array_equal(_episode_returns(swept, 1), _episode_returns(swept, 0))
 
 
+def test_a_typed_key_sweeps_like_a_raw_key():
+    """jax.random.key(s) and PRNGKey(s) are the same key: a hyperparameter sweep gives the same run with either."""
+    cfg = validate(TrainConfig(algo="a2c", total_steps=16 * 8 * 4, num_envs=16))
+    hp = Hyperparams(learning_rate=jnp.array([1e-3, 3e-3]))
+    outs = []
+    for key in (jax.random.PRNGKey(0), jax.random.key(0)):
+        train, _ = train_lib.make_train_fn(cfg, lanes=2)
+        outs.append(jax.jit(jax.vmap(train, in_axes=(None, Hyperparams(learning_rate=0))))(key, hp))
+    for a, b in zip(jax.tree.leaves(outs[0].lanes.params), jax.tree.leaves(outs[1].lanes.params)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("algo, strategy, hparams, error, match", [
     ("a2c", "single", Hyperparams(eps_end=0.1), ValueError, "eps_end is DQN's"),
     ("dqn", "single", Hyperparams(eps_fraction=jnp.nan), ValueError, r"eps_fraction must be in \[0, 1\]"),
