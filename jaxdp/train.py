@@ -552,12 +552,20 @@ def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
 # ---------------------------------------------------------------------------------------------------------------
 # make_train
 # ---------------------------------------------------------------------------------------------------------------
-def env_seed(cfg: TrainConfig) -> int:
-    """Pool seed: lane k of a run with first seed s gets envs seeded (s + k)·E·N + i.
+def lane_env_seed(cfg: TrainConfig, seed: int, worker: int) -> int:
+    """The seed of env 0 of the lane (seed, worker): its envs are seeded ``seed·E·N + worker·E + i``.
 
-    So a single-seed run with seed s and lane s−s0 of a contiguous sweep s0, s0+1, ... see the same environments.
+    Every runtime seeds a lane so, so a lane of a sweep plays the envs of the single-seed run with its seed, also
+    for non-contiguous sweeps (``--seeds 0 2``), and worker w of any runtime plays those of worker w of another.
     """
-    return cfg.seeds[0] * cfg.envs_per_worker * cfg.workers
+    return (seed * cfg.workers + worker) * cfg.envs_per_worker
+
+
+def env_seed(cfg: TrainConfig) -> int:
+    """Pool seed of a run: env 0 of worker 0 of its first seed (:func:`lane_env_seed`). A pool made with an int
+    seed seeds its envs consecutively, so lane k of such a pool plays the envs of the single-seed run with seed
+    ``cfg.seeds[0] + k`` (``make_train_fn``'s sweeps)."""
+    return lane_env_seed(cfg, cfg.seeds[0], 0)
 
 
 def default_chunk_iterations(cfg: TrainConfig) -> int:
@@ -577,18 +585,17 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
     """
     S, N, E = len(cfg.seeds), cfg.workers, cfg.envs_per_worker
     on_devices = cfg.runtime == "devices"
-    # Lane (seed s, worker w) plays envs seeded s·E·N + w·E + i: the same envs as a single-seed run with seed s,
-    # also for non-contiguous sweeps (--seeds 0 2), and on either runtime.
+    # Lane (seed s, worker w) plays the envs of worker w of a single-seed run with seed s (lane_env_seed).
     if on_devices:
         from jaxdp.runtime import devices as devices_runtime
 
         mesh = devices_runtime.make_mesh(N, WORKERS)
         # One pool per worker (its S seed lanes), stepped on that worker's device (see device_env).
-        pools = [envs_lib.make_xla(cfg.env, E, seed=[s * E * N + w * E for s in cfg.seeds], lanes=S,
+        pools = [envs_lib.make_xla(cfg.env, E, seed=[lane_env_seed(cfg, s, w) for s in cfg.seeds], lanes=S,
                                    episodic_life=True) for w in range(N)]
         env = device_env(pools)
     else:
-        lane_seeds = [s * E * N + w * E for s in cfg.seeds for w in range(N)]
+        lane_seeds = [lane_env_seed(cfg, s, w) for s in cfg.seeds for w in range(N)]
         env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
     network = make_network(cfg, spec)
@@ -1136,5 +1143,6 @@ def run_distributed(cfg: TrainConfig):
 __all__ = [
     "Hyperparams", "check_hyperparams", "Lane", "LaneFunctions", "StepInfo", "lane_functions", "vmap_lanes",
     "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
-    "make_train", "run", "seed_keys", "train", "env_seed", "device_env", "network_apply", "cnn_on_cpu", "rollout",
+    "make_train", "run", "seed_keys", "train", "env_seed", "lane_env_seed", "device_env", "network_apply",
+    "cnn_on_cpu", "rollout",
 ]

@@ -34,7 +34,7 @@ Environments: envpool's XLA step is a custom call whose target pool is a *static
 stepping pool A's function with pool B's handle bytes steps pool A), so one step function cannot serve several
 pools by indexing their handles. Worker w's env step is therefore ``lax.switch(w, [step_0, ..., step_{N-1}])``
 over the N pools' step functions (:func:`make_worker_env_step`); the handle bytes only order the calls. Worker w's
-pool is made with seed ``env_seed(cfg) + w·E``, so its envs are those of lane w of the vmap runtime.
+pool is made with seed ``lane_env_seed(cfg, seed, w)``, so its envs are those of lane w of the vmap runtime.
 
 Time and accounting: the compute time of one local step is proportional to its env work (default
 ``exponential(mean = env steps of one local step)``: one time unit = one env step of one env), plus
@@ -489,8 +489,8 @@ def make_async_train(
                                reply=reply)
     assert len(sched.events.worker) == K * num_chunks  # E = U·M: each update takes exactly M arrivals
 
-    base_seed = train_lib.env_seed(cfg)
-    pools = tuple(envs_lib.make_xla(cfg.env, E, seed=base_seed + w * E, episodic_life=True) for w in range(N))
+    pools = tuple(envs_lib.make_xla(cfg.env, E, seed=train_lib.lane_env_seed(cfg, cfg.seeds[0], w), episodic_life=True)
+                  for w in range(N))
     spec = pools[0].spec
     env_step = make_worker_env_step(pools)
     network = train_lib.make_network(cfg, spec)

@@ -32,12 +32,14 @@ def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000,
 
     Args:
       cfg: a validated TrainConfig; its optimizer is NOT used here (the runtime owns the update rule).
-      worker_id: this worker's index: its envs are seeded ``env_seed(cfg) + worker_id·E + i``.
+      worker_id: this worker's index: it plays the envs of worker ``worker_id`` of the vmap runtime
+        (:func:`jaxdp.train.lane_env_seed`).
       eval_steps: greedy steps per ``evaluate`` call (0: ``evaluate`` returns ``{}``).
       eval_envs: envs of the evaluation pool.
     """
     E = cfg.envs_per_worker
-    env = envs_lib.make_xla(cfg.env, E, seed=train_lib.env_seed(cfg) + worker_id * E, episodic_life=True)
+    seed = train_lib.lane_env_seed(cfg, cfg.seeds[0], worker_id)
+    env = envs_lib.make_xla(cfg.env, E, seed=seed, episodic_life=True)
     network = train_lib.make_network(cfg, env.spec)
     no_optimizer = optax.identity()  # lanes keep an optimizer state slot; workers here never apply updates
     init_lane = train_lib._make_init_lane(cfg, env, network, no_optimizer)
