@@ -36,18 +36,18 @@ folder).
 from __future__ import annotations
 
 import argparse
-import csv
-import pathlib
-import tempfile
 import time
 
+from jaxdp.cli_args import OneLineParser
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import outputs  # experiments/outputs.py: where results go
+
+
 MODELS = ("latency", "shared")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")
     parser.add_argument("--local-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="values of B")
     parser.add_argument("--num-envs", type=int, default=16, help="E, actor envs per worker")
@@ -58,16 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=200, help="arrival events (pushes) simulated per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, few events: a smoke run")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="folder for the CSV (default experiments/results; --quick: a temporary folder)")
-    parser.add_argument("--plot", type=pathlib.Path, default=None,
-                        help="PNG path (default docs/img/data_rate.png; --quick: in the --out folder)")
+    outputs.add_arguments(parser, "data_rate")
     args = parser.parse_args(argv)
     if args.quick:
         args.workers, args.local_steps, args.events = [1, 2], [1, 2], 16
-        args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="jaxdp_data_rate_quick_"))
-    args.out = args.out or ROOT / "experiments" / "results"
-    args.plot = args.plot or (args.out / "data_rate.png" if args.quick else ROOT / "docs" / "img" / "data_rate.png")
     for name in ("num_envs", "rollout_len", "events"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -77,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--comm must be >= 0, got {args.comm}")
     if not args.sigma >= 0:
         parser.error(f"--sigma must be >= 0, got {args.sigma}")
+    outputs.resolve(args, "data_rate")  # after the checks: a bad command line leaves no folder behind
     return args
 
 
@@ -134,12 +129,8 @@ def main(argv=None) -> None:
                       f"(analytic {r['analytic_env_steps_per_sim_time']:.3f}), {wall_rate:,.0f} env steps/s wall, "
                       f"staleness {r['mean_staleness']:.2f}", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "data_rate.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    outputs.write_csv(path, rows)
     print_table(rows)
     plot(rows, args)
     print(f"wrote {path} and {args.plot} in {time.perf_counter() - start:.0f} s")
@@ -155,11 +146,7 @@ def print_table(rows) -> None:
 
 
 def plot(rows, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = outputs.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, model in zip(axes[:2], MODELS):
         for n in args.workers:
@@ -189,9 +176,7 @@ def plot(rows, args) -> None:
     fig.suptitle(f"HSA2C data-generation rate, A2C on CartPole-v1, local step = n·E = "
                  f"{args.rollout_len}·{args.num_envs} units")
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
-    plt.close(fig)
+    outputs.save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

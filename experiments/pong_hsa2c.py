@@ -30,18 +30,18 @@ prints a summary table. Run: ``python experiments/pong_hsa2c.py`` (about 2 × ``
 from __future__ import annotations
 
 import argparse
-import csv
-import pathlib
-import tempfile
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from jaxdp.cli_args import OneLineParser
+
+import outputs  # experiments/outputs.py: where results go
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="Pong-v5", help="an envpool Atari id")
     parser.add_argument("--total-steps", type=int, default=100_000, help="agent steps per run (all envs)")
     parser.add_argument("--envs", type=int, default=16, help="actor envs in total (A2C: all; HSA2C: / N each)")
@@ -54,16 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--comm", type=float, default=20.0, help="one-way message time in units")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few thousand steps: a smoke run")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="folder for the CSV (default experiments/results; --quick: a temporary folder)")
-    parser.add_argument("--plot", type=pathlib.Path, default=None,
-                        help="PNG path (default docs/img/pong_hsa2c.png; --quick: in the --out folder)")
+    outputs.add_arguments(parser, "pong_hsa2c")
     args = parser.parse_args(argv)
     if args.quick:
         args.total_steps = 4_000
-        args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="jaxdp_pong_quick_"))
-    args.out = args.out or ROOT / "experiments" / "results"
-    args.plot = args.plot or (args.out / "pong_hsa2c.png" if args.quick else ROOT / "docs" / "img" / "pong_hsa2c.png")
     for name in ("total_steps", "envs", "workers", "local_steps", "master_batch", "rollout_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -73,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--master-batch {args.master_batch} must be <= --workers {args.workers}")
     if not args.lr > 0 or not args.global_lr > 0 or not args.comm >= 0:
         parser.error("--lr and --global-lr must be > 0, --comm >= 0")
+    outputs.resolve(args, "pong_hsa2c")  # after the checks: a bad command line leaves no folder behind
     return args
 
 
@@ -120,12 +115,8 @@ def main(argv=None) -> None:
         print(f"  {name}: {s['episodes']} episodes, final return {s['final_return']:.2f}, "
               f"{s['env_steps_per_wall_second']:,.0f} env steps/s, {s['seconds']:.0f} s", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "pong_hsa2c.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    outputs.write_csv(path, rows)
     print("\n| run | N × E | B | M | episodes | final return | env steps / wall s | env steps / sim unit | "
           "master updates | comm rounds | MB sent |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -151,11 +142,7 @@ def _smooth(steps, returns, episodes):
 
 
 def plot(rows, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = outputs.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name in ("A2C", "HSA2C"):
         mine = [r for r in rows if r["run"] == name]
@@ -170,9 +157,7 @@ def plot(rows, args) -> None:
     fig.suptitle(f"{args.env}: HSA2C (N = {args.workers}, B = {args.local_steps}, M = {args.master_batch}) vs A2C, "
                  f"{args.envs} actor envs in total, {args.total_steps:,} env steps, CPU")
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
-    plt.close(fig)
+    outputs.save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,6 @@ temporary folder).
 from __future__ import annotations
 
 import argparse
-import csv
-import pathlib
-import tempfile
 import time
 
 import jax
@@ -57,14 +54,16 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import jaxdp
+from jaxdp.cli_args import OneLineParser
 from jaxdp.runtime import async_sim
 from jaxdp.workloads import digits
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import outputs  # experiments/outputs.py: where results go
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")
     parser.add_argument("--seeds", type=int, default=3, help="seeds averaged per N")
     parser.add_argument("--local-steps", type=int, default=4, help="B, local steps per push")
@@ -76,17 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr-scale", type=float, default=1.0,
                         help="multiply the Corollary-1 rate (to see where staleness starts to hurt)")
     parser.add_argument("--quick", action="store_true", help="N in {1, 4}, 1 seed, K = 400: a smoke run")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="folder for the CSVs (default experiments/results; --quick: a temporary folder)")
-    parser.add_argument("--plot", type=pathlib.Path, default=None,
-                        help="PNG path (default docs/img/speedup.png; --quick: in the --out folder)")
+    outputs.add_arguments(parser, "speedup")
     args = parser.parse_args(argv)
     if args.quick:
         args.workers, args.seeds, args.budget, args.target_loss = [1, 4], 1, 400, 0.2
-        # A smoke run must not overwrite the committed results.
-        args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="jaxdp_speedup_quick_"))
-    args.out = args.out or ROOT / "experiments" / "results"
-    args.plot = args.plot or (args.out / "speedup.png" if args.quick else ROOT / "docs" / "img" / "speedup.png")
     for name in ("seeds", "local_steps", "batch_size", "budget", "eval_every", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -96,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers must all be >= 1, got {args.workers}")
     if 1 not in args.workers:
         parser.error("--workers must include 1 (the baseline of the speed-up)")
+    outputs.resolve(args, "speedup")  # after the checks: a bad command line leaves no folder behind
     return args
 
 
@@ -203,12 +196,8 @@ def main(argv=None) -> None:
             "speedup": float(base / t.mean()), "ideal": n, "efficiency": float(base / t.mean() / n),
         })
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("speedup.csv", summary), ("speedup_runs.csv", runs)):
-        with open(args.out / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    outputs.write_csv(args.out / "speedup.csv", summary)
+    outputs.write_csv(args.out / "speedup_runs.csv", runs)
 
     print(f"\n| N | time to loss {args.target_loss} (mean ± std) | master updates | mean staleness | speed-up | "
           f"efficiency |\n|---|---|---|---|---|---|")
@@ -227,11 +216,7 @@ def main(argv=None) -> None:
 
 
 def plot(summary, curves, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = outputs.pyplot()
     fig, (ax_speed, ax_curve) = plt.subplots(1, 2, figsize=(10, 4))
     ns = np.array([s["num_workers"] for s in summary])
     ax_speed.plot(ns, ns, "k--", label="ideal (linear)")
@@ -254,9 +239,7 @@ def plot(summary, curves, args) -> None:
     ax_curve.legend()
     ax_curve.grid(alpha=0.3)
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    plt.close(fig)
+    outputs.save_figure(fig, args.plot, dpi=120)
 
 
 if __name__ == "__main__":

@@ -34,16 +34,18 @@ from __future__ import annotations
 import argparse
 import csv
 import pathlib
-import tempfile
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from jaxdp.cli_args import OneLineParser
+
+import outputs  # experiments/outputs.py: where results go
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")
     parser.add_argument("--local-steps", type=int, nargs="+", default=[1, 2, 4], help="values of B")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per (N, B)")
@@ -58,17 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, a small budget: a smoke run")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the table and PNG from the CSV in --out without running anything")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="folder for the CSV (default experiments/results; --quick: a temporary folder)")
-    parser.add_argument("--plot", type=pathlib.Path, default=None,
-                        help="PNG path (default docs/img/workers_scaling.png; --quick: in the --out folder)")
+    outputs.add_arguments(parser, "workers_scaling")
     args = parser.parse_args(argv)
     if args.quick:
         args.workers, args.local_steps, args.max_steps, args.target = [1, 2], [1, 2], 40_000, 40.0
-        args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="jaxdp_workers_scaling_quick_"))
-    args.out = args.out or ROOT / "experiments" / "results"
-    args.plot = args.plot or (args.out / "workers_scaling.png" if args.quick
-                              else ROOT / "docs" / "img" / "workers_scaling.png")
     for name in ("seeds", "max_steps", "num_envs", "rollout_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -79,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not args.comm >= 0 or not args.sigma >= 0:
         parser.error("--comm and --sigma must be >= 0")
+    outputs.resolve(args, "workers_scaling")  # after the checks: a bad command line leaves no folder behind
     return args
 
 
@@ -160,12 +156,8 @@ def main(argv=None) -> None:
                        if row["steps_to_target"] is not None else "not reached")
                 print(f"  N={n} B={b} seed={seed}: {got}; staleness {row['mean_staleness']:.2f}, "
                       f"final return {row['final_return']:.0f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "workers_scaling.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    outputs.write_csv(path, rows)
     table = summarise(rows, args)
     print_table(table, args)
     plot(table, args)
@@ -200,11 +192,7 @@ def print_table(table, args) -> None:
 
 
 def plot(table, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = outputs.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for b in args.local_steps:
         mine = [r for r in table if r["local_steps"] == b]
@@ -226,9 +214,7 @@ def plot(table, args) -> None:
                  f"(M = 1, message time {args.comm:g}·N units, local step {args.rollout_len * args.num_envs} units)\n"
                  f"mean over the seeds that reached it (k/n: only k of n did)", fontsize=10)
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
-    plt.close(fig)
+    outputs.save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdp.runtime import _checks
+
 PyTree = Any
 # local_step(worker_state_w, params, key) -> (worker_state_w, grads, metrics)
 LocalStep = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree, PyTree]]
@@ -234,13 +236,6 @@ class Schedule(NamedTuple):
     reply: str
 
 
-def _check_int(caller: str, name: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{caller}: {name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{caller}: {name} must be >= {low}, got {value}")
-    return int(value)
-
 
 def schedule(
     num_workers: int,
@@ -280,13 +275,13 @@ def schedule(
         ([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3], 0)
     """
     caller = "schedule"
-    n = _check_int(caller, "num_workers", num_workers, 1)
-    b = _check_int(caller, "local_steps", local_steps, 1)
-    m = _check_int(caller, "master_batch", master_batch, 1)
+    n = _checks.check_int(caller, "num_workers", num_workers, 1)
+    b = _checks.check_int(caller, "local_steps", local_steps, 1)
+    m = _checks.check_int(caller, "master_batch", master_batch, 1)
     if m > n:
         raise ValueError(f"{caller}: master_batch M={m} > num_workers N={n}")
-    u_total = _check_int(caller, "num_updates", num_updates, 1)
-    seed = _check_int(caller, "seed", seed, 0)
+    u_total = _checks.check_int(caller, "num_updates", num_updates, 1)
+    seed = _checks.check_int(caller, "seed", seed, 0)
     comm_time = float(comm_time)
     if not np.isfinite(comm_time) or comm_time < 0.0:
         raise ValueError(f"{caller}: comm_time must be >= 0, got {comm_time}")
@@ -432,7 +427,7 @@ def init_carry(
     Each worker's inner state is ``inner.init(params)`` (the same for all; a strategy keeping a PRNG key
     therefore starts every worker from the same key).
     """
-    n = _check_int("init_carry", "num_workers", num_workers, 1)
+    n = _checks.check_int("init_carry", "num_workers", num_workers, 1)
     if worker_state is not None:
         chex.assert_tree_shape_prefix(worker_state, (n,))
     stack = lambda tree: jax.vmap(lambda _: tree)(jnp.arange(n))  # noqa: E731 (broadcast any leaf)
@@ -598,7 +593,7 @@ def make_event_step(
         for i, arrival in enumerate(zip(*arrival_inputs(sched))):
             carry, m = step(carry, ArrivalInput(*arrival), event_key(seed, i))
     """
-    local_steps = _check_int("make_event_step", "local_steps", local_steps, 1)
+    local_steps = _checks.check_int("make_event_step", "local_steps", local_steps, 1)
     if aggregate not in _AGGREGATES:
         raise ValueError(f"make_event_step: aggregate must be one of {_AGGREGATES}, got {aggregate!r}")
     return functools.partial(_event_step, local_step, inner, outer, local_steps, aggregate)
@@ -685,8 +680,8 @@ def run(
         raise TypeError(f"run: sched must be a Schedule from schedule(), got {type(sched).__name__}")
     if aggregate not in _AGGREGATES:
         raise ValueError(f"run: aggregate must be one of {_AGGREGATES}, got {aggregate!r}")
-    eval_every = _check_int("run", "eval_every", eval_every, 1)
-    seed = _check_int("run", "seed", seed, 0)
+    eval_every = _checks.check_int("run", "eval_every", eval_every, 1)
+    seed = _checks.check_int("run", "seed", seed, 0)
     if worker_state is not None:
         chex.assert_tree_shape_prefix(worker_state, (sched.num_workers,))
 

@@ -51,6 +51,7 @@ from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxdp.runtime import _checks
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime import devices as devices_runtime
 from jaxdp.runtime.vmap import AXIS_NAME
@@ -169,13 +170,6 @@ def initialize(
     )
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"run_distributed: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"run_distributed: {name} must be >= {low}, got {value}")
-    return int(value)
-
 
 def _local(tree: Any) -> Any:
     """This process's copy of a worker-stacked global pytree: the first addressable worker's slice."""
@@ -242,10 +236,10 @@ def run_distributed(
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"run_distributed: inner must be an optax.GradientTransformation, got {type(inner).__name__}")
-    total_updates = _check_int("total_updates", total_updates, 1)
-    seed = _check_int("seed", seed, 0)
-    log_every = _check_int("log_every", log_every, 1)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 0)
+    total_updates = _checks.check_int("run_distributed", "total_updates", total_updates, 1)
+    seed = _checks.check_int("run_distributed", "seed", seed, 0)
+    log_every = _checks.check_int("run_distributed", "log_every", log_every, 1)
+    checkpoint_every = _checks.check_int("run_distributed", "checkpoint_every", checkpoint_every, 0)
     if (resume or checkpoint_every) and logdir is None:
         raise ValueError("run_distributed: resume and checkpoint_every need a logdir")
     if not isinstance(workload, Workload) and not callable(workload):

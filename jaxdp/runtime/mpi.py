@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import threading
@@ -91,6 +90,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from jaxdp.runtime import _checks
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime.async_sim import worker_round
 from jaxdp.workloads.base import Workload
@@ -114,18 +114,6 @@ def _import_mpi():
     return MPI
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"run_mpi: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"run_mpi: {name} must be >= {low}, got {value}")
-    return int(value)
-
-
-def _check_positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"run_mpi: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def fault_tolerance_enabled() -> bool:
@@ -208,16 +196,16 @@ def run_mpi(
         raise TypeError(f"run_mpi: inner must be an optax.GradientTransformation, got {type(inner).__name__}")
     if outer is not None and not isinstance(outer, optax.GradientTransformation):
         raise TypeError(f"run_mpi: outer must be an optax.GradientTransformation or None, got {type(outer).__name__}")
-    local_steps = _check_int("local_steps", local_steps, 1)
-    master_batch = _check_int("master_batch", master_batch, 1)
+    local_steps = _checks.check_int("run_mpi", "local_steps", local_steps, 1)
+    master_batch = _checks.check_int("run_mpi", "master_batch", master_batch, 1)
     if aggregate not in AGGREGATES:
         raise ValueError(f"run_mpi: aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    total_updates = _check_int("total_updates", total_updates, 1)
-    seed = _check_int("seed", seed, 0)
-    log_every = _check_int("log_every", log_every, 1)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 0)
-    worker_timeout = _check_positive_float("worker_timeout", worker_timeout)
-    step_timeout = _check_positive_float("step_timeout", step_timeout)
+    total_updates = _checks.check_int("run_mpi", "total_updates", total_updates, 1)
+    seed = _checks.check_int("run_mpi", "seed", seed, 0)
+    log_every = _checks.check_int("run_mpi", "log_every", log_every, 1)
+    checkpoint_every = _checks.check_int("run_mpi", "checkpoint_every", checkpoint_every, 0)
+    worker_timeout = _checks.check_positive_float("run_mpi", "worker_timeout", worker_timeout)
+    step_timeout = _checks.check_positive_float("run_mpi", "step_timeout", step_timeout)
     if mode == "async" and local_steps != 1:
         raise ValueError(
             f"run_mpi: local_steps must be 1 in mode='async' (Downpour), got {local_steps}; use mode='dpsgd'"

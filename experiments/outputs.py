@@ -1,0 +1,79 @@
+"""What every experiment writes and where: its CSVs, its PNG, and the ``--out`` / ``--plot`` / ``--quick`` defaults.
+
+A full run writes ``experiments/results/<name>.csv`` and ``docs/img/<name>.png`` (the committed results); a
+``--quick`` smoke run writes into a fresh temporary folder, so it never overwrites them. Every file is written to
+a temporary name beside its target and renamed into place: a run killed mid-write leaves the old file, never a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """Adds ``--out`` (the CSV folder) and ``--plot`` (the PNG path) for the experiment ``name``."""
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="folder for the CSVs (default experiments/results; --quick: a temporary folder)")
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help=f"PNG path (default docs/img/{name}.png; --quick: in the --out folder)")
+
+
+def resolve(args: argparse.Namespace, name: str) -> None:
+    """Fills in ``args.out`` and ``args.plot`` where the command line left them out (see the module docstring)."""
+    if args.quick:
+        args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix=f"jaxdp_{name}_quick_"))
+    args.out = args.out or ROOT / "experiments" / "results"
+    args.plot = args.plot or (args.out / f"{name}.png" if args.quick else ROOT / "docs" / "img" / f"{name}.png")
+
+
+def _replace_atomically(path: pathlib.Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``rows`` (dicts with the same keys, in column order) as a CSV with a header."""
+    if not rows:
+        raise ValueError(f"write_csv: no rows for {path}")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _replace_atomically(path, write)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (experiments run on machines with no screen)."""
+    import matplotlib  # noqa: PLC0415 -- only the plotting step needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def save_figure(fig, path: pathlib.Path, dpi: int = 110) -> None:
+    """Saves ``fig`` as a PNG at ``path`` and closes it."""
+    try:
+        _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        pyplot().close(fig)

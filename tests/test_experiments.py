@@ -1,0 +1,75 @@
+"""The experiment scripts (``experiments/``) run end to end: each ``--quick`` smoke run, as a user starts it.
+
+Each script runs in its own process (``python experiments/<name>.py --quick --out DIR``) and must exit 0 and write
+its CSVs, with the columns the README's tables and the plots read, and a real PNG -- into ``DIR``, never over the
+committed results. A bad value stops the script with exit 2 and one line, before it creates any folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# script -> {CSV written: columns that must be there}
+OUTPUTS = {
+    "speedup": {
+        "speedup.csv": {"num_workers", "speedup", "efficiency", "mean_staleness", "mean_time_to_target"},
+        "speedup_runs.csv": {"num_workers", "seed", "time_to_target", "updates_to_target"},
+    },
+    "data_rate": {
+        "data_rate.csv": {"model", "num_workers", "local_steps", "env_steps_per_sim_time",
+                          "analytic_env_steps_per_sim_time", "env_steps_per_wall_second"},
+    },
+    "workers_scaling": {
+        "workers_scaling.csv": {"num_workers", "local_steps", "seed", "steps_to_target", "sim_time_to_target",
+                                "mean_staleness", "final_return"},
+    },
+    "pong_hsa2c": {
+        "pong_hsa2c.csv": {"run", "step", "episodic_return", "episodes", "sim_time", "wall_seconds"},
+    },
+}
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXPERIMENTS / f"{script}.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "MPLBACKEND": "Agg"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(OUTPUTS))
+def test_quick_run_writes_its_csvs_and_png(script: str, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "results"
+    result = _run(script, "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, columns in OUTPUTS[script].items():
+        with open(out / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows, f"{name} has no rows"
+        assert columns <= set(rows[0]), f"{name} lacks {columns - set(rows[0])}"
+    png = (out / f"{script}.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000  # a drawn figure, not an empty file
+    # Nothing else: no temporary file left beside the results.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS[script], f"{script}.png"])
+
+
+@pytest.mark.parametrize("script, bad", [
+    ("speedup", ["--seeds", "0"]),
+    ("data_rate", ["--events", "0"]),
+    ("workers_scaling", ["--num-envs", "0"]),
+    ("pong_hsa2c", ["--lr", "-1"]),
+])
+def test_bad_value_is_one_line_exit_2_and_no_folder(script: str, bad: list[str], tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "results"
+    result = _run(script, *bad, "--out", str(out), timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{script}.py: error: " in lines[0], result.stderr
+    assert not out.exists()
