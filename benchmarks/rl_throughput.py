@@ -28,10 +28,11 @@ Tables, printed as markdown:
      ceiling: hiding the env behind the learner needs idle cores, and the learner alone keeps them busy.
      *training / CPU-work bound* says how close the loop comes to that ceiling.
 
-2. **CartPole-v1** training steps/s of A2C and DQN (defaults), and the ratio to CleanRL's reported throughput
-   (``dqn.py`` CartPole ~4.4k steps/s; ``dqn_atari.py`` Pong ~85 steps/s; ``ppo_atari.py`` Pong ~130 steps/s --
-   the closest on-policy reference for A2C). CleanRL's numbers come from other hardware: the ratio says how the
-   two loops compare in kind (one XLA program vs a Python loop), not a controlled race.
+2. **CartPole-v1** training steps/s of A2C and DQN (defaults). *vs CleanRL* (both tables): with
+   ``--cleanrl-json`` (written by ``benchmarks/cleanrl_peer.py``, which runs CleanRL's own scripts on this machine)
+   the ratio to CleanRL measured here -- a controlled comparison; without it, to CleanRL's reported throughput
+   from other hardware (``dqn.py`` CartPole ~4.4k steps/s; ``dqn_atari.py`` Pong ~85 steps/s; ``ppo_atari.py``
+   Pong ~130 steps/s, the closest on-policy reference for A2C), which only says how the loops compare in kind.
 
 3. **Seed sweep**: wall time of ``--seeds 0 1 2`` as one vmapped program vs three sequential single-seed runs
    (``jaxdp.loop.run``, CartPole A2C, same steps per seed, compile included -- what a user waits for).
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import platform
 import resource
@@ -71,6 +73,21 @@ CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (other hardware; s
     ("dqn", "Pong-v5"): 85.0,
     ("a2c", "Pong-v5"): 130.0,  # PPO (ppo_atari.py): the closest on-policy reference
 }
+# Keys of benchmarks/cleanrl_peer.py's JSON (CleanRL measured on this machine) for each comparison above.
+CLEANRL_PEER_KEYS = {("dqn", "CartPole-v1"): "dqn/CartPole-v1", ("dqn", "Pong-v5"): "dqn/Pong-v5",
+                     ("a2c", "Pong-v5"): "ppo/Pong-v5"}
+
+
+def cleanrl_reference(path: str | None) -> tuple[dict, str]:
+    """The CleanRL steps/s to compare with, and where they come from: measured here (``--cleanrl-json``, written
+    by benchmarks/cleanrl_peer.py) or CleanRL's reported numbers from other hardware."""
+    if path is None:
+        return CLEANRL_STEPS_PER_SECOND, "CleanRL's reported numbers (other hardware)"
+    with open(path) as f:
+        peer = json.load(f)
+    measured = {key: peer["steps_per_second"][name] for key, name in CLEANRL_PEER_KEYS.items()
+                if name in peer["steps_per_second"]}
+    return measured, f"CleanRL 1.2.0 measured on {peer['cpu']} ({peer['cores']} cores) on {peer['date']}"
 
 
 # ------------------------------------------------------------------------------------------- machine
@@ -399,6 +416,10 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
+def versus(ours: float, theirs: float | None) -> str:
+    return f"{ours / theirs:.2f}× ({fmt(theirs)})" if theirs else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -408,13 +429,17 @@ def main() -> None:
                         help="Pong DQN replay capacity (the default 1M takes 7 GB; capacity does not change speed)")
     parser.add_argument("--skip-pong", action="store_true", help="CartPole and the seed sweep only")
     parser.add_argument("--skip-sweep", action="store_true", help="no seed-sweep timing")
+    parser.add_argument("--cleanrl-json", default=None,
+                        help="CleanRL measured on this machine (benchmarks/cleanrl_peer.py --json); default: CleanRL's "
+                             "reported numbers from other hardware")
     args = parser.parse_args()
+    reference, reference_source = cleanrl_reference(args.cleanrl_json)
     q = args.quick
     repeats = 1 if q else args.repeats
 
     print("# jaxdp RL throughput\n")
     print(machine_table())
-    print()
+    print(f"\n*vs CleanRL*: {reference_source}; A2C is compared with CleanRL's PPO, the closest on-policy script.\n")
 
     if not args.skip_pong:
         print("## Pong-v5: env-only, actor-only, learner-only and training env steps/s\n")
@@ -450,7 +475,7 @@ def main() -> None:
             ratio = training.steps_per_second / min(xla, learner.steps_per_second)
             overlap_ratio = overlap.steps_per_second / min(xla, learner.steps_per_second)
             cpu_bound = cores / (actor.core_seconds_per_step + learner.core_seconds_per_step)
-            ref = CLEANRL_STEPS_PER_SECOND[(algo, "Pong-v5")]
+            ref = reference.get((algo, "Pong-v5"))
             print(f"| {algo} | {E} | {fmt(host)} | {fmt(xla)} | {fmt(actor.steps_per_second)} "
                   f"| {fmt(learner.steps_per_second)} | {fmt(training.steps_per_second)} | {compile_s:.1f} "
                   f"| {ratio:.2f} | {'met' if ratio >= 0.9 else 'not met'} "
@@ -458,7 +483,7 @@ def main() -> None:
                   f"| {actor.cores:.2f} / {learner.cores:.2f} / {training.cores:.2f} / {overlap.cores:.2f} of {cores} "
                   f"| {fmt(cpu_bound)} "
                   f"| {training.steps_per_second / cpu_bound:.2f} "
-                  f"| {training.steps_per_second / ref:.2f}× ({fmt(ref)}) |", flush=True)
+                  f"| {versus(training.steps_per_second, ref)} |", flush=True)
         print()
 
     print("## CartPole-v1: training env steps/s (make_train chunks, compile excluded)\n")
@@ -468,9 +493,9 @@ def main() -> None:
         cfg = validate(TrainConfig(algo=algo, total_steps=1_000_000))
         rate, compile_s = training_steps_per_second(cfg, chunk, repeats, chunk_iterations=chunk)
         training = rate.steps_per_second
-        ref = CLEANRL_STEPS_PER_SECOND.get((algo, "CartPole-v1"))
-        vs = f"{training / ref:.1f}× ({fmt(ref)})" if ref else "n/a"
-        print(f"| {algo} | {cfg.envs_per_worker} | {fmt(training)} | {compile_s:.1f} | {vs} |", flush=True)
+        ref = reference.get((algo, "CartPole-v1"))
+        print(f"| {algo} | {cfg.envs_per_worker} | {fmt(training)} | {compile_s:.1f} | {versus(training, ref)} |",
+              flush=True)
     print()
 
     if not args.skip_sweep:
