@@ -1,0 +1,57 @@
+"""The benchmarks' own plumbing: the same-machine CleanRL reference and its command line.
+
+The measurements themselves are not tests (they need a quiet machine, and ``cleanrl_peer.py`` a separate peer
+environment of several GB and ~12 minutes); what is tested is that a bad command line stops at once, and that
+``rl_throughput.py --cleanrl-json`` reads what ``cleanrl_peer.py --json`` writes (the committed run included).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--python", "/nonexistent/python"], "is not an executable"),
+    # The project's own python lacks the peer's packages (ale_py, stable_baselines3, torch, ...).
+    (["--python", sys.executable], "lacks"),
+    (["--python", sys.executable, "--pong-seconds", "5"], "--pong-seconds"),
+])
+def test_cleanrl_peer_rejects_a_bad_command_line_in_one_line(args: list[str], names: str, tmp_path) -> None:
+    workdir = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cleanrl_peer.py"), *args, "--workdir", str(workdir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0], result.stderr
+    assert not workdir.exists()
+
+
+def test_rl_throughput_compares_with_the_committed_cleanrl_run() -> None:
+    rl_throughput = _load("rl_throughput")
+    path = BENCHMARKS / "results" / "cleanrl-intel-xeon-2026-12-02.json"
+    reference, source = rl_throughput.cleanrl_reference(str(path))
+    peer = json.loads(path.read_text())["steps_per_second"]
+    # DQN is compared with CleanRL's DQN in its steady state (ε = 0.01), A2C with CleanRL's PPO.
+    assert reference == {("dqn", "CartPole-v1"): peer["dqn/CartPole-v1"], ("dqn", "Pong-v5"): peer["dqn/Pong-v5"],
+                         ("a2c", "Pong-v5"): peer["ppo/Pong-v5"]}
+    assert "measured on Intel" in source and "2026-12-02" in source
+    assert rl_throughput.versus(86.9, reference[("dqn", "Pong-v5")]) == "1.25× (69.4)"
+    assert rl_throughput.versus(100.0, None) == "n/a"
+    # Without the JSON: CleanRL's reported numbers, labelled as from other hardware.
+    reported, source = rl_throughput.cleanrl_reference(None)
+    assert reported[("dqn", "Pong-v5")] == 85.0 and "other hardware" in source
