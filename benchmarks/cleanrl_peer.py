@@ -41,6 +41,7 @@ import time
 import zipfile
 
 from jaxdp.cli_args import OneLineParser
+from machine import cpu_model
 
 HERE = pathlib.Path(__file__).resolve().parent
 PATCH = HERE / "peers" / "cleanrl-1.2.0.patch"
@@ -154,30 +155,19 @@ def main(argv=None) -> None:
         print(f"  {key}: {steps_per_second:,.1f} steps/s ({records['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
     print("# CleanRL 1.2.0 on this machine\n")
-    print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}; jax {version[0]}, "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}; jax {version[0]}, "
           f"flax {version[1]}, envpool {version[2]}, gymnasium {version[3]}\n")
     print("| measurement | script | setting | env steps/s while learning | wall s |")
     print("|---|---|---|---|---|")
     for key, script, note, sps, seconds in rows:
         print(f"| {key} | `{script}` | {note} | {sps:,.1f} | {seconds:.0f} |")
     if args.json:
-        payload = {"cpu": _cpu_model(), "cores": os.cpu_count(), "versions": version, "steps_per_second": results,
+        payload = {"cpu": cpu_model(), "cores": os.cpu_count(), "versions": version, "steps_per_second": results,
                    "date": time.strftime("%Y-%m-%d")}
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         os.replace(tmp, args.json)
         print(f"\nwrote {args.json}")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from jaxdp import loop
 from jaxdp import train as train_lib
 from jaxdp.agents import a2c, dqn, replay as replay_lib
 from jaxdp.config import ATARI_DQN_DEFAULTS, TrainConfig, validate
+from machine import cpu_model
 
 CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (other hardware; see the module docstring)
     ("dqn", "CartPole-v1"): 4400.0,
@@ -92,16 +93,6 @@ def cleanrl_reference(path: str | None) -> tuple[dict, str]:
 
 # ------------------------------------------------------------------------------------------- machine
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_table() -> str:

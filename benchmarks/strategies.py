@@ -45,6 +45,7 @@ import optax
 import jaxdp
 from jaxdp.runtime import async_sim
 from jaxdp.workloads import digits
+from machine import cpu_model
 
 AXIS = "workers"
 
@@ -219,13 +220,7 @@ def async_sim_throughput(num_updates: int, repeats: int) -> list[dict]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
         f"| machine | {cpu}, {cores} cores available, JAX backend {jax.default_backend()} |\n"

@@ -18,7 +18,8 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str):
+def _load(name: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/<name>.py` has it: siblings import
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -41,8 +42,8 @@ def test_cleanrl_peer_rejects_a_bad_command_line_in_one_line(args: list[str], na
     assert not workdir.exists()
 
 
-def test_rl_throughput_compares_with_the_committed_cleanrl_run() -> None:
-    rl_throughput = _load("rl_throughput")
+def test_rl_throughput_compares_with_the_committed_cleanrl_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    rl_throughput = _load("rl_throughput", monkeypatch)
     path = BENCHMARKS / "results" / "cleanrl-intel-xeon-2026-12-02.json"
     reference, source = rl_throughput.cleanrl_reference(str(path))
     peer = json.loads(path.read_text())["steps_per_second"]
