@@ -40,6 +40,7 @@ import tempfile
 import time
 import zipfile
 
+from jaxdp import loop
 from jaxdp.cli_args import OneLineParser
 from machine import cpu_model
 
@@ -130,7 +131,6 @@ def main(argv=None) -> None:
     version = subprocess.run([str(args.python), "-c", "import jax, flax, envpool, gymnasium; print(jax.__version__, "
                               "flax.__version__, envpool.__version__, gymnasium.__version__)"],
                              capture_output=True, text=True, check=True).stdout.split()
-    results: dict[str, float] = {}
     rows = []
     pong = ["--env-id", "PongNoFrameskip-v4", "--learning-starts", "20000", "--buffer-size", "100000"]
     measurements = [
@@ -150,7 +150,6 @@ def main(argv=None) -> None:
                 if len(records["charts/SPS_update"]) >= 3 else records["charts/SPS_update"][-1][2]
         else:
             steps_per_second = rate(records["charts/SPS"], skip_steps=skip)
-        results[key] = steps_per_second
         rows.append((key, script, note, steps_per_second, records["seconds"]))
         print(f"  {key}: {steps_per_second:,.1f} steps/s ({records['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
@@ -162,11 +161,9 @@ def main(argv=None) -> None:
     for key, script, note, sps, seconds in rows:
         print(f"| {key} | `{script}` | {note} | {sps:,.1f} | {seconds:.0f} |")
     if args.json:
-        payload = {"cpu": cpu_model(), "cores": os.cpu_count(), "versions": version, "steps_per_second": results,
-                   "date": time.strftime("%Y-%m-%d")}
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, args.json)
+        steps_per_second = {key: sps for key, _, _, sps, _ in rows}
+        loop.write_json_atomic(str(args.json), {"cpu": cpu_model(), "cores": os.cpu_count(), "versions": version,
+                                                "steps_per_second": steps_per_second, "date": time.strftime("%Y-%m-%d")})
         print(f"\nwrote {args.json}")
 
 

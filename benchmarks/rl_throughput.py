@@ -94,7 +94,6 @@ def cleanrl_reference(path: str | None) -> tuple[dict, str]:
 # ------------------------------------------------------------------------------------------- machine
 
 
-
 def machine_table() -> str:
     import envpool
     import flax

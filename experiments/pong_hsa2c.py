@@ -39,7 +39,6 @@ from jaxdp.cli_args import OneLineParser
 import outputs  # experiments/outputs.py: where results go
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="Pong-v5", help="an envpool Atari id")

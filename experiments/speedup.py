@@ -61,7 +61,6 @@ from jaxdp.workloads import digits
 import outputs  # experiments/outputs.py: where results go
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")

@@ -236,7 +236,6 @@ class Schedule(NamedTuple):
     reply: str
 
 
-
 def schedule(
     num_workers: int,
     local_steps: int,

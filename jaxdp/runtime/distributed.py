@@ -170,7 +170,6 @@ def initialize(
     )
 
 
-
 def _local(tree: Any) -> Any:
     """This process's copy of a worker-stacked global pytree: the first addressable worker's slice."""
     return jax.tree.map(lambda leaf: np.asarray(leaf.addressable_shards[0].data)[0], tree)

@@ -114,8 +114,6 @@ def _import_mpi():
     return MPI
 
 
-
-
 def fault_tolerance_enabled() -> bool:
     """Whether this process was launched with Open MPI's ULFM on (``mpirun --with-ft ulfm``)."""
     return os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes", "enabled")
