@@ -40,7 +40,7 @@ import tempfile
 import time
 import zipfile
 
-from jaxdp import loop
+from jaxdp import atomic
 from jaxdp.cli_args import OneLineParser
 from machine import cpu_model
 
@@ -162,8 +162,8 @@ def main(argv=None) -> None:
         print(f"| {key} | `{script}` | {note} | {sps:,.1f} | {seconds:.0f} |")
     if args.json:
         steps_per_second = {key: sps for key, _, _, sps, _ in rows}
-        loop.write_json_atomic(str(args.json), {"cpu": cpu_model(), "cores": os.cpu_count(), "versions": version,
-                                                "steps_per_second": steps_per_second, "date": time.strftime("%Y-%m-%d")})
+        atomic.write_json(args.json, {"cpu": cpu_model(), "cores": os.cpu_count(), "versions": version,
+                                      "steps_per_second": steps_per_second, "date": time.strftime("%Y-%m-%d")})
         print(f"\nwrote {args.json}")
 
 

@@ -2,19 +2,20 @@
 
 A full run writes ``experiments/results/<name>.csv`` and ``docs/img/<name>.png`` (the committed results); a
 ``--quick`` smoke run writes into a fresh temporary folder, so it never overwrites them. Every file is written to
-a temporary name beside its target and renamed into place: a run killed mid-write leaves the old file, never a
-half-written one.
+a temporary name beside its target and renamed into place (:mod:`jaxdp.atomic`): a run killed mid-write leaves
+the old file, never a half-written one.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import pathlib
 import tempfile
 from collections.abc import Sequence
 from typing import Any
+
+from jaxdp import atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,18 +36,6 @@ def resolve(args: argparse.Namespace, name: str) -> None:
     args.plot = args.plot or (args.out / f"{name}.png" if args.quick else ROOT / "docs" / "img" / f"{name}.png")
 
 
-def _replace_atomically(path: pathlib.Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
     """``rows`` (dicts with the same keys, in column order) as a CSV with a header."""
     if not rows:
@@ -58,7 +47,7 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    _replace_atomically(path, write)
+    atomic.replace_file(path, write)
 
 
 def pyplot():
@@ -74,6 +63,6 @@ def pyplot():
 def save_figure(fig, path: pathlib.Path, dpi: int = 110) -> None:
     """Saves ``fig`` as a PNG at ``path`` and closes it."""
     try:
-        _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+        atomic.replace_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         pyplot().close(fig)

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdp import atomic
 from jaxdp import config as config_lib
 from jaxdp import envs as envs_lib
 from jaxdp import loop as loop_lib
@@ -855,5 +856,5 @@ def run(
         "accounting": result.accounting,
         "config": dataclasses.asdict(cfg),
     }
-    loop_lib.write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
+    atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary

@@ -7,8 +7,8 @@
   message is a single contiguous buffer that mpi4py sends without pickling.
 * The PRNG key schedule (:func:`worker_key`), so that a single-process reference can recompute
   exactly the batches every rank drew.
-* Small file helpers: JSON lines, atomic ``.npz`` checkpoints (write a temp file, then
-  ``os.replace``, so a crash never leaves a half-written checkpoint behind).
+* Small file helpers: JSON lines, ``.npz`` checkpoints replaced atomically (:mod:`jaxdp.atomic`: a crash never
+  leaves a half-written checkpoint behind).
 
 Nothing here imports mpi4py: importing it initialises MPI, which a ``jax.distributed`` process (or a
 ``--help``) must not do.
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
+
+from jaxdp import atomic
 
 # Message tags. Distinct tags keep parameter replies and Δ pushes from ever matching each other.
 TAG_PARAMS = 11  # master -> worker: header [version, stop, 0, 0] + θ
@@ -95,11 +96,7 @@ def append_json_line(path: str, record: dict) -> None:
 
 def write_json(path: str, record: dict) -> None:
     """Write ``record`` as indented JSON, atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as stream:
-        json.dump(to_builtin(record), stream, indent=2)
-        temporary = stream.name
-    os.replace(temporary, path)
+    atomic.write_json(path, to_builtin(record))
 
 
 def truncate_json_lines(path: str, max_value: int, key: str = "step") -> int:
@@ -124,20 +121,13 @@ def truncate_json_lines(path: str, max_value: int, key: str = "step") -> int:
             else:
                 dropped += 1
     if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic.write_lines(path, kept)
     return dropped
 
 
 def save_checkpoint(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Save ``arrays`` to ``path`` (an ``.npz``) atomically: a temp file in the same folder, then ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("wb", dir=directory, suffix=".npz.tmp", delete=False) as stream:
-        np.savez(stream, **arrays)
-        temporary = stream.name
-    os.replace(temporary, path)
+    """Save ``arrays`` to ``path`` (an ``.npz``) atomically (:func:`jaxdp.atomic.save_npz`)."""
+    atomic.save_npz(path, arrays)
 
 
 def load_checkpoint(path: str) -> dict[str, np.ndarray]:
