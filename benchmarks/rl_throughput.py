@@ -34,8 +34,9 @@ Tables, printed as markdown:
    from other hardware (``dqn.py`` CartPole ~4.4k steps/s; ``dqn_atari.py`` Pong ~85 steps/s; ``ppo_atari.py``
    Pong ~130 steps/s, the closest on-policy reference for A2C), which only says how the loops compare in kind.
 
-3. **Seed sweep**: wall time of ``--seeds 0 1 2`` as one vmapped program vs three sequential single-seed runs
-   (``jaxdp.loop.run``, CartPole A2C, same steps per seed, compile included -- what a user waits for).
+3. **Sweeps**: wall time of ``--seeds 0 1 2``, and of ``--lr 1e-3 4e-3 --seeds 0 1``, as one vmapped program vs
+   their runs one after another (``jaxdp.loop.run``, CartPole A2C, same steps per run, compile included -- what a
+   user waits for).
 
 Each rate is the median over ``--repeats`` timed calls of an already compiled program. The machine is shared:
 its load average is printed with the table; rates scale with the idle cores.
@@ -383,19 +384,24 @@ def actor_steps_per_second(cfg: TrainConfig, iterations: int, repeats: int) -> R
     return Rate(steps / t.seconds, t.cores)
 
 
-def seed_sweep_seconds(total_steps: int, seeds: tuple[int, ...]) -> tuple[float, float]:
-    """(wall s of one loop.run over `seeds`, wall s of one loop.run per seed in turn), CartPole A2C."""
+def sweep_seconds(total_steps: int, seeds: tuple[int, ...], lrs: tuple[float, ...] = ()) -> tuple[float, float]:
+    """(wall s of one loop.run of every run of the sweep, wall s of one loop.run per run in turn), CartPole A2C.
+
+    The sweep is ``seeds`` (and, with several ``lrs``, every learning rate with every seed: ``--lr ... --seeds ...``);
+    the runs in turn are its runs' own configs (``cfg.run_config(r)``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        def run(name, run_seeds):
-            cfg = validate(TrainConfig(algo="a2c", total_steps=total_steps, seeds=run_seeds,
-                                       logdir=os.path.join(tmp, name), progress=False, eval_episodes=0,
-                                       tensorboard=False, checkpoint_interval=1e9))
+        def run(cfg: TrainConfig) -> float:
             t0 = time.perf_counter()
             loop.run(cfg)
             return time.perf_counter() - t0
 
-        together = run("sweep", seeds)
-        apart = sum(run(f"seed_{s}", (s,)) for s in seeds)
+        cfg = validate(TrainConfig(algo="a2c", total_steps=total_steps, seeds=seeds,
+                                   sweep=(("lr", lrs),) if len(lrs) > 1 else (),
+                                   logdir=os.path.join(tmp, "sweep"), progress=False, eval_episodes=0,
+                                   tensorboard=False, checkpoint_interval=1e9))
+        together = run(cfg)
+        apart = sum(run(dataclasses.replace(cfg.run_config(r), logdir=os.path.join(tmp, f"run_{r}")))
+                    for r in range(len(cfg.runs)))
     return together, apart
 
 
@@ -418,7 +424,7 @@ def main() -> None:
     parser.add_argument("--dqn-buffer", type=int, default=50_000,
                         help="Pong DQN replay capacity (the default 1M takes 7 GB; capacity does not change speed)")
     parser.add_argument("--skip-pong", action="store_true", help="CartPole and the seed sweep only")
-    parser.add_argument("--skip-sweep", action="store_true", help="no seed-sweep timing")
+    parser.add_argument("--skip-sweep", action="store_true", help="no sweep timing")
     parser.add_argument("--cleanrl-json", default=None,
                         help="CleanRL measured on this machine (benchmarks/cleanrl_peer.py --json); default: CleanRL's "
                              "reported numbers from other hardware")
@@ -491,11 +497,13 @@ def main() -> None:
     if not args.skip_sweep:
         total = 50_000 if q else 200_000
         seeds = (0, 1, 2)
-        together, apart = seed_sweep_seconds(total, seeds)
-        print(f"## Seed sweep: CartPole-v1 A2C, {total:,} steps per seed, compile included\n")
-        print("| seeds 0 1 2 as one program | three single-seed runs in turn | speed-up |")
-        print("|---|---|---|")
-        print(f"| {together:.1f} s | {apart:.1f} s | {apart / together:.2f}× |")
+        print(f"## Sweeps: CartPole-v1 A2C, {total:,} steps per run, compile included\n")
+        print("| sweep | as one program | its runs one after another | speed-up |")
+        print("|---|---|---|---|")
+        for name, sweep_seeds, lrs in (("`--seeds 0 1 2`", seeds, ()),
+                                       ("`--lr 1e-3 4e-3 --seeds 0 1` (4 runs)", (0, 1), (1e-3, 4e-3))):
+            together, apart = sweep_seconds(total, sweep_seeds, lrs)
+            print(f"| {name} | {together:.1f} s | {apart:.1f} s | {apart / together:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,12 +86,21 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train an agent",
-        description="Train an RL agent, alone or as N workers cooperating by a distributed-SGD strategy.",
+        description="Train an RL agent, alone or as N workers cooperating by a distributed-SGD strategy. Several "
+                    "--seeds, and several values of --lr, --eps-start, --eps-end or --eps-fraction, train every "
+                    "combination at once, as one vmapped program.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for flag, field, kind, help_text in _OPTIONS:
         default = getattr(_D, field)
-        if kind == "flag":
+        if field in config_lib.SWEEPABLE:
+            # Several values sweep the option: every combination, with every seed, as one vmapped program.
+            p.add_argument(flag, dest=field, type=kind, nargs="+", default=None,
+                           help=f"{help_text}; several values sweep it (default: "
+                                f"{config_lib.ATARI_DQN_DEFAULTS.get(field, default)} on Atari DQN, else "
+                                f"{default})%(default).0s" if field in config_lib.ATARI_DQN_DEFAULTS else
+                           f"{help_text}; several values sweep it (default: {default})%(default).0s")
+        elif kind == "flag":
             p.add_argument(flag, dest=field, action="store_true", help=help_text)
         elif kind == "noflag":
             p.add_argument(flag, dest=field, action="store_false", help=help_text)
@@ -137,6 +146,15 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
         is_atari = backend_of(env) == "envpool" and _is_atari(env)
     kw.update(config_lib.atari_dqn_defaults(algo, is_atari, kw))
     kw = {k: v for k, v in kw.items() if v is not None}
+    # A sweepable option given several values becomes a sweep; its own field keeps the first (unused) value.
+    sweep = []
+    for field in config_lib.SWEEPABLE:
+        values = kw.get(field)
+        if isinstance(values, list):
+            kw[field] = values[0]
+            if len(values) > 1:
+                sweep.append((field, tuple(values)))
+    kw["sweep"] = tuple(sweep)
     kw["hidden"] = tuple(args.hidden)
     kw.pop("seeds", None)  # --seed / --seeds / --num-seeds are folded into one tuple below
     if args.seeds is not None:
@@ -240,11 +258,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = train_lib.run(cfg)
     if summary is None:  # a non-zero MPI rank: rank 0 reports
         return 0
-    final, evaluation = summary.get("final_return"), summary.get("eval_return")
+    if cfg.sweep:
+        print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} seeds) of "
+              f"{summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s; outputs in {cfg.logdir}")
+        for point in summary["grid"]:
+            label = " ".join(f"{config_lib.SWEEPABLE[k]} {v:g}" for k, v in point["hyperparams"].items())
+            mark = "  (best)" if point["hyperparams"] == summary["best"] else ""
+            print(f"  {label}: final return {_rounded(point['final_return'])}, "
+                  f"greedy eval {_rounded(point['eval_return'])}{mark}")
+        return 0
     print(f"jaxdp train: {summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s; "
-          f"final return {final if final is None else round(final, 1)}, "
-          f"greedy eval {evaluation if evaluation is None else round(evaluation, 1)}; outputs in {cfg.logdir}")
+          f"final return {_rounded(summary.get('final_return'))}, "
+          f"greedy eval {_rounded(summary.get('eval_return'))}; outputs in {cfg.logdir}")
     return 0
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 if __name__ == "__main__":

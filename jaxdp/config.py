@@ -9,6 +9,7 @@ status 2. Defaults are the small, fast main job of the README.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Literal
 
@@ -35,6 +36,11 @@ ATARI_DQN_DEFAULTS = {
 }
 
 
+# The options a run can sweep as one vmapped program, each run with its own value (jaxdp.train.Hyperparams): the
+# config field and its flag. The ε schedule is DQN's.
+SWEEPABLE = {"lr": "--lr", "eps_start": "--eps-start", "eps_end": "--eps-end", "eps_fraction": "--eps-fraction"}
+
+
 class ConfigError(ValueError):
     """A bad option or combination of options; the message is one line naming it."""
 
@@ -47,6 +53,9 @@ class TrainConfig:
     total_steps: int = 500_000  # environment steps per seed, summed over all workers and their envs
     num_envs: int = 0  # per worker; 0 = the algorithm's default
     seeds: tuple[int, ...] = (0,)
+    # Hyperparameter sweep: ((field, values), ...) over fields of SWEEPABLE. The run trains every combination of the
+    # values (the grid) with every seed, as one vmapped program; a swept field's own value above is not used.
+    sweep: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     # Optimizer (the inner optax chain every strategy wraps).
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
@@ -115,6 +124,28 @@ class TrainConfig:
     @property
     def is_dqn(self) -> bool:
         return self.algo in ("dqn", "double_dqn")
+
+    @property
+    def grid(self) -> tuple[dict[str, float], ...]:
+        """The sweep's points: every combination of the swept values, the first swept field varying slowest
+        (``({},)`` without a sweep)."""
+        names = [name for name, _ in self.sweep]
+        return tuple(dict(zip(names, values)) for values in itertools.product(*(v for _, v in self.sweep)))
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...]:
+        """``(grid point, seed)`` of every run, point-major: lane ``r`` of the vmapped program trains ``runs[r]``
+        (without a sweep, the seeds in order)."""
+        return tuple((point, seed) for point in range(len(self.grid)) for seed in self.seeds)
+
+    def point_config(self, point: int) -> TrainConfig:
+        """The config of grid point ``point`` (its swept values set, no sweep), with every seed."""
+        return dataclasses.replace(self, sweep=(), **self.grid[point])
+
+    def run_config(self, run: int) -> TrainConfig:
+        """The single-seed config that run ``run`` of the sweep equals (lane ``run`` plays its envs, from its key)."""
+        point, seed = self.runs[run]
+        return dataclasses.replace(self.point_config(point), seeds=(seed,))
 
     @property
     def envs_per_worker(self) -> int:
@@ -298,6 +329,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--comm-time must be a finite number >= 0, got {cfg.comm_time}")
     if len(cfg.seeds) > 1 and cfg.runtime in ("mpi", "distributed", "async_sim"):
         _fail(f"--seeds with several seeds runs as one vmapped program; --runtime {cfg.runtime} takes one seed")
+    _validate_sweep(cfg)
     if cfg.pipeline == "overlap" and cfg.runtime != "vmap":
         _fail(f"--pipeline overlap runs an actor thread beside the learner in one process: use --runtime vmap, "
               f"not {cfg.runtime}")
@@ -308,6 +340,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.algo == "reinforce" and cfg.baseline not in ("value", "mean", "none"):
         _fail(f"--baseline {cfg.baseline!r} is not one of value, mean, none")
     return cfg
+
+
+def _validate_sweep(cfg: TrainConfig) -> None:
+    """The swept fields, their values, and every grid point as a config of its own."""
+    names = [name for name, _ in cfg.sweep]
+    for name, values in cfg.sweep:
+        flag = SWEEPABLE.get(name)
+        if flag is None:
+            _fail(f"sweep: {name!r} cannot be swept; sweepable: {', '.join(SWEEPABLE)}")
+        if not values:
+            _fail(f"{flag} needs at least one value")
+        if len(set(values)) != len(values):
+            _fail(f"{flag} has duplicates: {list(values)}")
+        if name.startswith("eps_") and not cfg.is_dqn:
+            _fail(f"{flag} with several values sweeps DQN's epsilon schedule; --algo {cfg.algo} has none")
+    if len(set(names)) != len(names):
+        _fail(f"sweep: a field is swept twice: {names}")
+    if cfg.sweep and cfg.runtime in ("mpi", "distributed", "async_sim"):
+        _fail(f"a sweep (several values of {', '.join(SWEEPABLE[n] for n in names)}) runs as one vmapped program; "
+              f"--runtime {cfg.runtime} trains one")
+    for point in cfg.grid if cfg.sweep else ():
+        validate(dataclasses.replace(cfg, sweep=(), **point))  # the ranges, and how each value fits the rest
 
 
 def atari_dqn_defaults(algo: str, is_atari: bool, given: dict) -> dict:

@@ -9,6 +9,11 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
 * ``summary.json`` -- ``total_steps``, ``wall_seconds``, ``final_return`` (mean return of the last 10% of finished
   episodes), ``eval_return``, ``config``; with several seeds also per-seed values and the mean, std and a 95%
   confidence interval over seeds (Student t), and ``learning_curves.png``.
+* A hyperparameter sweep (``--lr 1e-3 3e-3``, see :attr:`TrainConfig.sweep`) adds a level: each grid point writes
+  to ``<point>/`` (``lr_0.001``; its seeds in ``<point>/seed_<s>/``, and the mean over them in
+  ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
+  ``summary.json`` lists every point in ``grid`` (mean, std, CI over seeds), every run in ``runs``, and the best
+  point (by mean final return) in ``best``, ``final_return`` and ``eval_return``; the PNG has each point's mean and range over seeds.
 * ``tb/`` -- TensorBoard events; ``checkpoints/`` -- orbax checkpoints that ``--resume`` continues from.
 
 A crash loses at most the work since the last checkpoint (``--checkpoint-interval`` seconds).
@@ -21,12 +26,12 @@ import json
 import math
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdp import atomic
 from jaxdp.config import TrainConfig
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 
@@ -78,21 +83,6 @@ def confidence_interval(values: list[float]) -> dict[str, float] | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Files.
 # ---------------------------------------------------------------------------------------------------------------
-def _json_default(x: Any):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
 class MetricsWriter:
     """Appends JSON lines (flushed per line, so a crash keeps what was logged) and mirrors to TensorBoard."""
 
@@ -106,7 +96,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(tb_dir)
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, default=_json_default) + "\n")
+        self._f.write(json.dumps(record, default=atomic.json_value) + "\n")
         self._f.flush()
         if self._tb is not None:
             for k, v in record.items():
@@ -211,39 +201,83 @@ def _progress(cfg: TrainConfig, total: int):
     return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, desc=f"{cfg.algo} {cfg.env}")
 
 
-def plot_seed_curves(path: str, curves: list[list[tuple[int, float]]], title: str) -> None:
+def plot_learning_curves(path: str, groups: dict[str, list[list[tuple[int, float]]]], title: str) -> None:
+    """Learning curves as a PNG: for each group (a sweep's grid point; one group for a seed sweep), the mean over
+    its runs. A single group also draws each run and a 95% confidence band (Student t); several groups draw each
+    one's range over its runs (min to max)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = sorted({s for c in curves for s, _ in c})
+    grid = sorted({s for curves in groups.values() for c in curves for s, _ in c})
     if not grid:
         return
-    ys = []
-    for c in curves:
-        xs = np.array([s for s, _ in c], dtype=float)
-        vs = np.array([v for _, v in c], dtype=float)
-        ys.append(np.interp(grid, xs, vs) if len(xs) else np.full(len(grid), np.nan))
-    ys = np.array(ys)
-    mean = np.nanmean(ys, axis=0)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for y in ys:
-        ax.plot(grid, y, lw=0.6, alpha=0.4)
-    ax.plot(grid, mean, lw=2, label=f"mean of {len(curves)} seeds")
-    if len(curves) > 1:
-        from scipy import stats
+    for label, curves in groups.items():
+        ys = []
+        for c in curves:
+            xs = np.array([s for s, _ in c], dtype=float)
+            vs = np.array([v for _, v in c], dtype=float)
+            ys.append(np.interp(grid, xs, vs) if len(xs) else np.full(len(grid), np.nan))
+        ys = np.array(ys)
+        mean = np.nanmean(ys, axis=0)
+        if len(groups) == 1:
+            for y in ys:
+                ax.plot(grid, y, lw=0.6, alpha=0.4)
+        line, = ax.plot(grid, mean, lw=2, label=f"{label + ': ' if label else ''}mean of {len(curves)} seeds")
+        if len(curves) > 1 and len(groups) == 1:
+            from scipy import stats
 
-        sem = np.nanstd(ys, axis=0, ddof=1) / math.sqrt(len(curves))
-        half = stats.t.ppf(0.975, len(curves) - 1) * sem
-        ax.fill_between(grid, mean - half, mean + half, alpha=0.25, label="95% CI")
+            sem = np.nanstd(ys, axis=0, ddof=1) / math.sqrt(len(curves))
+            half = stats.t.ppf(0.975, len(curves) - 1) * sem
+            ax.fill_between(grid, mean - half, mean + half, alpha=0.25, label="95% CI")
+        elif len(curves) > 1:
+            # Several points side by side: each point's range over its seeds. A t interval over the few seeds of a
+            # sweep (t = 12.7 for two) would cover the whole plot; summary.json holds the intervals.
+            ax.fill_between(grid, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), alpha=0.2, color=line.get_color())
     ax.set_xlabel("environment steps")
     ax.set_ylabel("episodic return")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize="small", title=None if len(groups) == 1 else "band: min to max over seeds",
+              title_fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic.replace_file(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def point_label(point: dict[str, float]) -> str:
+    """A grid point as a folder name: ``lr_0.001``, ``eps_end_0.01-eps_fraction_0.3``."""
+    return "-".join(f"{name}_{value:g}" for name, value in point.items())
+
+
+def run_dirs(cfg: TrainConfig) -> list[str]:
+    """Where each run (``cfg.runs``) writes: ``--logdir`` for one run; ``seed_<s>/`` for the seeds of a seed sweep;
+    ``<point>/`` (:func:`point_label`) for the points of a hyperparameter sweep, ``<point>/seed_<s>/`` with several
+    seeds."""
+    out = []
+    for point, seed in cfg.runs:
+        d = cfg.logdir
+        if cfg.sweep:
+            d = os.path.join(d, point_label(cfg.grid[point]))
+        if len(cfg.seeds) > 1:
+            d = os.path.join(d, f"seed_{seed}")
+        out.append(d)
+    return out
+
+
+def mean_groups(cfg: TrainConfig) -> list[tuple[str, list[int]]]:
+    """``(folder, runs)`` whose metrics.jsonl is the mean over those runs: ``--logdir`` over all runs (when there
+    are several), and each point's folder over its seeds (a sweep with several seeds)."""
+    S = len(cfg.runs)
+    groups = [(cfg.logdir, list(range(S)))] if S > 1 else []
+    if cfg.sweep and len(cfg.seeds) > 1:
+        for point, values in enumerate(cfg.grid):
+            groups.append((os.path.join(cfg.logdir, point_label(values)),
+                           [r for r, (p, _) in enumerate(cfg.runs) if p == point]))
+    return groups
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -251,7 +285,7 @@ def run(cfg: TrainConfig) -> dict:
     from jaxdp import train as train_lib
 
     t_start = time.time()
-    S = len(cfg.seeds)
+    S = len(cfg.runs)  # lanes: grid points x seeds
     os.makedirs(cfg.logdir, exist_ok=True)
     trainer = train_lib.make_train(cfg)
     keys = train_lib.seed_keys(cfg)
@@ -271,13 +305,14 @@ def run(cfg: TrainConfig) -> dict:
         iteration = int(host["iteration"])
         episodes = [[tuple(e) for e in per_seed] for per_seed in host["episodes"]]
 
-    per_seed_dirs = [cfg.logdir] if S == 1 else [os.path.join(cfg.logdir, f"seed_{s}") for s in cfg.seeds]
+    per_run_dirs = run_dirs(cfg)
+    groups = mean_groups(cfg)
     if cfg.resume:  # continue the curves from the checkpoint: steps logged after it will be logged again
-        for d in dict.fromkeys([cfg.logdir, *per_seed_dirs]):
+        for d in dict.fromkeys([cfg.logdir, *per_run_dirs, *(d for d, _ in groups)]):
             truncate_json_lines(os.path.join(d, "metrics.jsonl"), iteration * trainer.env_steps_per_iteration)
     writers = [MetricsWriter(os.path.join(d, "metrics.jsonl"), os.path.join(d, "tb") if cfg.tensorboard else None)
-               for d in per_seed_dirs]
-    mean_writer = MetricsWriter(os.path.join(cfg.logdir, "metrics.jsonl"), None) if S > 1 else None
+               for d in per_run_dirs]
+    mean_writers = [(MetricsWriter(os.path.join(d, "metrics.jsonl"), None), members) for d, members in groups]
     steps_per_iter = trainer.env_steps_per_iteration
     total_iters = trainer.total_iterations
     bar = _progress(cfg, total_iters * steps_per_iter)
@@ -328,11 +363,11 @@ def run(cfg: TrainConfig) -> dict:
                    **{k: float(v[s]) for k, v in means.items()}}
             writers[s].write(rec)
             recs.append(rec)
-        if mean_writer is not None:
-            rets = [r["episodic_return"] for r in recs if r["episodic_return"] is not None]
+        for mean_writer, members in mean_writers:
+            rets = [recs[r]["episodic_return"] for r in members if recs[r]["episodic_return"] is not None]
             mean_writer.write({"step": iteration * steps_per_iter,
                                "episodic_return": float(np.mean(rets)) if rets else None,
-                               "episodes": sum(r["episodes"] for r in recs), "sps": sps})
+                               "episodes": sum(recs[r]["episodes"] for r in members), "sps": sps})
         if bar is not None:
             recent = [r for s in range(S) for _, r, _ in episodes[s][-20:]]
             bar.set_postfix({"sps": f"{sps:,.0f}", "return": f"{np.mean(recent):.1f}" if recent else "-"})
@@ -382,28 +417,33 @@ def run(cfg: TrainConfig) -> dict:
     if bar is not None:
         bar.close()
 
-    # Greedy evaluation of each seed's (worker 0) parameters on the real game.
-    eval_returns = [evaluate(cfg, trainer.network, _lane_params(lanes, s), cfg.eval_episodes, seed)
-                    for s, seed in enumerate(cfg.seeds)]
+    # Greedy evaluation of each run's (worker 0) parameters on the real game.
+    eval_returns = [evaluate(cfg, trainer.network, _lane_params(lanes, r), cfg.eval_episodes, seed)
+                    for r, (_, seed) in enumerate(cfg.runs)]
     wall = time.time() - t_start
-    per_seed = []
-    for s, seed in enumerate(cfg.seeds):
-        rets = [r for _, r, _ in episodes[s]]
-        per_seed.append({
+    per_run = []
+    for r, (point, seed) in enumerate(cfg.runs):
+        rets = [ret for _, ret, _ in episodes[r]]
+        per_run.append({
             "seed": seed,
+            **({"hyperparams": cfg.grid[point]} if cfg.sweep else {}),
             "episodes": len(rets),
             "final_return": final_return(rets),
-            "eval_return": float(np.mean(eval_returns[s])) if eval_returns[s] else None,
+            "eval_return": float(np.mean(eval_returns[r])) if eval_returns[r] else None,
         })
+    per_point = _sweep_points(cfg, per_run) if cfg.sweep else []
+    best = max(per_point, key=lambda q: -math.inf if q["final_return"] is None else q["final_return"],
+               default=None)
     summary = {
         "total_steps": iteration * steps_per_iter,
         "wall_seconds": wall,
         "compile_seconds": compile_seconds,
         "sps": iteration * steps_per_iter * S / wall,
-        "final_return": per_seed[0]["final_return"] if S == 1 else
-        (confidence_interval([p["final_return"] for p in per_seed]) or {}).get("mean"),
-        "eval_return": per_seed[0]["eval_return"] if S == 1 else
-        (confidence_interval([p["eval_return"] for p in per_seed]) or {}).get("mean"),
+        # A sweep reports its best point (by the mean final return over seeds) here, and every point in "grid".
+        "final_return": best["final_return"] if best else per_run[0]["final_return"] if S == 1 else
+        (confidence_interval([p["final_return"] for p in per_run]) or {}).get("mean"),
+        "eval_return": best["eval_return"] if best else per_run[0]["eval_return"] if S == 1 else
+        (confidence_interval([p["eval_return"] for p in per_run]) or {}).get("mean"),
         "config": dataclasses.asdict(cfg),
         "updates": max(0, iteration - trainer.warmup_iterations),
         "data_points_per_second": iteration * steps_per_iter * S / wall,
@@ -418,21 +458,47 @@ def run(cfg: TrainConfig) -> dict:
         dist = train_lib._delay_distribution(cfg)
         probs = np.asarray(dist.probs) if hasattr(dist, "probs") else np.eye(cfg.max_delay + 1)[cfg.max_delay]
         summary["staleness_distribution"] = probs.tolist()
+    if cfg.sweep:
+        summary["best"] = best["hyperparams"]
+        summary["grid"] = per_point
+        summary["runs"] = per_run
+        if len(cfg.seeds) > 1:
+            for q in per_point:
+                atomic.write_json(os.path.join(cfg.logdir, point_label(q["hyperparams"]), "summary.json"),
+                                  {**q, "config": summary["config"]})
+    elif S > 1:
+        summary["seeds"] = per_run
+        summary["final_return_over_seeds"] = confidence_interval([p["final_return"] for p in per_run])
+        summary["eval_return_over_seeds"] = confidence_interval([p["eval_return"] for p in per_run])
     if S > 1:
-        summary["seeds"] = per_seed
-        summary["final_return_over_seeds"] = confidence_interval([p["final_return"] for p in per_seed])
-        summary["eval_return_over_seeds"] = confidence_interval([p["eval_return"] for p in per_seed])
-        for s, d in enumerate(per_seed_dirs):
-            write_json_atomic(os.path.join(d, "summary.json"), {**per_seed[s], "config": summary["config"]})
-        curves = [_curve(episodes[s]) for s in range(S)]
-        plot_seed_curves(os.path.join(cfg.logdir, "learning_curves.png"), curves, f"{cfg.algo} on {cfg.env}")
-    write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
+        for r, d in enumerate(per_run_dirs):
+            atomic.write_json(os.path.join(d, "summary.json"), {**per_run[r], "config": summary["config"]})
+        by_point: dict[str, list] = {}
+        for r, (point, _) in enumerate(cfg.runs):
+            by_point.setdefault(point_label(cfg.grid[point]), []).append(_curve(episodes[r]))
+        plot_learning_curves(os.path.join(cfg.logdir, "learning_curves.png"), by_point, f"{cfg.algo} on {cfg.env}")
+    atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     for w in writers:
         w.close()
-    if mean_writer is not None:
+    for mean_writer, _ in mean_writers:
         mean_writer.close()
 
     return summary
+
+
+def _sweep_points(cfg: TrainConfig, per_run: list[dict]) -> list[dict]:
+    """Each grid point of a sweep: its values, and its runs' final and greedy-evaluation returns over seeds (mean,
+    std, 95% CI; the mean is also ``final_return`` / ``eval_return``)."""
+    out = []
+    for point, values in enumerate(cfg.grid):
+        members = [p for p, (q, _) in zip(per_run, cfg.runs) if q == point]
+        finals = confidence_interval([p["final_return"] for p in members])
+        evals = confidence_interval([p["eval_return"] for p in members])
+        out.append({"hyperparams": values, "seeds": [p["seed"] for p in members],
+                    "final_return": None if finals is None else finals["mean"],
+                    "eval_return": None if evals is None else evals["mean"],
+                    "final_return_over_seeds": finals, "eval_return_over_seeds": evals})
+    return out
 
 
 def _curve(eps: list[tuple[int, float, int]], window: int = 20) -> list[tuple[int, float]]:

@@ -6,7 +6,8 @@ Layout of one run (PureJaxRL's idea, made explicit):
   buffer and PRNG key. Everything in :class:`Lane` is written for ONE lane, unbatched, so an algorithm reads top to
   bottom like CleanRL.
 * Workers are a ``jax.vmap`` with ``axis_name="workers"``, so the strategies' collectives (``allreduce``,
-  ``local_steps(axis_name=...)``) see them; seeds are an outer ``jax.vmap`` without an axis name.
+  ``local_steps(axis_name=...)``) see them; runs are an outer ``jax.vmap`` without an axis name. A run is a seed
+  or, in a hyperparameter sweep (``cfg.sweep``), a (grid point, seed) pair whose values ride in ``Lane.hparams``.
 * All lanes share ONE envpool pool of ``seeds x workers x E`` environments stepped through envpool's XLA interface
   inside ``lax.scan``; :mod:`jaxdp.envs` batches the env step under ``vmap`` (``custom_vmap``) so the per-lane code
   never sees the flattening. One compile serves every seed and worker.
@@ -212,6 +213,9 @@ class Lane(NamedTuple):
     # --pipeline overlap: the data acted in the last iteration, which the next update learns (``act``'s ``data``:
     # an a2c.Rollout, or DQN's Played steps); () otherwise.
     pending: PyTree = ()
+    # A hyperparameter sweep (cfg.sweep): this lane's values of the swept fields (None for the rest, so a run
+    # without a sweep carries no leaves here).
+    hparams: Hyperparams = Hyperparams()
 
 
 class Played(NamedTuple):
@@ -505,6 +509,38 @@ def lane_functions(cfg: TrainConfig, env, network, tx, hparams: Hyperparams | No
     return _actor_critic_lane_fns(cfg, env, network, tx)
 
 
+def run_hyperparams(cfg: TrainConfig) -> Hyperparams:
+    """The swept hyperparameters of every run of ``cfg`` (``cfg.runs``), float32 arrays ``[runs]``; ``None`` for the
+    fields not swept (all of them without a sweep). A learning rate of 0 is the algorithm's default, as alone."""
+    fields = {"lr": "learning_rate"}
+    values = {}
+    for name, _ in cfg.sweep:
+        column = [getattr(cfg.point_config(point), fields.get(name, name)) for point, _ in cfg.runs]
+        values[fields.get(name, name)] = jnp.asarray(column, jnp.float32)
+    return Hyperparams(**values)
+
+
+def swept_lane_functions(cfg: TrainConfig, env, network) -> LaneFunctions:
+    """:class:`LaneFunctions` that learn with each lane's own hyperparameters (``Lane.hparams``, see
+    :func:`run_hyperparams`): the optimizer and the ε schedule are built inside the lane's trace from its values,
+    so one compiled program trains every point of a sweep, and a lane computes what :func:`lane_functions` of its
+    point's config computes (the values are traced float32 numbers instead of Python constants)."""
+
+    def per_lane(name: str, lane_position: int) -> Callable:
+        def fn(*args):
+            hp = args[lane_position].hparams
+            tx = make_optimizer(cfg, hp.learning_rate)
+            return getattr(lane_functions(cfg, env, network, tx, hp), name)(*args)
+
+        return fn
+
+    one = lane_functions(cfg, env, network, make_optimizer(cfg))  # which functions exist
+    return LaneFunctions(
+        warmup_iteration=None if one.warmup_iteration is None else per_lane("warmup_iteration", 1),
+        iteration=per_lane("iteration", 1), gradient_step=per_lane("gradient_step", 1), act=per_lane("act", 1),
+        learn=per_lane("learn", 0))
+
+
 def _seed_strategy_keys(opt_state: PyTree, seed_key: jax.Array) -> PyTree:
     """Gives the strategies' random streams (delays of ``delayed``, lost writes of ``hogwild``) the lane's seed.
 
@@ -583,27 +619,33 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
     Returns:
       A :class:`Trainer`.
     """
-    S, N, E = len(cfg.seeds), cfg.workers, cfg.envs_per_worker
+    S, N, E = len(cfg.runs), cfg.workers, cfg.envs_per_worker
+    run_seeds = [seed for _, seed in cfg.runs]  # the seed of each run: S = grid points x seeds
     on_devices = cfg.runtime == "devices"
-    # Lane (seed s, worker w) plays the envs of worker w of a single-seed run with seed s (lane_env_seed).
+    # Lane (run r, worker w) plays the envs of worker w of a single-seed run with r's seed (lane_env_seed).
     if on_devices:
         from jaxdp.runtime import devices as devices_runtime
 
         mesh = devices_runtime.make_mesh(N, WORKERS)
         # One pool per worker (its S seed lanes), stepped on that worker's device (see device_env).
-        pools = [envs_lib.make_xla(cfg.env, E, seed=[lane_env_seed(cfg, s, w) for s in cfg.seeds], lanes=S,
+        pools = [envs_lib.make_xla(cfg.env, E, seed=[lane_env_seed(cfg, s, w) for s in run_seeds], lanes=S,
                                    episodic_life=True) for w in range(N)]
         env = device_env(pools)
     else:
-        lane_seeds = [lane_env_seed(cfg, s, w) for s in cfg.seeds for w in range(N)]
+        lane_seeds = [lane_env_seed(cfg, s, w) for s in run_seeds for w in range(N)]
         env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
     network = make_network(cfg, spec)
     tx = make_optimizer(cfg)
-    fns = lane_functions(cfg, env, network, tx)
+    fns = swept_lane_functions(cfg, env, network) if cfg.sweep else lane_functions(cfg, env, network, tx)
     warmup_iteration, iteration = fns.warmup_iteration, fns.iteration
 
-    init_lane = _make_init_lane(cfg, env, network, tx)
+    base_init_lane = _make_init_lane(cfg, env, network, tx)  # tx.init's state does not depend on the values
+    hparams = run_hyperparams(cfg)  # [S] per swept field
+
+    def init_lane(key: jax.Array, worker: jax.Array, hp: Hyperparams, obs: jax.Array | None = None) -> Lane:
+        return base_init_lane(key, worker, obs)._replace(hparams=hp)
+
     workers = jnp.arange(N)
     # The env handle: the pool token is shared by every lane; each lane has its own pending-reset flags.
     handle_axes = envs_lib.XlaHandle(pool=None, pending_reset=0)
@@ -624,7 +666,8 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
         lane_sharding = jax.sharding.NamedSharding(mesh, _P(None, WORKERS))
 
         def init_replicas(keys: jax.Array) -> Lane:
-            return jax.vmap(lambda k, o: jax.vmap(lambda w, ow: init_lane(k, w, ow))(workers, o))(keys, reset_obs)
+            return jax.vmap(lambda k, hp, o: jax.vmap(lambda w, ow: init_lane(k, w, hp, ow))(workers, o))(
+                keys, hparams, reset_obs)
 
         init_replicas = jax.jit(init_replicas)  # on one device, then laid out over the mesh
 
@@ -638,7 +681,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
 
         def init(keys: jax.Array) -> Lane:
             chex.assert_shape(keys, (S, 2))
-            return jax.vmap(lambda k: jax.vmap(lambda w: init_lane(k, w))(workers))(keys)
+            return jax.vmap(lambda k, hp: jax.vmap(lambda w: init_lane(k, w, hp))(workers))(keys, hparams)
 
     # XLA:CPU runs convolution gradients 10-60x slower inside a loop (jax-ml/jax#12868; measured here: a batch-32
     # Nature-CNN gradient 30 ms alone, ~300 ms in a scan, even of length 1). For CNNs on CPU each chunk is one
@@ -729,8 +772,9 @@ def vmap_lanes(fn: Callable, in_axes: tuple, out_axes: tuple, *, single: bool) -
 # ---------------------------------------------------------------------------------------------------------------
 # --pipeline overlap: acting and learning at the same time, with parameters one update old (Cleanba's schedule).
 # ---------------------------------------------------------------------------------------------------------------
-_ACTING = ("obs", "first", "stats", "key")  # what `act` changes
-_SHARED = ("params", "target_params", "key", "updates")  # read by the learner (params, key: by the actor too)
+_ACTING = ("obs", "first", "stats", "key", "hparams")  # what `act` changes (and the sweep's values it reads)
+_SHARED = ("params", "target_params", "key", "updates", "hparams")  # read by the learner (params, key, hparams: by
+# the actor too)
 _OWNED = ("opt_state", "replay")  # the learner's alone: donated to it
 
 
@@ -956,6 +1000,9 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
     if cfg.pipeline != "fused":
         raise ValueError(f"make_train_fn: the whole run is one program, so acting and learning cannot overlap "
                          f"(pipeline={cfg.pipeline!r}); use make_train, or pipeline='fused'")
+    if cfg.sweep:
+        raise ValueError("make_train_fn: train is one run; sweep it with jax.vmap over Hyperparams (cfg.sweep is "
+                         "the grid of make_train and jaxdp train)")
     N, E = cfg.workers, cfg.envs_per_worker
     env = envs_lib.make_xla(cfg.env, E, seed=env_seed(cfg), lanes=lanes * N, episodic_life=True)
     network = make_network(cfg, env.spec)
@@ -1001,7 +1048,8 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
 
 
 def seed_keys(cfg: TrainConfig) -> jax.Array:
-    return jnp.stack([jax.random.PRNGKey(s) for s in cfg.seeds])
+    """The key of every run (``cfg.runs``): ``PRNGKey(seed)``, the key of that seed's run alone."""
+    return jnp.stack([jax.random.PRNGKey(seed) for _, seed in cfg.runs])
 
 
 def run(cfg: TrainConfig):
@@ -1077,12 +1125,13 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict) -> dict:
     import json
     import os
 
-    from jaxdp.loop import final_return, write_json_atomic
+    from jaxdp import atomic
+    from jaxdp.loop import final_return
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
     summary.update(final_return=final_return(returns), eval_return=None)
-    write_json_atomic(os.path.join(cfg.logdir, "summary.json"), summary)
+    atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 
 
@@ -1141,7 +1190,7 @@ def run_distributed(cfg: TrainConfig):
 
 
 __all__ = [
-    "Hyperparams", "check_hyperparams", "Lane", "LaneFunctions", "StepInfo", "lane_functions", "vmap_lanes",
+    "Hyperparams", "check_hyperparams", "run_hyperparams", "swept_lane_functions", "Lane", "LaneFunctions", "StepInfo", "lane_functions", "vmap_lanes",
     "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
     "make_train", "run", "seed_keys", "train", "env_seed", "lane_env_seed", "device_env", "network_apply",
     "cnn_on_cpu", "rollout",

@@ -25,6 +25,7 @@ _FLAG_OF_FIELD = {
     "progress": "--no-progress",
     "tensorboard": "--no-tensorboard",
     "seeds": "--seeds",
+    "sweep": "--lr",  # several values of --lr / --eps-* (each checked as its own field)
 }
 
 
@@ -90,6 +91,13 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--total-steps", "5000"], "--learning-starts"),  # learning_starts 10k >= total
     (["--algo", "dqn", "--env", "Pong-v5", "--total-steps", "50000"], "--learning-starts"),  # Atari: 80k
     (["--runtime", "devices", "--strategy", "single"], "--runtime devices"),
+    # Hyperparameter sweeps: every value is checked as the option's own value, before any work.
+    (["--lr", "1e-3", "-1"], "--lr"),
+    (["--lr", "1e-3", "1e-3"], "--lr"),  # duplicates
+    (["--lr", "1e-3", "nan"], "--lr"),
+    (["--algo", "dqn", "--eps-fraction", "0.5", "1.5"], "--eps-fraction"),
+    (["--algo", "a2c", "--eps-end", "0.1", "0.2"], "--eps-end"),  # A2C has no epsilon schedule
+    (["--lr", "1e-3", "2e-3", "--runtime", "async_sim", "--strategy", "async", "--workers", "2"], "--runtime"),
 ]
 
 

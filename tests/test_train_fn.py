@@ -139,3 +139,10 @@ def test_bad_hyperparameters_raise_one_clear_error(algo, strategy, hparams, erro
     train, _ = train_lib.make_train_fn(cfg)
     with pytest.raises(error, match=match):
         train(jax.random.PRNGKey(0), hparams)
+
+
+def test_a_config_with_a_sweep_grid_is_refused():
+    """make_train_fn trains one run per call: its sweeps are vmaps over Hyperparams, not ``cfg.sweep``."""
+    cfg = validate(TrainConfig(algo="a2c", total_steps=16 * 8 * 4, num_envs=16, sweep=(("lr", (1e-3, 2e-3)),)))
+    with pytest.raises(ValueError, match="vmap over Hyperparams"):
+        train_lib.make_train_fn(cfg)

@@ -1,0 +1,155 @@
+"""Hyperparameter sweeps from the command line: ``jaxdp train --lr 1e-3 3e-3 --seeds 0 1`` trains every point of the
+grid with every seed as one vmapped program (``TrainConfig.sweep``).
+
+* The grid and its runs: every combination, the first swept option varying slowest, each with every seed.
+* Each run of a sweep is the single-seed run of its own config (``cfg.run_config(r)``): the same episodes while the
+  parameters agree and the same parameters up to float rounding -- for A2C (learning rate), DQN (learning rate x
+  ε schedule) and ``--pipeline overlap``.
+* The outputs: a folder per point (and per seed), the mean, std and 95% CI over seeds per point, the best point,
+  one band per point in the PNG (its range over seeds), and a run's metrics equal to those of the same run alone.
+Bad sweep values are refused by ``tests/test_cli.py`` (exit 2, one line, nothing created).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdp import cli
+from jaxdp import loop
+from jaxdp import train as train_lib
+from jaxdp.config import TrainConfig, validate
+
+
+def make_cfg(tmp_path, name: str = "run", **kw) -> TrainConfig:
+    base = dict(logdir=str(tmp_path / name), progress=False, eval_episodes=1, tensorboard=False,
+                log_interval=1e9, checkpoint_interval=1e9)
+    return validate(TrainConfig(**{**base, **kw}))
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_train(cfg: TrainConfig):
+    """Final lanes and every run's finished episodes (return, length), in the order they finished."""
+    trainer = train_lib.make_train(cfg, chunk_iterations=8 if cfg.algo == "a2c" else 25)
+    lanes, warm_info, outs = train_lib.train(trainer, train_lib.seed_keys(cfg))
+    S = len(cfg.runs)
+    episodes: list[list[tuple[float, int]]] = [[] for _ in range(S)]
+    for info in ([warm_info] if warm_info is not None else []) + [info for info, _ in outs]:
+        for r, eps in enumerate(loop.episodes_by_seed(info, S)):
+            episodes[r] += [(ret, n) for _, ret, n in eps]
+    return jax.device_get(lanes), episodes
+
+
+def test_cli_sweep_is_the_grid_times_the_seeds():
+    args = cli.build_parser().parse_args(
+        ["train", "--algo", "dqn", "--lr", "1e-3", "3e-3", "--eps-end", "0.05", "0.1", "0.2", "--seeds", "0", "1"])
+    cfg = validate(cli.config_from_args(args))
+    assert cfg.sweep == (("lr", (1e-3, 3e-3)), ("eps_end", (0.05, 0.1, 0.2)))
+    assert cfg.grid == tuple({"lr": lr, "eps_end": e} for lr in (1e-3, 3e-3) for e in (0.05, 0.1, 0.2))
+    assert len(cfg.runs) == 12 and cfg.runs[:3] == ((0, 0), (0, 1), (1, 0))
+    assert cfg.run_config(9) == validate(TrainConfig(algo="dqn", lr=3e-3, eps_end=0.1, seeds=(1,)))
+    np.testing.assert_allclose(train_lib.run_hyperparams(cfg).learning_rate, [1e-3] * 6 + [3e-3] * 6, rtol=1e-7)
+    np.testing.assert_allclose(train_lib.run_hyperparams(cfg).eps_end, [0.05, 0.05, 0.1, 0.1, 0.2, 0.2] * 2,
+                               rtol=1e-7)
+    assert train_lib.run_hyperparams(cfg).eps_start is None  # not swept: the config's value, a constant
+    # One value is no sweep; the default learning rate (0) resolves per algorithm, as in a run alone.
+    one = validate(cli.config_from_args(cli.build_parser().parse_args(["train", "--lr", "1e-3"])))
+    assert one.sweep == () and one.lr == 1e-3 and one.grid == ({},) and one.runs == ((0, 0),)
+    default = validate(TrainConfig(algo="a2c", sweep=(("lr", (0.0, 1e-3)),)))
+    np.testing.assert_allclose(train_lib.run_hyperparams(default).learning_rate, [2e-3, 1e-3], rtol=1e-7)
+
+
+SWEEPS = {
+    # A2C: the learning rate (annealed: the schedule starts from each lane's value), two seeds.
+    "a2c-lr": dict(algo="a2c", total_steps=128 * 150, seeds=(0, 1), sweep=(("lr", (1e-3, 4e-3)),)),
+    # DQN: the learning rate x the ε schedule's end and length.
+    "dqn-lr-eps": dict(algo="dqn", total_steps=8 * 500, learning_starts=1000, seeds=(0,),
+                       sweep=(("lr", (2.5e-4, 1e-3)), ("eps_end", (0.05, 0.3)), ("eps_fraction", (0.2,)))),
+    # Acting and learning on two threads, one update apart: the lane's values reach both halves.
+    "a2c-overlap": dict(algo="a2c", total_steps=128 * 120, seeds=(1,), pipeline="overlap",
+                        sweep=(("lr", (1e-3, 4e-3)),)),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEPS))
+def test_each_run_of_a_sweep_is_its_own_single_run(name, tmp_path):
+    cfg = make_cfg(tmp_path, **SWEEPS[name])
+    lanes, episodes = run_train(cfg)
+    for r in range(len(cfg.runs)):
+        single_lanes, single_episodes = run_train(cfg.run_config(r))
+        assert len(single_episodes[0]) > 20
+        assert episodes[r][:20] == single_episodes[0][:20], f"run {r} {cfg.runs[r]}: different episodes"
+        for a, b in zip(jax.tree.leaves(lanes.params), jax.tree.leaves(single_lanes.params)):
+            np.testing.assert_allclose(a[r], b[0], rtol=1e-4, atol=1e-5, err_msg=f"run {r} {cfg.runs[r]}")
+    # Different points are different runs: the same seed with another learning rate ends elsewhere.
+    seeds = len(cfg.seeds)
+    first, other = jax.tree.leaves(lanes.params)[0][0], jax.tree.leaves(lanes.params)[0][len(cfg.runs) - seeds]
+    assert np.max(np.abs(first - other)) > 1e-3
+
+
+def test_cli_sweep_writes_every_point_and_its_runs(tmp_path):
+    logdir = tmp_path / "sweep"
+    common = ["--algo", "a2c", "--total-steps", str(128 * 100), "--eval-episodes", "1", "--no-tensorboard",
+              "--log-interval", "1e9"]  # log points that depend on progress only, as in make_cfg
+    done = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--no-progress", *common,
+                           "--lr", "1e-3", "4e-3", "--seeds", "0", "1", "--logdir", str(logdir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.strip().splitlines()
+    assert out[0].startswith("jaxdp train: 4 runs (2 points x 2 seeds) of 12800 steps")
+    assert [line.split(":")[0].strip() for line in out[1:]] == ["--lr 0.001", "--lr 0.004"]
+    assert sum("(best)" in line for line in out[1:]) == 1
+
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [p["hyperparams"] for p in summary["grid"]] == [{"lr": 1e-3}, {"lr": 4e-3}]
+    assert [(r["hyperparams"]["lr"], r["seed"]) for r in summary["runs"]] == [
+        (1e-3, 0), (1e-3, 1), (4e-3, 0), (4e-3, 1)]
+    for point in summary["grid"]:
+        folder = logdir / f"lr_{point['hyperparams']['lr']:g}"
+        finals = [json.loads((folder / f"seed_{s}" / "summary.json").read_text())["final_return"] for s in (0, 1)]
+        assert point["final_return_over_seeds"]["mean"] == pytest.approx(np.mean(finals))
+        assert point["final_return_over_seeds"]["std"] == pytest.approx(np.std(finals, ddof=1))
+        assert point["final_return_over_seeds"]["n"] == 2 and point["seeds"] == [0, 1]
+        assert json.loads((folder / "summary.json").read_text())["final_return"] == point["final_return"]
+        # The point's metrics.jsonl is the mean over its seeds, point by point.
+        mean = read_jsonl(folder / "metrics.jsonl")
+        per_seed = [read_jsonl(folder / f"seed_{s}" / "metrics.jsonl") for s in (0, 1)]
+        for i, rec in enumerate(mean):
+            rets = [recs[i]["episodic_return"] for recs in per_seed if recs[i]["episodic_return"] is not None]
+            if rets:
+                assert rec["episodic_return"] == pytest.approx(np.mean(rets))
+    best = max(summary["grid"], key=lambda p: p["final_return"])
+    assert summary["best"] == best["hyperparams"] and summary["final_return"] == best["final_return"]
+    png = (logdir / "learning_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert (logdir / "metrics.jsonl").exists()  # the top level: the mean over every run (and what --resume finds)
+
+    # Run (lr 4e-3, seed 1) of the sweep logs what that run alone logs (log points depend on progress only here).
+    alone = loop.run(make_cfg(tmp_path, "alone", algo="a2c", total_steps=128 * 100, lr=4e-3, seeds=(1,)))
+    swept = read_jsonl(logdir / "lr_0.004" / "seed_1" / "metrics.jsonl")
+    single = read_jsonl(tmp_path / "alone" / "metrics.jsonl")
+    for a, b in zip(swept[:4], single[:4]):
+        assert a["step"] == b["step"] and a["episodes"] == b["episodes"]
+        assert a["episodic_return"] == pytest.approx(b["episodic_return"], rel=1e-9)
+    assert alone["total_steps"] == summary["total_steps"]
+
+
+def test_a_killed_sweep_resumes_with_each_runs_values(tmp_path):
+    """The lanes' values are part of the checkpoint: resuming a sweep continues every point where it stopped."""
+    kw = dict(algo="dqn", learning_starts=1000, seeds=(0,), sweep=(("eps_end", (0.05, 0.5)),), eval_episodes=0)
+    loop.run(make_cfg(tmp_path, "sweep", total_steps=2000, **kw))
+    resumed = loop.run(make_cfg(tmp_path, "sweep", total_steps=4000, resume=True, **kw))
+    assert resumed["total_steps"] == 4000 and [p["hyperparams"] for p in resumed["grid"]] == [
+        {"eps_end": 0.05}, {"eps_end": 0.5}]
+    for label in ("eps_end_0.05", "eps_end_0.5"):
+        steps = [r["step"] for r in read_jsonl(tmp_path / "sweep" / label / "metrics.jsonl")]
+        assert steps == sorted(set(steps)) and steps[-1] == 4000
