@@ -7,6 +7,7 @@
   message is a single contiguous buffer that mpi4py sends without pickling.
 * The PRNG key schedule (:func:`worker_key`), so that a single-process reference can recompute
   exactly the batches every rank drew.
+* The worker optimizers their command lines offer (:func:`inner_optimizer`).
 * Small file helpers: JSON lines, ``.npz`` checkpoints replaced atomically (:mod:`jaxdp.atomic`: a crash never
   leaves a half-written checkpoint behind).
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from jaxdp import atomic
 
@@ -86,6 +88,18 @@ def to_builtin(value: Any) -> Any:
         array = np.asarray(value)
         return array.item() if array.ndim == 0 else array.tolist()
     return value
+
+
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def inner_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """The worker optimizer ``--inner NAME --lr LR`` of the runtimes' command lines (momentum: 0.9)."""
+    return {
+        "sgd": lambda: optax.sgd(learning_rate),
+        "momentum": lambda: optax.sgd(learning_rate, momentum=0.9),
+        "adam": lambda: optax.adam(learning_rate),
+    }[name]()
 
 
 def append_json_line(path: str, record: dict) -> None:

@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--process-id", type=_non_negative_int, default=None)
     parser.add_argument("--workload", choices=("digits",), default="digits")
     parser.add_argument("--total-updates", type=_positive_int, default=300)
-    parser.add_argument("--inner", choices=("sgd", "momentum", "adam"), default="sgd")
+    parser.add_argument("--inner", choices=protocol.INNER_OPTIMIZERS, default="sgd")
     parser.add_argument("--lr", type=_positive_float, default=0.1)
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="examples per worker per step")
     parser.add_argument("--hidden", type=_positive_int, nargs="*", default=[64])
@@ -438,30 +438,24 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_distributed`'s keyword arguments that the command line (:func:`build_parser`) gives, all but the
+    workload, the optimizer and ``config``."""
+    return dict(total_updates=args.total_updates, seed=args.seed, coordinator_address=args.coordinator,
+                num_processes=args.num_processes, process_id=args.process_id, logdir=args.logdir,
+                log_every=args.log_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                initialization_timeout=args.initialization_timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m jaxdp.runtime.distributed --coordinator H:P --num-processes N --process-id I ...``."""
     args = parse_arguments(argv)
     from jaxdp.workloads.supervised import digits_workload  # noqa: PLC0415
 
-    inner = {
-        "sgd": lambda: optax.sgd(args.lr),
-        "momentum": lambda: optax.sgd(args.lr, momentum=0.9),
-        "adam": lambda: optax.adam(args.lr),
-    }[args.inner]()
     result = run_distributed(
         lambda: digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed,
                                 worker_id=0),  # fmt: skip
-        inner=inner,
-        total_updates=args.total_updates,
-        seed=args.seed,
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        logdir=args.logdir,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        initialization_timeout=args.initialization_timeout,
+        inner=protocol.inner_optimizer(args.inner, args.lr), **run_options(args),
         config={"argv": list(sys.argv[1:] if argv is None else argv), "inner": args.inner, "lr": args.lr,
                 "batch_size": args.batch_size, "hidden": list(args.hidden)},  # fmt: skip
     )

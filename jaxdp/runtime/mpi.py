@@ -933,7 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="sync", help="how the ranks cooperate (default: sync)")
     parser.add_argument("--workload", choices=("digits",), default="digits", help="what to train (default: digits)")
     parser.add_argument("--total-updates", type=_positive_int, default=300, help="sync steps or master updates")
-    parser.add_argument("--inner", choices=("sgd", "momentum", "adam"), default="sgd", help="worker optimizer")
+    parser.add_argument("--inner", choices=protocol.INNER_OPTIMIZERS, default="sgd", help="worker optimizer")
     parser.add_argument("--lr", type=_positive_float, default=0.1, help="inner learning rate (default: 0.1)")
     parser.add_argument(
         "--outer-lr", type=_positive_float, default=None,
@@ -977,15 +977,19 @@ def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             )
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_mpi`'s keyword arguments that the command line (:func:`build_parser`) gives, all but the
+    workload, the optimizers (:func:`make_optimizers`) and ``config``."""
+    names = ("mode", "local_steps", "master_batch", "aggregate", "total_updates", "seed", "logdir", "log_every",
+             "checkpoint_every", "resume", "worker_timeout", "step_timeout")
+    return {name: getattr(args, name) for name in names}
+
+
 def make_optimizers(
     args: argparse.Namespace,
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None]:
     """``(inner, outer)`` from parsed command-line arguments (``outer`` None in plain sync mode)."""
-    inner = {
-        "sgd": lambda: optax.sgd(args.lr),
-        "momentum": lambda: optax.sgd(args.lr, momentum=0.9),
-        "adam": lambda: optax.adam(args.lr),
-    }[args.inner]()
+    inner = protocol.inner_optimizer(args.inner, args.lr)
     outer_lr = args.outer_lr
     if outer_lr is None and (args.mode != "sync"):
         outer_lr = 1.0
@@ -1007,21 +1011,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inner, outer = make_optimizers(args)
     try:
         summary = run_mpi(
-            workload,
-            mode=args.mode,
-            inner=inner,
-            outer=outer,
-            local_steps=args.local_steps,
-            master_batch=args.master_batch,
-            aggregate=args.aggregate,
-            total_updates=args.total_updates,
-            seed=args.seed,
-            logdir=args.logdir,
-            log_every=args.log_every,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            worker_timeout=args.worker_timeout,
-            step_timeout=args.step_timeout,
+            workload, inner=inner, outer=outer, **run_options(args),
             config={"argv": list(sys.argv[1:] if argv is None else argv), "inner": args.inner, "lr": args.lr,
                     "outer_lr": args.outer_lr, "batch_size": args.batch_size, "hidden": list(args.hidden)},
         )

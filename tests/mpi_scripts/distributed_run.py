@@ -31,20 +31,7 @@ def main() -> int:
         return counting_local_steps(built, os.path.join(args.logdir, f"local_steps_process{args.process_id}.txt"),
                                     os.path.join(args.logdir, f"evaluations_process{args.process_id}.txt"))
 
-    result = distributed.run_distributed(
-        workload,
-        inner=optax.sgd(args.lr),
-        total_updates=args.total_updates,
-        seed=args.seed,
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        logdir=args.logdir,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        initialization_timeout=args.initialization_timeout,
-    )
+    result = distributed.run_distributed(workload, inner=optax.sgd(args.lr), **distributed.run_options(args))
     if args.dump_params:
         os.makedirs(args.logdir, exist_ok=True)
         flat = np.asarray(ravel_pytree(result["params"])[0])

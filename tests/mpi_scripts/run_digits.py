@@ -30,23 +30,7 @@ def main() -> int:
     if args.count_steps:
         workload = counting_local_steps(workload, os.path.join(args.logdir, f"local_steps_rank{rank}.txt"),
                                         os.path.join(args.logdir, f"evaluations_rank{rank}.txt"))
-    result = mpi.run_mpi(
-        workload,
-        mode=args.mode,
-        inner=inner,
-        outer=outer,
-        local_steps=args.local_steps,
-        master_batch=args.master_batch,
-        aggregate=args.aggregate,
-        total_updates=args.total_updates,
-        seed=args.seed,
-        logdir=args.logdir,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        worker_timeout=args.worker_timeout,
-        step_timeout=args.step_timeout,
-    )
+    result = mpi.run_mpi(workload, inner=inner, outer=outer, **mpi.run_options(args))
     if args.dump_params and "params" in result:
         np.save(os.path.join(args.logdir, f"params_rank{rank}.npy"), np.asarray(ravel_pytree(result["params"])[0]))
     return 0
