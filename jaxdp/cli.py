@@ -87,7 +87,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "train",
         help="train an agent",
         description="Train an RL agent, alone or as N workers cooperating by a distributed-SGD strategy. Several "
-                    "--seeds, and several values of --lr, --eps-start, --eps-end or --eps-fraction, train every "
+                    "--seeds, and several values of " + ", ".join(config_lib.SWEEPABLE.values()) + ", train every "
                     "combination at once, as one vmapped program.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

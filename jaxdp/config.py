@@ -37,8 +37,9 @@ ATARI_DQN_DEFAULTS = {
 
 
 # The options a run can sweep as one vmapped program, each run with its own value (jaxdp.train.Hyperparams): the
-# config field and its flag. The ε schedule is DQN's.
-SWEEPABLE = {"lr": "--lr", "eps_start": "--eps-start", "eps_end": "--eps-end", "eps_fraction": "--eps-fraction"}
+# config field and its flag. The ε schedule is DQN's; the loss weights are A2C's and REINFORCE's.
+SWEEPABLE = {"lr": "--lr", "gamma": "--gamma", "eps_start": "--eps-start", "eps_end": "--eps-end",
+             "eps_fraction": "--eps-fraction", "ent_coef": "--ent-coef", "vf_coef": "--vf-coef"}
 
 
 class ConfigError(ValueError):
@@ -355,6 +356,8 @@ def _validate_sweep(cfg: TrainConfig) -> None:
             _fail(f"{flag} has duplicates: {list(values)}")
         if name.startswith("eps_") and not cfg.is_dqn:
             _fail(f"{flag} with several values sweeps DQN's epsilon schedule; --algo {cfg.algo} has none")
+        if name in ("ent_coef", "vf_coef") and cfg.is_dqn:
+            _fail(f"{flag} with several values sweeps a weight of the actor-critic losses; --algo {cfg.algo} has none")
     if len(set(names)) != len(names):
         _fail(f"sweep: a field is swept twice: {names}")
     if cfg.sweep and cfg.runtime in ("mpi", "distributed", "async_sim"):

@@ -9,7 +9,7 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
 * ``summary.json`` -- ``total_steps``, ``wall_seconds``, ``final_return`` (mean return of the last 10% of finished
   episodes), ``eval_return``, ``config``; with several seeds also per-seed values and the mean, std and a 95%
   confidence interval over seeds (Student t), and ``learning_curves.png``.
-* A hyperparameter sweep (``--lr 1e-3 3e-3``, see :attr:`TrainConfig.sweep`) adds a level: each grid point writes
+* A hyperparameter sweep (``--lr 1e-3 3e-3``, see ``TrainConfig.sweep``) adds a level: each grid point writes
   to ``<point>/`` (``lr_0.001``; its seeds in ``<point>/seed_<s>/``, and the mean over them in
   ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
   ``summary.json`` lists every point in ``grid`` (mean, std, CI over seeds), every run in ``runs``, and the best

@@ -56,6 +56,8 @@ class Hyperparams(NamedTuple):
       delay: ``--strategy async``: how late every gradient is applied, an int in ``[0, max_delay]``, or a
         :class:`jaxdp.delays.DelayDistribution` over ``0..max_delay`` (``probs`` of shape ``(max_delay + 1,)``).
         ``cfg.max_delay`` sizes the ring buffer of gradients in flight, so it is the largest delay a sweep can hold.
+      gamma: the discount factor, in ``(0, 1]``.
+      ent_coef, vf_coef: A2C's and REINFORCE's entropy-bonus and value-loss weights.
     """
 
     learning_rate: float | jax.Array | None = None
@@ -63,6 +65,9 @@ class Hyperparams(NamedTuple):
     eps_end: float | jax.Array | None = None
     eps_fraction: float | jax.Array | None = None
     delay: int | jax.Array | jaxdp.delays.DelayDistribution | None = None
+    gamma: float | jax.Array | None = None
+    ent_coef: float | jax.Array | None = None
+    vf_coef: float | jax.Array | None = None
 
 
 def _concrete_value(x: Any) -> float | None:
@@ -78,15 +83,17 @@ def check_hyperparams(cfg: TrainConfig, hparams: Hyperparams) -> Hyperparams:
         raise TypeError(f"train: hyperparameters must be a jaxdp.train.Hyperparams, e.g. "
                         f"Hyperparams(learning_rate=lr), got {type(hparams).__name__}")
 
-    def check(name: str, value: Any, low: float, high: float) -> None:
+    def check(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
         if value is None:
             return
         if jnp.ndim(value) != 0:
             raise ValueError(f"train: Hyperparams.{name} must be one number per train call (vmap over an array to "
                              f"sweep it), got shape {jnp.shape(value)}")
         v = _concrete_value(value)
-        if v is not None and not low <= v <= high:  # also refuses NaN
-            raise ValueError(f"train: Hyperparams.{name} must be in [{low:g}, {high:g}], got {v:g}")
+        above_low = v is not None and (low < v if open_low else low <= v)  # comparisons with NaN are False
+        if v is not None and not (above_low and v <= high):
+            raise ValueError(f"train: Hyperparams.{name} must be in {'(' if open_low else '['}{low:g}, {high:g}], "
+                             f"got {v:g}")
 
     check("learning_rate", hparams.learning_rate, 0.0, float("inf"))
     eps_given = [n for n in ("eps_start", "eps_end", "eps_fraction") if getattr(hparams, n) is not None]
@@ -95,6 +102,13 @@ def check_hyperparams(cfg: TrainConfig, hparams: Hyperparams) -> Hyperparams:
     check("eps_start", hparams.eps_start, 0.0, 1.0)
     check("eps_end", hparams.eps_end, 0.0, 1.0)
     check("eps_fraction", hparams.eps_fraction, 0.0, 1.0)
+    check("gamma", hparams.gamma, 0.0, 1.0, open_low=True)
+    loss_given = [n for n in ("ent_coef", "vf_coef") if getattr(hparams, n) is not None]
+    if loss_given and cfg.is_dqn:
+        raise ValueError(f"train: Hyperparams.{loss_given[0]} weighs a term of the actor-critic losses; "
+                         f"--algo {cfg.algo} has none")
+    check("ent_coef", hparams.ent_coef, 0.0, float("inf"))
+    check("vf_coef", hparams.vf_coef, 0.0, float("inf"))
     delay = hparams.delay
     if delay is not None:
         if cfg.strategy != "async":
@@ -502,8 +516,12 @@ class LaneFunctions(NamedTuple):
 
 
 def lane_functions(cfg: TrainConfig, env, network, tx, hparams: Hyperparams | None = None) -> LaneFunctions:
-    """The :class:`LaneFunctions` of ``cfg.algo``, learning with ``tx``; ``hparams``' ε schedule overrides the
-    config's (the learning rate and delays live in ``tx``: see :func:`make_optimizer`)."""
+    """The :class:`LaneFunctions` of ``cfg.algo``, learning with ``tx``; ``hparams``' ε schedule, discount and loss
+    weights override the config's (the learning rate and delays live in ``tx``: see :func:`make_optimizer`)."""
+    if hparams is not None:
+        # The losses read these from the config as numbers; a swept value is a traced one (arithmetic only).
+        given = {n: getattr(hparams, n) for n in ("gamma", "ent_coef", "vf_coef") if getattr(hparams, n) is not None}
+        cfg = dataclasses.replace(cfg, **given) if given else cfg
     if cfg.is_dqn:
         return _dqn_lane_fns(cfg, env, network, tx, hparams)
     return _actor_critic_lane_fns(cfg, env, network, tx)

@@ -97,6 +97,8 @@ BAD_INPUTS = [
     (["--lr", "1e-3", "nan"], "--lr"),
     (["--algo", "dqn", "--eps-fraction", "0.5", "1.5"], "--eps-fraction"),
     (["--algo", "a2c", "--eps-end", "0.1", "0.2"], "--eps-end"),  # A2C has no epsilon schedule
+    (["--gamma", "0.99", "0"], "--gamma"),
+    (["--algo", "dqn", "--ent-coef", "0.01", "0.1"], "--ent-coef"),  # DQN's loss has no entropy term
     (["--lr", "1e-3", "2e-3", "--runtime", "async_sim", "--strategy", "async", "--workers", "2"], "--runtime"),
 ]
 

@@ -3,8 +3,8 @@ grid with every seed as one vmapped program (``TrainConfig.sweep``).
 
 * The grid and its runs: every combination, the first swept option varying slowest, each with every seed.
 * Each run of a sweep is the single-seed run of its own config (``cfg.run_config(r)``): the same episodes while the
-  parameters agree and the same parameters up to float rounding -- for A2C (learning rate), DQN (learning rate x
-  ε schedule) and ``--pipeline overlap``.
+  parameters agree and the same parameters up to float rounding -- for A2C (learning rate; discount x loss
+  weights), DQN (learning rate x ε schedule; discount) and ``--pipeline overlap``.
 * The outputs: a folder per point (and per seed), the mean, std and 95% CI over seeds per point, the best point,
   one band per point in the PNG (its range over seeds), and a run's metrics equal to those of the same run alone.
 Bad sweep values are refused by ``tests/test_cli.py`` (exit 2, one line, nothing created).
@@ -74,6 +74,14 @@ SWEEPS = {
     # DQN: the learning rate x the ε schedule's end and length.
     "dqn-lr-eps": dict(algo="dqn", total_steps=8 * 500, learning_starts=1000, seeds=(0,),
                        sweep=(("lr", (2.5e-4, 1e-3)), ("eps_end", (0.05, 0.3)), ("eps_fraction", (0.2,)))),
+    # A2C's discount and loss weights (read by the loss, not the optimizer).
+    "a2c-gamma-ent-vf": dict(algo="a2c", total_steps=128 * 120, seeds=(0,),
+                             sweep=(("gamma", (0.99, 0.9)), ("ent_coef", (0.01, 0.1)), ("vf_coef", (0.25,)))),
+    # DQN's discount (read by the replay's targets). One-step targets: with --n-step 3 a lane of ANY sweep, a plain
+    # --seeds sweep too, ends 1.7e-3 from its run alone after these 375 updates (same episodes): the n-step sum
+    # rounds differently batched than unbatched, and DQN's training amplifies it past the tolerance below.
+    "dqn-gamma": dict(algo="dqn", total_steps=8 * 500, learning_starts=1000, seeds=(2,),
+                      sweep=(("gamma", (0.99, 0.8)),)),
     # Acting and learning on two threads, one update apart: the lane's values reach both halves.
     "a2c-overlap": dict(algo="a2c", total_steps=128 * 120, seeds=(1,), pipeline="overlap",
                         sweep=(("lr", (1e-3, 4e-3)),)),

@@ -108,6 +108,20 @@ def test_vmap_over_delays_equals_runs_configured_with_them():
     assert not np.array_equal(_episode_returns(swept, 1), _episode_returns(swept, 0))
 
 
+def test_vmap_over_discounts_and_loss_weights_equals_runs_configured_with_them():
+    """A2C's gamma, ent_coef and vf_coef as arrays: each lane is the run whose config holds its values."""
+    base = dict(algo="a2c", total_steps=16 * 8 * 40, num_envs=16)
+    values = dict(gamma=[0.99, 0.9], ent_coef=[0.01, 0.1], vf_coef=[0.5, 0.25])
+    hp = Hyperparams(**{k: jnp.array(v) for k, v in values.items()})
+    train, _ = train_lib.make_train_fn(validate(TrainConfig(**base)), lanes=2)
+    key = jax.random.PRNGKey(0)
+    swept = jax.jit(jax.vmap(train, in_axes=(None, Hyperparams(gamma=0, ent_coef=0, vf_coef=0))))(key, hp)
+    for k in range(2):
+        single, _ = train_lib.make_train_fn(
+            validate(TrainConfig(**base, seeds=(k,), **{n: v[k] for n, v in values.items()})))
+        _assert_lane_is_run(swept, k, jax.jit(single)(key), atol=1e-5)
+
+
 def test_a_typed_key_sweeps_like_a_raw_key():
     """jax.random.key(s) and PRNGKey(s) are the same key: a hyperparameter sweep gives the same run with either."""
     cfg = validate(TrainConfig(algo="a2c", total_steps=16 * 8 * 4, num_envs=16))
@@ -131,8 +145,13 @@ def test_a_typed_key_sweeps_like_a_raw_key():
     ("a2c", "async", Hyperparams(delay=1.0), ValueError, "must be an int"),
     ("a2c", "async", Hyperparams(delay=delays.uniform(5)), ValueError, r"shape \(max_delay \+ 1,\) = \(4,\)"),
     ("a2c", "single", 3e-3, TypeError, "must be a jaxdp.train.Hyperparams"),
+    ("a2c", "single", Hyperparams(gamma=0.0), ValueError, r"gamma must be in \(0, 1\]"),
+    ("a2c", "single", Hyperparams(gamma=1.5), ValueError, r"gamma must be in \(0, 1\]"),
+    ("dqn", "single", Hyperparams(ent_coef=0.1), ValueError, "--algo dqn has none"),
+    ("a2c", "single", Hyperparams(vf_coef=-1.0), ValueError, "vf_coef must be in"),
 ], ids=["eps-not-dqn", "eps-fraction-nan", "eps-start-1.5", "lr-negative", "lr-not-scalar", "delay-not-async",
-        "delay-above-max", "delay-float", "delay-probs-shape", "bare-number"])
+        "delay-above-max", "delay-float", "delay-probs-shape", "bare-number", "gamma-0", "gamma-1.5",
+        "ent-coef-dqn", "vf-coef-negative"])
 def test_bad_hyperparameters_raise_one_clear_error(algo, strategy, hparams, error, match):
     cfg = validate(TrainConfig(algo=algo, strategy=strategy, max_delay=3, total_steps=16 * 8 * 4, num_envs=16,
                                learning_starts=0))
