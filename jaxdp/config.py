@@ -37,9 +37,11 @@ ATARI_DQN_DEFAULTS = {
 
 
 # The options a run can sweep as one vmapped program, each run with its own value (jaxdp.train.Hyperparams): the
-# config field and its flag. The ε schedule is DQN's; the loss weights are A2C's and REINFORCE's.
+# config field and its flag. The ε schedule is DQN's; the loss weights are A2C's and REINFORCE's; --max-delay is
+# the stale-gradient delay of --strategy async --delay fixed.
 SWEEPABLE = {"lr": "--lr", "gamma": "--gamma", "eps_start": "--eps-start", "eps_end": "--eps-end",
-             "eps_fraction": "--eps-fraction", "ent_coef": "--ent-coef", "vf_coef": "--vf-coef"}
+             "eps_fraction": "--eps-fraction", "ent_coef": "--ent-coef", "vf_coef": "--vf-coef",
+             "max_delay": "--max-delay"}
 
 
 class ConfigError(ValueError):
@@ -142,6 +144,13 @@ class TrainConfig:
     def point_config(self, point: int) -> TrainConfig:
         """The config of grid point ``point`` (its swept values set, no sweep), with every seed."""
         return dataclasses.replace(self, sweep=(), **self.grid[point])
+
+    @property
+    def build_config(self) -> TrainConfig:
+        """The config a sweep's shared program is built from: a swept ``max_delay`` at its largest value, which
+        sizes the ring of gradients in flight that every lane's delay fits in (the config itself otherwise)."""
+        swept = dict(self.sweep)
+        return dataclasses.replace(self, max_delay=max(swept["max_delay"])) if "max_delay" in swept else self
 
     def run_config(self, run: int) -> TrainConfig:
         """The single-seed config that run ``run`` of the sweep equals (lane ``run`` plays its envs, from its key)."""
@@ -358,6 +367,12 @@ def _validate_sweep(cfg: TrainConfig) -> None:
             _fail(f"{flag} with several values sweeps DQN's epsilon schedule; --algo {cfg.algo} has none")
         if name in ("ent_coef", "vf_coef") and cfg.is_dqn:
             _fail(f"{flag} with several values sweeps a weight of the actor-critic losses; --algo {cfg.algo} has none")
+        if name == "max_delay" and cfg.strategy != "async":
+            _fail(f"{flag} with several values sweeps the stale-gradient delay of --strategy async; --strategy "
+                  f"{cfg.strategy} has none")
+        if name == "max_delay" and cfg.delay != "fixed":
+            _fail(f"{flag} with several values sweeps a fixed delay: add --delay fixed (a --delay {cfg.delay} "
+                  f"distribution padded to the largest value would draw other delays than its run alone)")
     if len(set(names)) != len(names):
         _fail(f"sweep: a field is swept twice: {names}")
     if cfg.sweep and cfg.runtime in ("mpi", "distributed", "async_sim"):

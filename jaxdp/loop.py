@@ -451,13 +451,10 @@ def run(cfg: TrainConfig) -> dict:
         "comm_rounds": max(0, iteration - trainer.warmup_iterations) * comm_per_update,
         "bytes_sent": max(0, iteration - trainer.warmup_iterations) * comm_per_update * bytes_per_round,
     }
-    if cfg.strategy == "async":
-        # Staleness of the stale-gradient server: the delay distribution the gradients were drawn from.
-        from jaxdp import train as train_lib
-
-        dist = train_lib._delay_distribution(cfg)
-        probs = np.asarray(dist.probs) if hasattr(dist, "probs") else np.eye(cfg.max_delay + 1)[cfg.max_delay]
-        summary["staleness_distribution"] = probs.tolist()
+    if cfg.strategy == "async" and "max_delay" not in dict(cfg.sweep):
+        # Staleness of the stale-gradient server: the delay distribution the gradients were drawn from (a swept
+        # delay: each point's, in "grid").
+        summary["staleness_distribution"] = staleness_distribution(cfg)
     if cfg.sweep:
         summary["best"] = best["hyperparams"]
         summary["grid"] = per_point
@@ -486,6 +483,15 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
+def staleness_distribution(cfg: TrainConfig) -> list[float]:
+    """The probabilities of delays ``0..max_delay`` that ``--strategy async`` draws its gradients' delays from."""
+    from jaxdp import train as train_lib
+
+    dist = train_lib._delay_distribution(cfg)
+    probs = np.asarray(dist.probs) if hasattr(dist, "probs") else np.eye(cfg.max_delay + 1)[cfg.max_delay]
+    return probs.tolist()
+
+
 def _sweep_points(cfg: TrainConfig, per_run: list[dict]) -> list[dict]:
     """Each grid point of a sweep: its values, and its runs' final and greedy-evaluation returns over seeds (mean,
     std, 95% CI; the mean is also ``final_return`` / ``eval_return``)."""
@@ -497,7 +503,9 @@ def _sweep_points(cfg: TrainConfig, per_run: list[dict]) -> list[dict]:
         out.append({"hyperparams": values, "seeds": [p["seed"] for p in members],
                     "final_return": None if finals is None else finals["mean"],
                     "eval_return": None if evals is None else evals["mean"],
-                    "final_return_over_seeds": finals, "eval_return_over_seeds": evals})
+                    "final_return_over_seeds": finals, "eval_return_over_seeds": evals,
+                    **({"staleness_distribution": staleness_distribution(cfg.point_config(point))}
+                       if cfg.strategy == "async" else {})})
     return out
 
 

@@ -528,13 +528,14 @@ def lane_functions(cfg: TrainConfig, env, network, tx, hparams: Hyperparams | No
 
 
 def run_hyperparams(cfg: TrainConfig) -> Hyperparams:
-    """The swept hyperparameters of every run of ``cfg`` (``cfg.runs``), float32 arrays ``[runs]``; ``None`` for the
-    fields not swept (all of them without a sweep). A learning rate of 0 is the algorithm's default, as alone."""
-    fields = {"lr": "learning_rate"}
+    """The swept hyperparameters of every run of ``cfg`` (``cfg.runs``), arrays ``[runs]`` (float32; a swept
+    ``--max-delay`` is the int32 ``delay``); ``None`` for the fields not swept (all of them without a sweep). A
+    learning rate of 0 is the algorithm's default, as alone."""
+    fields = {"lr": "learning_rate", "max_delay": "delay"}  # --max-delay under --delay fixed is the delay
     values = {}
     for name, _ in cfg.sweep:
-        column = [getattr(cfg.point_config(point), fields.get(name, name)) for point, _ in cfg.runs]
-        values[fields.get(name, name)] = jnp.asarray(column, jnp.float32)
+        column = [getattr(cfg.point_config(point), "learning_rate" if name == "lr" else name) for point, _ in cfg.runs]
+        values[fields.get(name, name)] = jnp.asarray(column, jnp.int32 if name == "max_delay" else jnp.float32)
     return Hyperparams(**values)
 
 
@@ -544,10 +545,12 @@ def swept_lane_functions(cfg: TrainConfig, env, network) -> LaneFunctions:
     so one compiled program trains every point of a sweep, and a lane computes what :func:`lane_functions` of its
     point's config computes (the values are traced float32 numbers instead of Python constants)."""
 
+    cfg = cfg.build_config  # a swept delay: the ring holds the largest
+
     def per_lane(name: str, lane_position: int) -> Callable:
         def fn(*args):
             hp = args[lane_position].hparams
-            tx = make_optimizer(cfg, hp.learning_rate)
+            tx = make_optimizer(cfg, hp.learning_rate, delay=hp.delay)
             return getattr(lane_functions(cfg, env, network, tx, hp), name)(*args)
 
         return fn
@@ -654,7 +657,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
         env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
     network = make_network(cfg, spec)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg.build_config)  # its state's structure is every lane's
     fns = swept_lane_functions(cfg, env, network) if cfg.sweep else lane_functions(cfg, env, network, tx)
     warmup_iteration, iteration = fns.warmup_iteration, fns.iteration
 

@@ -99,6 +99,8 @@ BAD_INPUTS = [
     (["--algo", "a2c", "--eps-end", "0.1", "0.2"], "--eps-end"),  # A2C has no epsilon schedule
     (["--gamma", "0.99", "0"], "--gamma"),
     (["--algo", "dqn", "--ent-coef", "0.01", "0.1"], "--ent-coef"),  # DQN's loss has no entropy term
+    (["--strategy", "async", "--max-delay", "1", "2"], "--max-delay"),  # a uniform delay: not each run's alone
+    (["--strategy", "sync", "--workers", "2", "--delay", "fixed", "--max-delay", "1", "2"], "--max-delay"),
     (["--lr", "1e-3", "2e-3", "--runtime", "async_sim", "--strategy", "async", "--workers", "2"], "--runtime"),
 ]
 

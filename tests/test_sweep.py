@@ -4,7 +4,7 @@ grid with every seed as one vmapped program (``TrainConfig.sweep``).
 * The grid and its runs: every combination, the first swept option varying slowest, each with every seed.
 * Each run of a sweep is the single-seed run of its own config (``cfg.run_config(r)``): the same episodes while the
   parameters agree and the same parameters up to float rounding -- for A2C (learning rate; discount x loss
-  weights), DQN (learning rate x ε schedule; discount) and ``--pipeline overlap``.
+  weights; stale-gradient delay), DQN (learning rate x ε schedule; discount) and ``--pipeline overlap``.
 * The outputs: a folder per point (and per seed), the mean, std and 95% CI over seeds per point, the best point,
   one band per point in the PNG (its range over seeds), and a run's metrics equal to those of the same run alone.
 Bad sweep values are refused by ``tests/test_cli.py`` (exit 2, one line, nothing created).
@@ -66,6 +66,12 @@ def test_cli_sweep_is_the_grid_times_the_seeds():
     assert one.sweep == () and one.lr == 1e-3 and one.grid == ({},) and one.runs == ((0, 0),)
     default = validate(TrainConfig(algo="a2c", sweep=(("lr", (0.0, 1e-3)),)))
     np.testing.assert_allclose(train_lib.run_hyperparams(default).learning_rate, [2e-3, 1e-3], rtol=1e-7)
+    # A swept --max-delay (under --delay fixed) is each run's delay; the program's ring holds the largest.
+    stale = validate(TrainConfig(algo="a2c", strategy="async", delay="fixed", seeds=(0, 1),
+                                 sweep=(("max_delay", (0, 1, 4)),)))
+    delays = train_lib.run_hyperparams(stale).delay
+    assert delays.dtype == np.int32 and delays.tolist() == [0, 0, 1, 1, 4, 4]
+    assert stale.build_config.max_delay == 4 and stale.run_config(3).max_delay == 1
 
 
 SWEEPS = {
@@ -82,6 +88,9 @@ SWEEPS = {
     # rounds differently batched than unbatched, and DQN's training amplifies it past the tolerance below.
     "dqn-gamma": dict(algo="dqn", total_steps=8 * 500, learning_starts=1000, seeds=(2,),
                       sweep=(("gamma", (0.99, 0.8)),)),
+    # Stale gradients: a fixed delay per run, in one ring sized for the largest (0 is the inner optimizer alone).
+    "a2c-async-delay": dict(algo="a2c", strategy="async", delay="fixed", total_steps=128 * 120, seeds=(0,),
+                            sweep=(("max_delay", (0, 3)),)),
     # Acting and learning on two threads, one update apart: the lane's values reach both halves.
     "a2c-overlap": dict(algo="a2c", total_steps=128 * 120, seeds=(1,), pipeline="overlap",
                         sweep=(("lr", (1e-3, 4e-3)),)),
@@ -99,9 +108,8 @@ def test_each_run_of_a_sweep_is_its_own_single_run(name, tmp_path):
         for a, b in zip(jax.tree.leaves(lanes.params), jax.tree.leaves(single_lanes.params)):
             np.testing.assert_allclose(a[r], b[0], rtol=1e-4, atol=1e-5, err_msg=f"run {r} {cfg.runs[r]}")
     # Different points are different runs: the same seed with another learning rate ends elsewhere.
-    seeds = len(cfg.seeds)
-    first, other = jax.tree.leaves(lanes.params)[0][0], jax.tree.leaves(lanes.params)[0][len(cfg.runs) - seeds]
-    assert np.max(np.abs(first - other)) > 1e-3
+    other = len(cfg.runs) - len(cfg.seeds)  # the last point's first seed: the same seed as run 0
+    assert max(float(np.max(np.abs(leaf[0] - leaf[other]))) for leaf in jax.tree.leaves(lanes.params)) > 1e-3
 
 
 def test_cli_sweep_writes_every_point_and_its_runs(tmp_path):
