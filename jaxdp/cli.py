@@ -206,6 +206,12 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     if has_run and not cfg.resume:
         raise config_lib.ConfigError(f"--logdir {logdir!r} already holds a run: pass --resume to continue it "
                                      f"or choose another --logdir")
+    saved_config = os.path.join(logdir, config_lib.RUN_CONFIG_FILE)
+    if cfg.resume and os.path.exists(saved_config):  # runs of the vmap and devices runtimes write it
+        import json
+
+        with open(saved_config) as f:
+            config_lib.check_resumable(cfg, json.load(f))
     return dataclasses.replace(cfg, logdir=logdir)
 
 

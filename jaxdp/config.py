@@ -382,6 +382,35 @@ def _validate_sweep(cfg: TrainConfig) -> None:
         validate(dataclasses.replace(cfg, sweep=(), **point))  # the ranges, and how each value fits the rest
 
 
+# What --resume may change: how long the run goes on, and how it reports. Anything else (the seeds, a sweep, the
+# network, the algorithm's settings, ...) would restore a checkpoint into another program, or continue another run.
+RESUMABLE_CHANGES = ("total_steps", "resume", "logdir", "log_interval", "checkpoint_interval", "eval_episodes",
+                     "progress", "tensorboard")
+RUN_CONFIG_FILE = "config.json"  # the config of a run in --logdir, written when it starts (see check_resumable)
+
+# Flags whose name is not --<field-name>.
+_FLAG_OF_FIELD = {"seeds": "--seeds", "sweep": "--lr / --gamma / ... (a sweep's values)", "replay": "--no-replay",
+                  "target_network": "--no-target-network"}
+
+
+def flag_of(field: str) -> str:
+    """The command-line option of a TrainConfig field."""
+    return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def check_resumable(cfg: TrainConfig, saved: dict) -> None:
+    """Raises ConfigError naming the first option that differs between ``cfg`` and ``saved`` (the
+    ``dataclasses.asdict`` of the run being resumed, as JSON gives it back) outside RESUMABLE_CHANGES."""
+    import json
+
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists, as in the saved file
+    for field, value in now.items():
+        if field in RESUMABLE_CHANGES or field not in saved or saved[field] == value:
+            continue
+        _fail(f"--resume: {flag_of(field)} is {value!r} here but {saved[field]!r} in the run being resumed; only "
+              f"{', '.join(flag_of(f) for f in RESUMABLE_CHANGES if f not in ('resume', 'logdir'))} may change")
+
+
 def atari_dqn_defaults(algo: str, is_atari: bool, given: dict) -> dict:
     """The DQN options of ``ATARI_DQN_DEFAULTS`` not in ``given``, when ``algo`` is a DQN on an Atari game; else {}."""
     if algo not in ("dqn", "double_dqn") or not is_atari:

@@ -14,7 +14,9 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
   ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
   ``summary.json`` lists every point in ``grid`` (mean, std, CI over seeds), every run in ``runs``, and the best
   point (by mean final return) in ``best``, ``final_return`` and ``eval_return``; the PNG has each point's mean and range over seeds.
-* ``tb/`` -- TensorBoard events; ``checkpoints/`` -- orbax checkpoints that ``--resume`` continues from.
+* ``tb/`` -- TensorBoard events; ``checkpoints/`` -- orbax checkpoints that ``--resume`` continues from;
+  ``config.json`` -- the run's config, which a ``--resume`` must match but for its length and reporting
+  (:data:`jaxdp.config.RESUMABLE_CHANGES`).
 
 A crash loses at most the work since the last checkpoint (``--checkpoint-interval`` seconds).
 """
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp import atomic
-from jaxdp.config import TrainConfig
+from jaxdp.config import RUN_CONFIG_FILE, TrainConfig, check_resumable
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 
 
@@ -286,7 +288,12 @@ def run(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     S = len(cfg.runs)  # lanes: grid points x seeds
+    saved_config = os.path.join(cfg.logdir, RUN_CONFIG_FILE)
+    if cfg.resume and os.path.exists(saved_config):  # the CLI checked this already; a script may not have
+        with open(saved_config) as f:
+            check_resumable(cfg, json.load(f))
     os.makedirs(cfg.logdir, exist_ok=True)
+    atomic.write_json(saved_config, dataclasses.asdict(cfg))  # what a --resume must match
     trainer = train_lib.make_train(cfg)
     keys = train_lib.seed_keys(cfg)
     handle = trainer.initial_handle()

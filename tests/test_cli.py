@@ -18,7 +18,7 @@ import pytest
 from jaxdp import cli
 from jaxdp.config import TrainConfig
 
-# TrainConfig fields whose option is not simply --field-name.
+# TrainConfig fields whose option is not simply --field-name (in --help).
 _FLAG_OF_FIELD = {
     "replay": "--no-replay",
     "target_network": "--no-target-network",
@@ -167,6 +167,46 @@ def test_resume_with_an_empty_checkpoints_dir_exits_2(tmp_path, capsys):
     assert rc == 2, f"exit status {rc}, stderr {err}"
     assert len(err) == 1 and "--resume" in err[0]
     assert sorted(p.relative_to(logdir) for p in logdir.rglob("*")) == before
+
+
+def _saved_run(logdir, argv: list[str]):
+    """A run's folder as loop.run leaves it after a checkpoint: config.json, metrics.jsonl, checkpoints/<step>/."""
+    from jaxdp import atomic
+
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["train", *argv, "--logdir", str(logdir)]))
+    (logdir / "checkpoints" / "128").mkdir(parents=True)
+    (logdir / "metrics.jsonl").write_text('{"step": 128}\n')
+    atomic.write_json(logdir / "config.json", dataclasses.asdict(cfg))
+    return {p: p.stat().st_mtime_ns for p in logdir.rglob("*")}
+
+
+@pytest.mark.parametrize("change,option", [
+    (["--lr", "3e-3"], "--lr"),
+    (["--seeds", "0", "1"], "--seeds"),  # another lane layout: the checkpoint would not restore
+    (["--lr", "1e-3", "3e-3"], "--lr / --gamma"),  # a sweep where there was none
+    (["--algo", "reinforce"], "--algo"),
+    (["--no-replay"], "--no-replay"),
+])
+def test_resume_with_other_settings_exits_2_naming_the_option(change, option, tmp_path, capsys):
+    """--resume continues THE run in --logdir: a setting that differs (but for its length and reporting) is
+    refused before any work, naming the option, instead of failing inside orbax or continuing another run."""
+    logdir = tmp_path / "run"
+    before = _saved_run(logdir, ["--lr", "1e-3"])
+    rc = run_main(["train", "--resume", "--logdir", str(logdir), "--no-progress", "--lr", "1e-3", *change])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("jaxdp train: error: --resume: " + option), err[0]
+    assert {p: p.stat().st_mtime_ns for p in logdir.rglob("*")} == before
+
+
+def test_resume_may_change_the_length_and_reporting(tmp_path):
+    logdir = tmp_path / "run"
+    _saved_run(logdir, ["--lr", "1e-3"])
+    argv = ["train", "--resume", "--logdir", str(logdir), "--lr", "1e-3", "--total-steps", "900000",
+            "--eval-episodes", "0", "--no-progress", "--no-tensorboard", "--log-interval", "9",
+            "--checkpoint-interval", "9"]
+    cfg = cli.resolve_logdir(cli.config_from_args(cli.build_parser().parse_args(argv)))  # raises if refused
+    assert cfg.total_steps == 900_000 and cfg.resume
 
 
 @pytest.mark.parametrize("marker", ["metrics.jsonl", "checkpoints"])

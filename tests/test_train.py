@@ -135,6 +135,7 @@ def test_pong_smoke_writes_every_output(algo, tmp_path):
     assert summary["final_return"] is None or -21 <= summary["final_return"] <= 21
     assert summary["config"]["algo"] == algo and summary["config"]["env"] == "Pong-v5"
     assert summary["config"]["num_envs"] == 2
+    assert json.loads((logdir / "config.json").read_text()) == summary["config"]  # what a --resume must match
     if eval_episodes == "1":
         assert -21 <= summary["eval_return"] <= 21
 
