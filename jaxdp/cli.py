@@ -95,11 +95,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default = getattr(_D, field)
         if field in config_lib.SWEEPABLE:
             # Several values sweep the option: every combination, with every seed, as one vmapped program.
+            atari = config_lib.ATARI_DQN_DEFAULTS.get(field)
+            shown = default if atari is None else f"{atari} on Atari DQN, else {default}"
             p.add_argument(flag, dest=field, type=kind, nargs="+", default=None,
-                           help=f"{help_text}; several values sweep it (default: "
-                                f"{config_lib.ATARI_DQN_DEFAULTS.get(field, default)} on Atari DQN, else "
-                                f"{default})%(default).0s" if field in config_lib.ATARI_DQN_DEFAULTS else
-                           f"{help_text}; several values sweep it (default: {default})%(default).0s")
+                           help=f"{help_text}; several values sweep it (default: {shown})%(default).0s")
         elif kind == "flag":
             p.add_argument(flag, dest=field, action="store_true", help=help_text)
         elif kind == "noflag":
@@ -206,12 +205,7 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     if has_run and not cfg.resume:
         raise config_lib.ConfigError(f"--logdir {logdir!r} already holds a run: pass --resume to continue it "
                                      f"or choose another --logdir")
-    saved_config = os.path.join(logdir, config_lib.RUN_CONFIG_FILE)
-    if cfg.resume and os.path.exists(saved_config):  # runs of the vmap and devices runtimes write it
-        import json
-
-        with open(saved_config) as f:
-            config_lib.check_resumable(cfg, json.load(f))
+    config_lib.check_resumable(cfg, logdir)  # runs of the vmap and devices runtimes save their config
     return dataclasses.replace(cfg, logdir=logdir)
 
 

@@ -388,9 +388,11 @@ RESUMABLE_CHANGES = ("total_steps", "resume", "logdir", "log_interval", "checkpo
                      "progress", "tensorboard")
 RUN_CONFIG_FILE = "config.json"  # the config of a run in --logdir, written when it starts (see check_resumable)
 
-# Flags whose name is not --<field-name>.
+# Flags whose name is not --<field-name> (jaxdp.cli's option table spells every flag; tests/test_cli.py checks that
+# --help shows flag_of(field) for every field).
 _FLAG_OF_FIELD = {"seeds": "--seeds", "sweep": "--lr / --gamma / ... (a sweep's values)", "replay": "--no-replay",
-                  "target_network": "--no-target-network"}
+                  "target_network": "--no-target-network", "progress": "--no-progress",
+                  "tensorboard": "--no-tensorboard"}
 
 
 def flag_of(field: str) -> str:
@@ -398,11 +400,17 @@ def flag_of(field: str) -> str:
     return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
-def check_resumable(cfg: TrainConfig, saved: dict) -> None:
-    """Raises ConfigError naming the first option that differs between ``cfg`` and ``saved`` (the
-    ``dataclasses.asdict`` of the run being resumed, as JSON gives it back) outside RESUMABLE_CHANGES."""
+def check_resumable(cfg: TrainConfig, logdir: str) -> None:
+    """With ``cfg.resume``: raises ConfigError naming the first option that differs, outside RESUMABLE_CHANGES,
+    between ``cfg`` and the run in ``logdir`` (its RUN_CONFIG_FILE; runs saved before it existed are not checked)."""
     import json
+    import os
 
+    path = os.path.join(logdir, RUN_CONFIG_FILE)
+    if not cfg.resume or not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists, as in the saved file
     for field, value in now.items():
         if field in RESUMABLE_CHANGES or field not in saved or saved[field] == value:

@@ -13,7 +13,8 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
   to ``<point>/`` (``lr_0.001``; its seeds in ``<point>/seed_<s>/``, and the mean over them in
   ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
   ``summary.json`` lists every point in ``grid`` (mean, std, CI over seeds), every run in ``runs``, and the best
-  point (by mean final return) in ``best``, ``final_return`` and ``eval_return``; the PNG has each point's mean and range over seeds.
+  point (by mean final return) in ``best``, ``final_return`` and ``eval_return``; the PNG has each point's mean and
+  range over seeds.
 * ``tb/`` -- TensorBoard events; ``checkpoints/`` -- orbax checkpoints that ``--resume`` continues from;
   ``config.json`` -- the run's config, which a ``--resume`` must match but for its length and reporting
   (:data:`jaxdp.config.RESUMABLE_CHANGES`).
@@ -288,12 +289,9 @@ def run(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     S = len(cfg.runs)  # lanes: grid points x seeds
-    saved_config = os.path.join(cfg.logdir, RUN_CONFIG_FILE)
-    if cfg.resume and os.path.exists(saved_config):  # the CLI checked this already; a script may not have
-        with open(saved_config) as f:
-            check_resumable(cfg, json.load(f))
+    check_resumable(cfg, cfg.logdir)  # the CLI checked this already; a script may not have
     os.makedirs(cfg.logdir, exist_ok=True)
-    atomic.write_json(saved_config, dataclasses.asdict(cfg))  # what a --resume must match
+    atomic.write_json(os.path.join(cfg.logdir, RUN_CONFIG_FILE), dataclasses.asdict(cfg))  # what --resume matches
     trainer = train_lib.make_train(cfg)
     keys = train_lib.seed_keys(cfg)
     handle = trainer.initial_handle()

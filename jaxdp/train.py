@@ -531,11 +531,14 @@ def run_hyperparams(cfg: TrainConfig) -> Hyperparams:
     """The swept hyperparameters of every run of ``cfg`` (``cfg.runs``), arrays ``[runs]`` (float32; a swept
     ``--max-delay`` is the int32 ``delay``); ``None`` for the fields not swept (all of them without a sweep). A
     learning rate of 0 is the algorithm's default, as alone."""
-    fields = {"lr": "learning_rate", "max_delay": "delay"}  # --max-delay under --delay fixed is the delay
     values = {}
     for name, _ in cfg.sweep:
-        column = [getattr(cfg.point_config(point), "learning_rate" if name == "lr" else name) for point, _ in cfg.runs]
-        values[fields.get(name, name)] = jnp.asarray(column, jnp.int32 if name == "max_delay" else jnp.float32)
+        # (config attribute holding the resolved value, Hyperparams field): a learning rate of 0 resolves to the
+        # algorithm's default; --max-delay under --delay fixed is the delay.
+        attribute, field = {"lr": ("learning_rate", "learning_rate"), "max_delay": ("max_delay", "delay")}.get(
+            name, (name, name))
+        column = [getattr(cfg.point_config(point), attribute) for point, _ in cfg.runs]
+        values[field] = jnp.asarray(column, jnp.int32 if field == "delay" else jnp.float32)
     return Hyperparams(**values)
 
 
@@ -1211,7 +1214,8 @@ def run_distributed(cfg: TrainConfig):
 
 
 __all__ = [
-    "Hyperparams", "check_hyperparams", "run_hyperparams", "swept_lane_functions", "Lane", "LaneFunctions", "StepInfo", "lane_functions", "vmap_lanes",
+    "Hyperparams", "check_hyperparams", "run_hyperparams", "swept_lane_functions", "Lane", "LaneFunctions",
+    "StepInfo", "lane_functions", "vmap_lanes",
     "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
     "make_train", "run", "seed_keys", "train", "env_seed", "lane_env_seed", "device_env", "network_apply",
     "cnn_on_cpu", "rollout",

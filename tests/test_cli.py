@@ -16,22 +16,11 @@ import sys
 import pytest
 
 from jaxdp import cli
-from jaxdp.config import TrainConfig
-
-# TrainConfig fields whose option is not simply --field-name (in --help).
-_FLAG_OF_FIELD = {
-    "replay": "--no-replay",
-    "target_network": "--no-target-network",
-    "progress": "--no-progress",
-    "tensorboard": "--no-tensorboard",
-    "seeds": "--seeds",
-    "sweep": "--lr",  # several values of --lr / --eps-* (each checked as its own field)
-}
-
+from jaxdp.config import TrainConfig, flag_of
 
 def expected_train_flags() -> list[str]:
-    """Every TrainConfig field's option, plus the two other ways to give seeds."""
-    flags = [_FLAG_OF_FIELD.get(f.name, "--" + f.name.replace("_", "-")) for f in dataclasses.fields(TrainConfig)]
+    """Every TrainConfig field's option (a sweep's are its fields' own), plus the two other ways to give seeds."""
+    flags = [flag_of(f.name) for f in dataclasses.fields(TrainConfig) if f.name != "sweep"]
     return flags + ["--seed", "--num-seeds"]
 
 

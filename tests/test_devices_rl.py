@@ -3,8 +3,8 @@
 The devices trainer gives every worker its own envpool pool (stepped only by that worker's device, through a
 ``lax.switch`` on the mesh index) seeded exactly like that worker's lanes of the vmap runtime's single pool, so the
 same seed must give the same episodes and -- up to float rounding of the collectives -- the same parameters, for
-every strategy and a seed sweep (2 seeds x 2 workers), and a learning-rate sweep (2 rates x 2 seeds x 2 workers). The devices need
-``XLA_FLAGS=--xla_force_host_platform_device_count=2`` before JAX starts, so the comparison runs in a subprocess
+every strategy and a seed sweep (2 seeds x 2 workers), and a learning-rate sweep (2 rates x 2 seeds x 2 workers).
+The devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` before JAX starts, so the comparison runs in a subprocess
 (this file is the script); the command-line tests check that ``jaxdp train --runtime devices`` sets that flag
 itself, resumes, and refuses more workers than devices with one line.
 """
