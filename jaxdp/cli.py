@@ -167,17 +167,22 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     return config_lib.TrainConfig(**kw)
 
 
-def _process_rank(cfg: config_lib.TrainConfig) -> int:
-    """This process's rank in a multi-process job, known before any initialisation (0 when alone or unknown)."""
+def _launcher_rank() -> int:
+    """This process's rank as mpirun (or srun) numbers it, from the environment (0 when not launched by one)."""
     import os
 
-    if cfg.runtime == "distributed":
-        return cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("SLURM_PROCID", 0))
-    if cfg.runtime == "mpi":
-        for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-            if os.environ.get(name, "").isdigit():
-                return int(os.environ[name])
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
     return 0
+
+
+def _report(error: Exception) -> int:
+    """Prints the one line for bad input and returns exit status 2. Under mpirun (or srun) every rank parses the
+    same command line and finds the same problem, and all of them exit 2; only rank 0 prints it."""
+    if _launcher_rank() == 0:
+        sys.stderr.write(f"jaxdp train: error: {error}\n")
+    return EXIT_USAGE
 
 
 def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
@@ -190,10 +195,10 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         env = cfg.env.replace("/", "_")
         logdir = os.path.join("runs", f"{cfg.algo}_{env}_{cfg.strategy}_{stamp}")
-    if _process_rank(cfg) > 0:
-        # Process 0 of a multi-process job owns --logdir; the others must not race it (process 0 may already have
-        # written its first metrics when they look). Process 0 makes the same checks.
-        return dataclasses.replace(cfg, logdir=logdir)
+    # Every process of a multi-process job makes these checks and finds the same answer, so all of them stop here,
+    # before MPI or jax.distributed starts (one that went on would wait forever for the others). None can see
+    # another's outputs yet: process 0 writes only after MPI's start-up barrier (jaxdp.train.run_mpi) or
+    # jax.distributed.initialize, which wait for every process to get there.
     has_run = os.path.exists(os.path.join(logdir, "metrics.jsonl")) or os.path.isdir(
         os.path.join(logdir, "checkpoints"))
     ckpt_dir = os.path.join(logdir, "checkpoints")
@@ -205,7 +210,7 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     if has_run and not cfg.resume:
         raise config_lib.ConfigError(f"--logdir {logdir!r} already holds a run: pass --resume to continue it "
                                      f"or choose another --logdir")
-    config_lib.check_resumable(cfg, logdir)  # runs of the vmap and devices runtimes save their config
+    config_lib.check_resumable(cfg, logdir)
     return dataclasses.replace(cfg, logdir=logdir)
 
 
@@ -250,12 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_devices(cfg.workers)
         cfg = resolve_logdir(cfg)
     except (config_lib.ConfigError, ValueError) as e:
-        sys.stderr.write(f"jaxdp train: error: {e}\n")
-        return EXIT_USAGE
+        return _report(e)
 
     from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
 
-    summary = train_lib.run(cfg)
+    try:
+        summary = train_lib.run(cfg)
+    except config_lib.ConfigError as e:  # what only a started multi-process job knows: its size, on --resume
+        return _report(e)
     if summary is None:  # a non-zero MPI rank: rank 0 reports
         return 0
     if cfg.sweep:

@@ -382,10 +382,11 @@ def _validate_sweep(cfg: TrainConfig) -> None:
         validate(dataclasses.replace(cfg, sweep=(), **point))  # the ranges, and how each value fits the rest
 
 
-# What --resume may change: how long the run goes on, and how it reports. Anything else (the seeds, a sweep, the
-# network, the algorithm's settings, ...) would restore a checkpoint into another program, or continue another run.
+# What --resume may change: how long the run goes on, how it reports, and where a jax.distributed job meets (each
+# process has its own --process-id; a restarted job may get another coordinator). Anything else (the seeds, a sweep,
+# the network, the algorithm's settings, ...) would restore a checkpoint into another program, or continue another run.
 RESUMABLE_CHANGES = ("total_steps", "resume", "logdir", "log_interval", "checkpoint_interval", "eval_episodes",
-                     "progress", "tensorboard")
+                     "progress", "tensorboard", "coordinator", "process_id")
 RUN_CONFIG_FILE = "config.json"  # the config of a run in --logdir, written when it starts (see check_resumable)
 
 # Flags whose name is not --<field-name> (jaxdp.cli's option table spells every flag; tests/test_cli.py checks that
@@ -400,9 +401,13 @@ def flag_of(field: str) -> str:
     return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
-def check_resumable(cfg: TrainConfig, logdir: str) -> None:
+def check_resumable(cfg: TrainConfig, logdir: str, *, job_workers: int | None = None) -> None:
     """With ``cfg.resume``: raises ConfigError naming the first option that differs, outside RESUMABLE_CHANGES,
-    between ``cfg`` and the run in ``logdir`` (its RUN_CONFIG_FILE; runs saved before it existed are not checked)."""
+    between ``cfg`` and the run in ``logdir`` (its RUN_CONFIG_FILE; runs saved before it existed are not checked).
+
+    The multi-process runtimes (mpi, distributed) ignore ``--workers``: the job's size decides it, and they save
+    that number. Their ``workers`` is compared only once the job is up and knows its size, ``job_workers``.
+    """
     import json
     import os
 
@@ -411,12 +416,31 @@ def check_resumable(cfg: TrainConfig, logdir: str) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
+    sized_by_job = cfg.runtime in ("mpi", "distributed")
+    if sized_by_job and job_workers is not None and saved.get("workers", job_workers) != job_workers:
+        _fail(f"--resume: the run being resumed had {saved['workers']} workers, this job has {job_workers}: "
+              f"start it with the same number of processes")
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists, as in the saved file
     for field, value in now.items():
         if field in RESUMABLE_CHANGES or field not in saved or saved[field] == value:
             continue
+        if field == "workers" and sized_by_job:
+            continue
         _fail(f"--resume: {flag_of(field)} is {value!r} here but {saved[field]!r} in the run being resumed; only "
               f"{', '.join(flag_of(f) for f in RESUMABLE_CHANGES if f not in ('resume', 'logdir'))} may change")
+
+
+def save_run_config(cfg: TrainConfig, logdir: str) -> None:
+    """Writes ``cfg`` to ``logdir``'s RUN_CONFIG_FILE (atomically), what a later ``--resume`` must match; a resumed
+    run is checked against the file first (:func:`check_resumable`). The multi-process runtimes pass ``cfg`` with
+    ``workers`` set to the job's size."""
+    import os
+
+    from jaxdp import atomic
+
+    check_resumable(cfg, logdir, job_workers=cfg.workers)
+    os.makedirs(logdir, exist_ok=True)
+    atomic.write_json(os.path.join(logdir, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
 
 
 def atari_dqn_defaults(algo: str, is_atari: bool, given: dict) -> dict:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp import atomic
-from jaxdp.config import RUN_CONFIG_FILE, TrainConfig, check_resumable
+from jaxdp.config import TrainConfig, save_run_config
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 
 
@@ -289,9 +289,7 @@ def run(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     S = len(cfg.runs)  # lanes: grid points x seeds
-    check_resumable(cfg, cfg.logdir)  # the CLI checked this already; a script may not have
-    os.makedirs(cfg.logdir, exist_ok=True)
-    atomic.write_json(os.path.join(cfg.logdir, RUN_CONFIG_FILE), dataclasses.asdict(cfg))  # what --resume matches
+    save_run_config(cfg, cfg.logdir)  # what a --resume must match; checks this one (a script may skip the CLI)
     trainer = train_lib.make_train(cfg)
     keys = train_lib.seed_keys(cfg)
     handle = trainer.initial_handle()

@@ -1111,10 +1111,15 @@ def run_mpi(cfg: TrainConfig):
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    # Every rank has checked --logdir (jaxdp.cli.resolve_logdir); rank 0 writes nothing there before all have.
+    comm.Barrier()
+    # One folder for the job: each rank stamped its own default --logdir, maybe a second apart.
+    cfg = dataclasses.replace(cfg, logdir=comm.bcast(cfg.logdir, root=0))
     mode = cfg.strategy
     worker_id = rank if mode == "sync" else max(rank - 1, 0)
     # The world size decides the workers (the epsilon schedule and learning-starts count all workers' env steps).
     cfg = dataclasses.replace(cfg, workers=size if mode == "sync" else max(1, size - 1))
+    _save_run_config(cfg, rank)
     # The master (rank 0) holds no envs of its own; it evaluates nothing (workers report their episodes).
     workload = rl_workload(cfg, worker_id, eval_steps=0)
     per_local_step = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout)
@@ -1138,6 +1143,18 @@ def run_mpi(cfg: TrainConfig):
         return None
     summary["total_steps"] = int(summary.get("total_updates", total_updates)) * per_update
     return _write_rl_summary(cfg, summary)
+
+
+def _save_run_config(cfg: TrainConfig, rank: int) -> None:
+    """Every process of a multi-process job checks a ``--resume`` against the saved config, now that the job's size
+    (``cfg.workers``) is known; process 0 then saves ``cfg`` for the next one. Every process reads the same file,
+    so all of them stop, with the same ConfigError, before any collective."""
+    from jaxdp import config as config_lib
+
+    if rank == 0:
+        config_lib.save_run_config(cfg, cfg.logdir)
+    else:
+        config_lib.check_resumable(cfg, cfg.logdir, job_workers=cfg.workers)
 
 
 def _write_rl_summary(cfg: TrainConfig, summary: dict) -> dict:
@@ -1183,6 +1200,7 @@ def run_distributed(cfg: TrainConfig):
     num_workers = jax.device_count()
     worker_id = jax.devices().index(jax.local_devices()[0])
     cfg = dataclasses.replace(cfg, workers=num_workers)
+    _save_run_config(cfg, jax.process_index())
     per_update = cfg.steps_per_iteration  # env steps of all workers per synchronous update
     total_updates = max(1, cfg.total_steps // per_update)
     workload = rl_workload(cfg, worker_id, eval_steps=0)

@@ -167,7 +167,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     common = ["--algo", "a2c", "--strategy", "sync", "--num-envs", "8", "--lr", "1e-3", "--vf-coef", "0.1",
               "--no-progress", "--no-tensorboard", "--logdir", str(logdir)]
 
-    def job(total_steps: int, *extra: str) -> list[str]:
+    def job(total_steps: int, *extra: str, status: int = 0) -> list[str]:
         address = f"127.0.0.1:{free_port()}"
         processes = [
             subprocess.Popen([sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "distributed",
@@ -185,7 +185,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
         for i, (p, out) in enumerate(zip(processes, outputs)):
-            assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
+            assert p.returncode == status, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
         return outputs
 
     outputs = job(400_000)
@@ -199,7 +199,15 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     assert all(r["step"] % per_update == 0 for r in records)
     assert sum(r["episodes"] for r in records) > 100 and records[0]["step"] == 0
 
-    job(500_000, "--resume")
+    # Bad input stops both processes before jax.distributed starts (one that went on would wait for the other):
+    # each prints one line, exits 2, and the run's files stay as they were.
+    files = {p.name: p.read_bytes() for p in logdir.iterdir() if p.is_file()}
+    for extra, needle in [((), "already holds a run"), (("--resume", "--gamma", "0.9"), "--resume: --gamma is 0.9")]:
+        for out in job(500_000, *extra, status=2):
+            assert out.strip().splitlines() == [out.strip()] and needle in out, out
+        assert {p.name: p.read_bytes() for p in logdir.iterdir() if p.is_file()} == files
+
+    job(500_000, "--resume")  # another coordinator port than the first job's: allowed
     resumed = json.loads((logdir / "summary.json").read_text())
     assert resumed["start_step"] == 400_000 // per_update  # continued from the final checkpoint
     assert resumed["total_steps"] == (500_000 // per_update) * per_update

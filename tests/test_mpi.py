@@ -302,3 +302,37 @@ def test_rl_agent_trains_under_mpirun_with_a_parameter_server(tmp_path):
     # random policy scores ~22. Measured, 2026-11-22, same code: 300k steps, 20 runs: 111 to 500, 2 below 150;
     # 500k steps, 18 runs: 175 to 500, median 482.
     assert summary["final_return"] > 150, summary["final_return"]
+
+
+def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_the_run(tmp_path):
+    """Every rank of ``mpirun jaxdp train --runtime mpi`` checks --logdir and the saved config before MPI starts
+    (one that went on would wait forever for a rank that stopped), and the started job checks its size: each refusal
+    is one line (rank 0's), exit status 2, and the run's files untouched. The same command then resumes the run."""
+    logdir = tmp_path / "rl"
+    base = [sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", "async", "--algo", "a2c",
+            "--logdir", str(logdir), "--no-progress"]
+
+    def job(ranks: int, *args: str) -> subprocess.CompletedProcess:
+        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        return subprocess.run([MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n",
+                               str(ranks), *base, *args], capture_output=True, text=True, timeout=300)
+
+    first = job(3, "--total-steps", "20000")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads((logdir / "config.json").read_text())["workers"] == 2  # the job's size, not --workers
+    files = {p.name: p.read_bytes() for p in logdir.iterdir()}
+
+    for ranks, args, needle in [
+        (3, ["--total-steps", "30000"], "already holds a run"),
+        (3, ["--total-steps", "30000", "--resume", "--lr", "1e-3"], "--resume: --lr is 0.001"),
+        (2, ["--total-steps", "30000", "--resume"], "--resume: the run being resumed had 2 workers, this job has 1"),
+    ]:
+        refused = job(ranks, *args)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and needle in lines[0], refused.stderr[-2000:]
+        assert {p.name: p.read_bytes() for p in logdir.iterdir()} == files
+
+    resumed = job(3, "--total-steps", "30000", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["start_step"] == 156 and summary["total_steps"] >= 29_000  # 20k steps: 156 updates of 128

@@ -56,7 +56,7 @@ staleness statistics include compilation (``startup_seconds`` is reported apart)
 Files (rank 0, when ``logdir`` is given): ``metrics.jsonl`` (one JSON object per log point: ``step``,
 ``sps`` (updates per second), ``workload.evaluate``'s metrics, ``train_*`` local metrics, and in the
 async modes staleness statistics), ``summary.json`` (see :func:`run_mpi`), ``checkpoint.npz`` every
-``checkpoint_every`` updates (written atomically: a temp file, then ``os.replace``) and each rank's
+``checkpoint_every`` updates and at the end (written atomically: a temp file, then ``os.replace``) and each rank's
 ``rank{r}.pid``. ``resume=True`` restarts from ``checkpoint.npz``; the step count continues. In the
 async modes the checkpoint holds the master's θ, outer state, version and statistics; the workers'
 inner optimizer states restart fresh. The workload's ``worker_state`` is not checkpointed.
@@ -485,8 +485,8 @@ def _run_sync(
                 now = time.perf_counter()
                 log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
                 history, interval_start, interval_step = [], time.perf_counter(), step_count
-        if checkpoint_every and step_count % checkpoint_every == 0:
-            checkpoint(step_count)
+        if checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates):
+            checkpoint(step_count)  # also at the end: a longer --resume continues exactly from here
         watchdog.beat(step_count)
     wall_seconds = time.perf_counter() - started
     watchdog.stop()
@@ -766,8 +766,8 @@ def _run_master(
                 write_log(version, (version - interval_version) / max(now_perf - interval_start, 1e-9), interval)
                 interval = {"metrics": [], "staleness": []}
                 interval_start, interval_version = time.perf_counter(), version
-            if checkpoint_every and version % checkpoint_every == 0:
-                checkpoint()
+            if checkpoint_every and (version % checkpoint_every == 0 or finished):
+                checkpoint()  # also at the end: a longer --resume continues exactly from here
             # Time the master spent evaluating or checkpointing is not the workers' silence.
             busy = time.monotonic() - busy_since
             for w in workers:
