@@ -419,7 +419,8 @@ def versus(ours: float, theirs: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps, one repeat (about 2 minutes on 2 idle cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: fewer steps, one repeat (about 2 minutes on 2 idle cores)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
     parser.add_argument("--dqn-buffer", type=int, default=50_000,
                         help="Pong DQN replay capacity (the default 1M takes 7 GB; capacity does not change speed)")

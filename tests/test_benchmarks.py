@@ -1,4 +1,5 @@
-"""The benchmarks' own plumbing: the same-machine CleanRL reference and its command line.
+"""The benchmarks' own plumbing: the same-machine CleanRL reference and its command line, and the equivalence
+of the Nature-CNN gradient rewrites that `nature_cnn_layers.py` times.
 
 The measurements themselves are not tests (they need a quiet machine, and ``cleanrl_peer.py`` a separate peer
 environment of several GB and ~12 minutes); what is tested is that a bad command line stops at once, and that
@@ -56,3 +57,20 @@ def test_rl_throughput_compares_with_the_committed_cleanrl_run(monkeypatch: pyte
     # Without the JSON: CleanRL's reported numbers, labelled as from other hardware.
     reported, source = rl_throughput.cleanrl_reference(None)
     assert reported[("dqn", "Pong-v5")] == 85.0 and "other hardware" in source
+
+
+def test_nature_cnn_layers_rewrites_compute_the_same_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first convolution's weight gradient in ``nature_cnn_layers.py``'s three rewrites equals lax.conv's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    bench = _load("nature_cnn_layers", monkeypatch)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((3, 84, 84, 4), np.float32))
+    w = jnp.asarray(rng.standard_normal((8, 8, 4, 32), np.float32))
+    g = jnp.asarray(rng.standard_normal((3, 20, 20, 32), np.float32))
+    reference = bench.weight_grad_lax(x, g, w, 4)
+    np.testing.assert_array_equal(bench.kernel_from_depth(bench.kernel_to_depth(w, 4), 4), w)
+    for rewrite in (bench.weight_grad_space_to_depth, bench.weight_grad_im2col, bench.weight_grad_slices):
+        np.testing.assert_allclose(jax.jit(rewrite, static_argnums=3)(x, g, w, 4), reference, rtol=1e-4, atol=1e-3)

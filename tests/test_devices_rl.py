@@ -4,8 +4,8 @@ The devices trainer gives every worker its own envpool pool (stepped only by tha
 ``lax.switch`` on the mesh index) seeded exactly like that worker's lanes of the vmap runtime's single pool, so the
 same seed must give the same episodes and -- up to float rounding of the collectives -- the same parameters, for
 every strategy and a seed sweep (2 seeds x 2 workers), and a learning-rate sweep (2 rates x 2 seeds x 2 workers).
-The devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` before JAX starts, so the comparison runs in a subprocess
-(this file is the script); the command-line tests check that ``jaxdp train --runtime devices`` sets that flag
+The devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` before JAX starts, so the comparison runs in a
+subprocess (this file is the script); the command-line tests check that ``jaxdp train --runtime devices`` sets that flag
 itself, resumes, and refuses more workers than devices with one line.
 """
 
@@ -129,7 +129,8 @@ def test_cli_runs_devices_runtime_and_resumes(tmp_path):
     second = _cli(*common, "--total-steps", "120000", "--resume", env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads(open(os.path.join(logdir, "summary.json")).read())
-    assert summary["config"]["runtime"] == "devices" and summary["total_steps"] == 120_000 - 120_000 % 128  # 2 workers x 8 envs x 8 steps
+    assert summary["config"]["runtime"] == "devices"
+    assert summary["total_steps"] == 120_000 - 120_000 % 128  # 2 workers x 8 envs x 8 steps
     steps = [json.loads(line)["step"] for line in open(os.path.join(logdir, "metrics.jsonl"))]
     assert steps == sorted(set(steps)) and steps[-1] == summary["total_steps"]
     assert summary["eval_return"] is not None and summary["final_return"] > 20
