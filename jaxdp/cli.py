@@ -210,7 +210,7 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     if has_run and not cfg.resume:
         raise config_lib.ConfigError(f"--logdir {logdir!r} already holds a run: pass --resume to continue it "
                                      f"or choose another --logdir")
-    config_lib.check_resumable(cfg, logdir)
+    config_lib.check_resumable(cfg, logdir, job_started=False)
     return dataclasses.replace(cfg, logdir=logdir)
 
 

@@ -401,12 +401,13 @@ def flag_of(field: str) -> str:
     return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
-def check_resumable(cfg: TrainConfig, logdir: str, *, job_workers: int | None = None) -> None:
+def check_resumable(cfg: TrainConfig, logdir: str, *, job_started: bool = True) -> None:
     """With ``cfg.resume``: raises ConfigError naming the first option that differs, outside RESUMABLE_CHANGES,
     between ``cfg`` and the run in ``logdir`` (its RUN_CONFIG_FILE; runs saved before it existed are not checked).
 
     The multi-process runtimes (mpi, distributed) ignore ``--workers``: the job's size decides it, and they save
-    that number. Their ``workers`` is compared only once the job is up and knows its size, ``job_workers``.
+    that number. Their ``workers`` is compared only once the job has started (``cfg.workers`` is then its size);
+    the command line, which checks before, passes ``job_started=False``.
     """
     import json
     import os
@@ -417,15 +418,15 @@ def check_resumable(cfg: TrainConfig, logdir: str, *, job_workers: int | None = 
     with open(path) as f:
         saved = json.load(f)
     sized_by_job = cfg.runtime in ("mpi", "distributed")
-    if sized_by_job and job_workers is not None and saved.get("workers", job_workers) != job_workers:
-        _fail(f"--resume: the run being resumed had {saved['workers']} workers, this job has {job_workers}: "
-              f"start it with the same number of processes")
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists, as in the saved file
     for field, value in now.items():
         if field in RESUMABLE_CHANGES or field not in saved or saved[field] == value:
             continue
         if field == "workers" and sized_by_job:
-            continue
+            if not job_started:
+                continue
+            _fail(f"--resume: the run being resumed had {saved['workers']} workers, this job has {value}: "
+                  f"start it with the same number of processes")
         _fail(f"--resume: {flag_of(field)} is {value!r} here but {saved[field]!r} in the run being resumed; only "
               f"{', '.join(flag_of(f) for f in RESUMABLE_CHANGES if f not in ('resume', 'logdir'))} may change")
 
@@ -438,7 +439,7 @@ def save_run_config(cfg: TrainConfig, logdir: str) -> None:
 
     from jaxdp import atomic
 
-    check_resumable(cfg, logdir, job_workers=cfg.workers)
+    check_resumable(cfg, logdir)
     os.makedirs(logdir, exist_ok=True)
     atomic.write_json(os.path.join(logdir, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
 

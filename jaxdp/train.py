@@ -1154,7 +1154,7 @@ def _save_run_config(cfg: TrainConfig, rank: int) -> None:
     if rank == 0:
         config_lib.save_run_config(cfg, cfg.logdir)
     else:
-        config_lib.check_resumable(cfg, cfg.logdir, job_workers=cfg.workers)
+        config_lib.check_resumable(cfg, cfg.logdir)
 
 
 def _write_rl_summary(cfg: TrainConfig, summary: dict) -> dict:

@@ -200,8 +200,8 @@ def test_resume_may_change_the_length_and_reporting(tmp_path):
 
 def test_a_multi_process_job_is_resumed_at_its_own_size_wherever_it_meets(tmp_path):
     """The mpi and distributed runtimes save ``workers`` as the job's size (their --workers is ignored): the command
-    line does not compare it, the started job does (``job_workers``). A restarted jax.distributed job may meet at
-    another --coordinator, and each of its processes has its own --process-id."""
+    line does not compare it, the started job does (``cfg.workers`` is then the job's size). A restarted
+    jax.distributed job may meet at another --coordinator, and each of its processes has its own --process-id."""
     from jaxdp import config as config_lib
 
     logdir = tmp_path / "run"
@@ -214,9 +214,9 @@ def test_a_multi_process_job_is_resumed_at_its_own_size_wherever_it_meets(tmp_pa
             "--coordinator", "10.0.0.2:999", "--process-id", "1", "--resume", "--logdir", str(logdir)]
     resumed = cli.resolve_logdir(cli.config_from_args(cli.build_parser().parse_args(argv)))  # raises if refused
     assert resumed.workers == 1  # the default, not compared here
-    config_lib.check_resumable(dataclasses.replace(resumed, workers=2), str(logdir), job_workers=2)
+    config_lib.check_resumable(dataclasses.replace(resumed, workers=2), str(logdir))
     with pytest.raises(config_lib.ConfigError, match="had 2 workers, this job has 3"):
-        config_lib.check_resumable(dataclasses.replace(resumed, workers=3), str(logdir), job_workers=3)
+        config_lib.check_resumable(dataclasses.replace(resumed, workers=3), str(logdir))
     with pytest.raises(config_lib.ConfigError, match="--num-processes is 3"):
         cli.resolve_logdir(dataclasses.replace(resumed, num_processes=3))
 
