@@ -490,7 +490,7 @@ def staleness_distribution(cfg: TrainConfig) -> list[float]:
     """The probabilities of delays ``0..max_delay`` that ``--strategy async`` draws its gradients' delays from."""
     from jaxdp import train as train_lib
 
-    dist = train_lib._delay_distribution(cfg)
+    dist = train_lib.delay_distribution(cfg)
     probs = np.asarray(dist.probs) if hasattr(dist, "probs") else np.eye(cfg.max_delay + 1)[cfg.max_delay]
     return probs.tolist()
 

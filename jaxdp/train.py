@@ -162,7 +162,7 @@ def make_inner_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | No
     return opt
 
 
-def _delay_distribution(cfg: TrainConfig, delay: Any = None):
+def delay_distribution(cfg: TrainConfig, delay: Any = None):
     """The delays of ``--strategy async``: ``cfg.delay`` up to ``cfg.max_delay``, or a swept ``Hyperparams.delay``
     (an int becomes a one-hot distribution over ``0..max_delay``: the ring buffer keeps ``max_delay + 1`` slots)."""
     d = jaxdp.delays
@@ -199,7 +199,7 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = N
     if cfg.strategy == "sync":
         return optax.chain(jaxdp.allreduce(WORKERS), inner)
     if cfg.strategy == "async":
-        stale = jaxdp.delayed(inner, _delay_distribution(cfg, delay), seed=cfg.seeds[0])
+        stale = jaxdp.delayed(inner, delay_distribution(cfg, delay), seed=cfg.seeds[0])
         return optax.chain(jaxdp.allreduce(WORKERS), stale) if many else stale
     if cfg.strategy == "dpsgd":
         return jaxdp.local_steps(inner, optax.sgd(cfg.global_lr), cfg.local_steps, axis_name=WORKERS if many else None)
@@ -1236,5 +1236,5 @@ __all__ = [
     "StepInfo", "lane_functions", "vmap_lanes",
     "TrainOutput", "Trainer", "make_train_fn", "make_inner_optimizer", "make_network", "make_optimizer",
     "make_train", "run", "seed_keys", "train", "env_seed", "lane_env_seed", "device_env", "network_apply",
-    "cnn_on_cpu", "rollout",
+    "cnn_on_cpu", "rollout", "delay_distribution",
 ]
