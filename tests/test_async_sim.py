@@ -236,6 +236,46 @@ def test_event_step_driven_from_python_matches_run():
     assert int(carry.num_updates) == 10
 
 
+def test_unrolled_worker_round_is_the_scanned_round_without_a_loop():
+    """``unroll=True`` (for CNN gradients, which XLA:CPU runs slowly inside a loop) changes the program, not the
+    arithmetic: same Δ, optimizer and worker states and metrics, and no while loop left in the compiled program."""
+    inner, B = optax.sgd(0.05, momentum=0.9), 3
+    anchor = jnp.linspace(-1.0, 1.0, DIM)
+    x = jnp.linspace(0.0, 1.0, BATCH * DIM).reshape(BATCH, DIM)
+
+    def local_step(worker_state, params, key):  # no random numbers: their own hashing loops would blur the check
+        del key
+        y = x @ jnp.arange(1.0, DIM + 1.0) + worker_state["count"]
+        worker_state = {"id": worker_state["id"], "count": worker_state["count"] + 1}
+        return worker_state, _lsq_grad(params, x, y), {"loss": 0.5 * jnp.mean((x @ params - y) ** 2)}
+
+    def round_fn(unroll):
+        return jax.jit(lambda: sim.worker_round(local_step, inner, B, anchor, inner.init(anchor),
+                                                {"id": jnp.int32(1), "count": jnp.int32(4)}, jax.random.PRNGKey(0),
+                                                unroll=unroll))
+
+    scanned, unrolled = round_fn(False)(), round_fn(True)()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), scanned, unrolled)
+    assert int(unrolled[2]["count"]) == 4 + B
+    assert " while(" in round_fn(False).lower().compile().as_text()
+    assert " while(" not in round_fn(True).lower().compile().as_text()
+
+
+def test_unrolled_event_step_driven_from_python_matches_run():
+    n = 3
+    s = sim.schedule(n, 2, 2, 10, sim.exponential(1.0), seed=1)
+    inner, outer = optax.sgd(0.05), optax.sgd(1.0)
+    out = sim.run(s, jnp.zeros(DIM), counted_local_step, inner, outer, worker_state=_counters(n))
+
+    step = jax.jit(sim.make_event_step(counted_local_step, inner, outer, local_steps=2, unroll=True))
+    carry = sim.init_carry(jnp.zeros(DIM), inner, outer, n, _counters(n))
+    arrivals = sim.arrival_inputs(s)
+    for i in range(len(s.events.worker)):
+        carry, _ = step(carry, jax.tree.map(lambda a: a[i], arrivals), sim.event_key(0, i))
+    np.testing.assert_allclose(carry.params, out.params, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(carry.worker_states["count"], out.worker_state["count"])
+
+
 def test_run_is_deterministic():
     s = sim.schedule(4, 2, 2, 30, sim.exponential(1.0), seed=0)
     inner, outer = optax.adam(0.05), optax.sgd(1.0)  # same objects: the second call reuses the compilation

@@ -34,3 +34,12 @@ def test_rl_evaluate_refuses_to_be_traced(cartpole):
     workload, params = cartpole
     with pytest.raises(TypeError, match="outside jit"):
         jax.jit(workload.evaluate)(params)
+
+
+def test_rl_workload_unrolls_local_steps_for_a_cnn_on_cpu():
+    """The runtimes unroll a round's local steps where the workload asks (async_sim.worker_round): a Nature-CNN
+    gradient inside an XLA:CPU loop is 10-60x slower (jax-ml/jax#12868), an MLP's is not."""
+    pong = rl_workload(TrainConfig(algo="a2c", env="Pong-v5", num_envs=2), eval_steps=0)
+    cartpole = rl_workload(TrainConfig(algo="dqn", env="CartPole-v1", num_envs=2), eval_steps=0)
+    assert pong.unroll_local_steps is (jax.default_backend() == "cpu")
+    assert cartpole.unroll_local_steps is False

@@ -407,7 +407,8 @@ def _run_sync(
             anchor, inner_state, outer_state, worker_state = state
             key = protocol.worker_key(seed, rank, counter)
             delta, inner_state, worker_state, metrics = worker_round(
-                workload.local_step, inner, local_steps, anchor, inner_state, worker_state, key
+                workload.local_step, inner, local_steps, anchor, inner_state, worker_state, key,
+                unroll=workload.unroll_local_steps,
             )
             updates, outer_state = outer.update(mean_over_ranks(delta), outer_state, anchor)
             return (optax.apply_updates(anchor, updates), inner_state, outer_state, worker_state), metrics
@@ -869,7 +870,8 @@ def _run_worker(
         anchor = unravel(anchor_flat)
         key = protocol.worker_key(seed, rank, counter)
         delta, inner_state, worker_state, metrics = worker_round(
-            workload.local_step, inner, local_steps, anchor, inner_state, worker_state, key
+            workload.local_step, inner, local_steps, anchor, inner_state, worker_state, key,
+            unroll=workload.unroll_local_steps,
         )
         return ravel_pytree(delta)[0], inner_state, worker_state, metrics
 

@@ -10,6 +10,9 @@ a workload owns the data (a dataset, or environments and a replay buffer) and th
 * ``evaluate(params) -> metrics`` -- a dict of scalars for logging (test accuracy, greedy return...). Runtimes call
   it on the host between steps and never trace it, so it may keep host-side state (an RL workload carries its
   evaluation env pool from one call to the next); a pure ``evaluate`` jits itself.
+* ``unroll_local_steps`` -- True when ``local_step``'s gradient must not run inside an XLA loop (a CNN on XLA:CPU,
+  where convolution gradients run 10-60x slower inside one: jax-ml/jax#12868). Runtimes that take several local
+  steps in one program then unroll them (:func:`jaxdp.runtime.async_sim.worker_round`).
 
 Keeping the gradient computation separate from the optimizer lets every strategy (allreduce, delayed, local_steps,
 hogwild) wrap the same workload, and keeps ``strategies/`` free of any knowledge of data or RL.
@@ -32,3 +35,4 @@ class Workload(NamedTuple):
     local_step: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree, Metrics]]
     evaluate: Callable[[PyTree], Metrics]
     name: str = "workload"
+    unroll_local_steps: bool = False

@@ -70,7 +70,8 @@ def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000,
         return (handle, lane), grads, metrics
 
     evaluate = _make_evaluate(cfg, network, eval_steps, eval_envs, seed=10_000 + worker_id)
-    return Workload(init=init, local_step=local_step, evaluate=evaluate, name=f"{cfg.algo}:{cfg.env}")
+    return Workload(init=init, local_step=local_step, evaluate=evaluate, name=f"{cfg.algo}:{cfg.env}",
+                    unroll_local_steps=train_lib.cnn_on_cpu(cfg, env.spec))
 
 
 def _make_evaluate(cfg: TrainConfig, network, eval_steps: int, eval_envs: int, seed: int):
