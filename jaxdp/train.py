@@ -1138,11 +1138,11 @@ def run_mpi(cfg: TrainConfig):
         local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
         total_updates=total_updates, seed=cfg.seeds[0], logdir=cfg.logdir,
         log_every=max(1, total_updates // 50), checkpoint_every=max(1, total_updates // 10),
-        resume=cfg.resume, config=dataclasses.asdict(cfg))
+        resume=cfg.resume, config=dataclasses.asdict(cfg),
+        record_hook=lambda record, steps: {**record, **_in_env_steps(record, per_update)})
     if rank != 0 or summary is None:
         return None
-    summary["total_steps"] = int(summary.get("total_updates", total_updates)) * per_update
-    return _write_rl_summary(cfg, summary)
+    return _write_rl_summary(cfg, summary, per_update)
 
 
 def _save_run_config(cfg: TrainConfig, rank: int) -> None:
@@ -1157,11 +1157,20 @@ def _save_run_config(cfg: TrainConfig, rank: int) -> None:
         config_lib.check_resumable(cfg, cfg.logdir)
 
 
-def _write_rl_summary(cfg: TrainConfig, summary: dict) -> dict:
+def _in_env_steps(record: dict, per_update: int) -> dict:
+    """A multi-process runtime's log record (``step`` = updates, ``sps`` = updates/s) counted as every ``jaxdp
+    train`` run counts: ``step`` and ``sps`` in env steps of all workers, the updates and their rate beside them."""
+    updates, rate = record["step"], record.get("sps")
+    return {"step": updates * per_update, "updates": updates, "sps": None if rate is None else rate * per_update,
+            "updates_per_second": rate}
+
+
+def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     """Process 0 of a multi-process run: adds RL's summary fields and writes summary.json.
 
-    The final return is the mean episodic return of the last 10% of log points, read back from metrics.jsonl
-    (the master sees the workers' episodes only as per-step sums). There is no greedy evaluation.
+    ``total_steps`` and ``sps`` count env steps (``per_update`` per update). The final return is the mean episodic
+    return of the last 10% of log points, read back from metrics.jsonl (the master sees the workers' episodes only
+    as per-step sums). There is no greedy evaluation.
     """
     import json
     import os
@@ -1171,7 +1180,9 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict) -> dict:
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
-    summary.update(final_return=final_return(returns), eval_return=None)
+    updates = int(summary["total_updates"])
+    summary.update(total_steps=updates * per_update, final_return=final_return(returns), eval_return=None,
+                   sps=(updates - summary["start_step"]) * per_update / max(summary["wall_seconds"], 1e-9))
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 
@@ -1209,12 +1220,9 @@ def run_distributed(cfg: TrainConfig):
         # train_* are means over workers and the steps since the last point: ratios of means are ratios of sums.
         episodes = record.pop("train_episodes", None)
         return_sum = record.pop("train_episode_return_sum", None)
-        updates = record["step"]
-        out = {"step": updates * per_update, "updates": updates,
-               "episodic_return": return_sum / episodes if episodes else None,
-               "episodes": round((episodes or 0.0) * num_workers * steps_since),
-               "sps": None if record.get("sps") is None else record["sps"] * per_update,
-               "updates_per_second": record.get("sps")}
+        out = _in_env_steps(record, per_update)
+        out.update(episodic_return=return_sum / episodes if episodes else None,
+                   episodes=round((episodes or 0.0) * num_workers * steps_since))
         out.update({k.removeprefix("train_"): v for k, v in record.items() if k not in ("step", "sps")})
         return out
 
@@ -1226,9 +1234,7 @@ def run_distributed(cfg: TrainConfig):
     if summary.get("process_id") != 0:
         return None
     summary = {k: v for k, v in summary.items() if k != "params"}
-    summary.update(total_steps=total_updates * per_update,
-                   sps=(total_updates - summary["start_step"]) * per_update / max(summary["wall_seconds"], 1e-9))
-    return _write_rl_summary(cfg, summary)
+    return _write_rl_summary(cfg, summary, per_update)
 
 
 __all__ = [

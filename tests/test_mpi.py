@@ -232,6 +232,10 @@ def test_sync_equals_single_process_mean_gradient_sgd_and_resumes(tmp_path):
 def test_async_resume_restores_the_master(tmp_path):
     common = ["--mode", "async", "--lr", "0.1", "--log-every", "50", "--checkpoint-every", "50", *SMALL]
     first = run(2, tmp_path, *common, "--total-updates", "100")  # a master and one worker
+    # As if the run had been killed after its checkpoint at 100, mid-way through writing a later point: the
+    # resumed run logs those updates again, so their records (and the torn line) go.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 120, "sps": 1.0}) + '\n{"step": 14')
     second = run(2, tmp_path, *common, "--total-updates", "150", "--resume")
     assert second["start_step"] == 100 and second["total_updates"] == 150
     assert sum(second["arrivals_per_worker"].values()) == 150  # the counts cover both lives
@@ -320,6 +324,13 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     first = job(3, "--total-steps", "20000")
     assert first.returncode == 0, first.stderr[-2000:]
     assert json.loads((logdir / "config.json").read_text())["workers"] == 2  # the job's size, not --workers
+    # Logged as every jaxdp train run logs: env steps of all workers (an update is 128: 16 envs x 8 steps), with
+    # the master's updates beside them.
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["updates"] == 156 and all(r["step"] == 128 * r["updates"] for r in records)
+    assert all(r["sps"] == pytest.approx(128 * r["updates_per_second"]) for r in records[1:])
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["total_steps"] == 156 * 128 and summary["sps"] > 0
     files = {p.name: p.read_bytes() for p in logdir.iterdir()}
 
     for ranks, args, needle in [
@@ -332,7 +343,12 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
         assert refused.returncode == 2 and len(lines) == 1 and needle in lines[0], refused.stderr[-2000:]
         assert {p.name: p.read_bytes() for p in logdir.iterdir()} == files
 
+    # As if the first run had been killed after its last checkpoint (at its end, update 156), having logged more.
+    with open(logdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 170 * 128, "updates": 170}) + "\n")
     resumed = job(3, "--total-steps", "30000", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["start_step"] == 156 and summary["total_steps"] >= 29_000  # 20k steps: 156 updates of 128
+    updates = [json.loads(line)["updates"] for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert updates == sorted(set(updates)) and updates[-1] == summary["total_updates"], updates

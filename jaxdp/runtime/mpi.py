@@ -82,7 +82,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +138,7 @@ def run_mpi(
     worker_timeout: float = 60.0,
     step_timeout: float = 60.0,
     config: dict | None = None,
+    record_hook: Callable[[dict, int], dict] | None = None,
 ) -> dict:
     """Train ``workload`` on the processes of ``comm`` (default ``MPI.COMM_WORLD``); call it on every rank.
 
@@ -167,6 +168,10 @@ def run_mpi(
       worker_timeout: seconds without a push after which the master declares a computing worker lost.
       step_timeout: sync mode: seconds without a completed step after which a rank gives up (exit 1).
       config: extra entries recorded under ``summary["config"]`` (e.g. the command line).
+      record_hook: ``record_hook(record, steps)`` maps each log record (``step`` = updates, ``sps`` = updates/s,
+        ``train_*`` = metrics averaged over the ``steps`` local steps since the last point) to the record written
+        and printed (RL: env steps). With a hook, a resume keeps the records up to the checkpoint by their
+        ``updates`` (which the hook must keep), else by their ``step``.
 
     Returns:
       On rank 0 the summary (also written to ``logdir/summary.json``): ``runtime``, ``mode``,
@@ -282,6 +287,7 @@ def run_mpi(
         unravel=unravel,
         run_config=run_config,
         launched=launched,
+        record_hook=record_hook,
     )
     if mode == "sync":
         return _run_sync(step_timeout=step_timeout, **common)
@@ -308,6 +314,15 @@ def _mean_metrics(history: list[dict]) -> dict:
         returns = sum(float(h["episode_return_sum"]) for h in history)
         out["episodic_return"] = returns / episodes if episodes > 0 else None
     return out
+
+
+def _start_metrics(path: str, resume: bool, start_step: int, record_hook) -> None:
+    """A fresh metrics.jsonl, or on a resume the records up to the checkpoint: a run killed after its last
+    checkpoint logged updates that the resumed run logs again, and the curve must not go back in time."""
+    if not resume:
+        open(path, "w").close()
+    else:
+        protocol.truncate_json_lines(path, start_step, key="updates" if record_hook else "step")
 
 
 def _checkpoint_path(logdir: str) -> str:
@@ -366,7 +381,7 @@ class _Watchdog:
 
 def _run_sync(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, step_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, step_timeout,
 ) -> dict:
     import mpi4jax  # noqa: PLC0415 (imports mpi4py: only once MPI is wanted)
 
@@ -431,12 +446,14 @@ def _run_sync(
             state = (restored, inner_state, outer_state, state[3])
 
     metrics_path = None if logdir is None else os.path.join(logdir, METRICS_NAME)
-    if rank == 0 and metrics_path is not None and not resume:
-        open(metrics_path, "w").close()
+    if rank == 0 and metrics_path is not None:
+        _start_metrics(metrics_path, resume, start_step, record_hook)
 
     def log_point(step_count, sps, history):
         record = {"step": step_count, "sps": sps, **_mean_metrics(history)}
         record.update({k: float(v) for k, v in evaluate(state[0]).items()})
+        if record_hook is not None:
+            record = record_hook(record, len(history))
         if metrics_path is not None:
             protocol.append_json_line(metrics_path, record)
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
@@ -529,7 +546,8 @@ def _run_sync(
 
 def _run_master(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, master_batch, aggregate, worker_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, master_batch, aggregate,
+    worker_timeout,
 ) -> dict:
     del inner, worker_state, seed
     size = comm.Get_size()
@@ -570,8 +588,8 @@ def _run_master(
     theta_host = np.array(ravel_pytree(params)[0], np.float32)
 
     metrics_path = None if logdir is None else os.path.join(logdir, METRICS_NAME)
-    if metrics_path is not None and not resume:
-        open(metrics_path, "w").close()
+    if metrics_path is not None:
+        _start_metrics(metrics_path, resume, start_version, record_hook)
     if not fault_tolerance_enabled():
         _say(
             "fault tolerance is off: if a worker dies, Open MPI ends the whole job; launch with "
@@ -630,6 +648,8 @@ def _run_master(
             record["staleness_max"] = int(np.max(interval["staleness"]))
         record["live_workers"] = sum(status[w] != "lost" for w in workers)
         record.update({k: float(v) for k, v in evaluate(params).items()})
+        if record_hook is not None:
+            record = record_hook(record, len(interval["metrics"]))
         if metrics_path is not None:
             protocol.append_json_line(metrics_path, record)
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
@@ -858,9 +878,9 @@ def _wait(request: Any, deadline: float, what: str, MPI) -> Any:
 
 def _run_worker(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, worker_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, worker_timeout,
 ) -> dict:
-    del outer, total_updates, logdir, log_every, checkpoint_every, resume, run_config, launched
+    del outer, total_updates, logdir, log_every, checkpoint_every, resume, run_config, launched, record_hook
     rank = comm.Get_rank()
     num_params = ravel_pytree(params)[0].size
     inner_state = inner.init(params)
