@@ -3,13 +3,16 @@
 ``os.replace`` within one folder is atomic on POSIX, so a reader (or a run resumed after a crash) sees the old
 file or the new one, never a half-written one. A writer that raises removes its temporary file; a process killed
 mid-write leaves one hidden ``.<name>.*.tmp`` beside the target, which nothing reads. Every summary, checkpoint,
-CSV and PNG jaxdp writes goes through :func:`replace_file`.
+CSV and PNG jaxdp writes goes through :func:`replace_file`. The file gets the permissions ``open`` would give it
+(the target's own when it exists, else 0o666 less the umask), not the temporary file's private 0o600: results
+are shared with a group or read by a web server as often as not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any, Callable
 
@@ -29,10 +32,26 @@ def replace_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(temporary)
+        os.chmod(temporary, _mode_for(path))
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _mode_for(path: str) -> int:
+    """The permissions a plain ``open(path, "w")`` leaves: the existing file's, else 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        pass
+    try:  # Linux reports the umask without changing it
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, and set it back at once
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def json_value(x: Any):

@@ -82,3 +82,21 @@ def test_truncate_json_lines_rewrites_atomically(tmp_path):
     assert protocol.truncate_json_lines(str(path), 20) == 2
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     assert _listing(tmp_path) == ["metrics.jsonl"]
+
+
+def test_a_replaced_file_has_the_permissions_open_would_give(tmp_path):
+    """Not mkstemp's private 0o600: a new file gets 0o666 less the umask, a replaced one keeps its own mode."""
+    old_mask = os.umask(0o027)
+    try:
+        atomic.write_json(tmp_path / "new.json", {"a": 1})
+        assert os.stat(tmp_path / "new.json").st_mode & 0o777 == 0o640
+        os.umask(0o022)
+        atomic.save_npz(tmp_path / "new.npz", {"x": np.zeros(2)})
+        assert os.stat(tmp_path / "new.npz").st_mode & 0o777 == 0o644
+        (tmp_path / "kept.json").write_text("{}")
+        os.chmod(tmp_path / "kept.json", 0o604)
+        atomic.write_json(tmp_path / "kept.json", {"b": 2})
+        assert os.stat(tmp_path / "kept.json").st_mode & 0o777 == 0o604
+        assert json.loads((tmp_path / "kept.json").read_text()) == {"b": 2}
+    finally:
+        os.umask(old_mask)
