@@ -1170,7 +1170,8 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
 
     ``total_steps`` and ``sps`` count env steps (``per_update`` per update). The final return is the mean episodic
     return of the last 10% of log points, read back from metrics.jsonl (the master sees the workers' episodes only
-    as per-step sums). There is no greedy evaluation.
+    as per-step sums). There is no greedy evaluation. The runtime's ``params`` stay out: they are the checkpoint's
+    (as JSON, a Nature CNN's would be 60 MB).
     """
     import json
     import os
@@ -1180,6 +1181,7 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
+    summary = {k: v for k, v in summary.items() if k != "params"}
     updates = int(summary["total_updates"])
     summary.update(total_steps=updates * per_update, final_return=final_return(returns), eval_return=None,
                    sps=(updates - summary["start_step"]) * per_update / max(summary["wall_seconds"], 1e-9))
@@ -1233,7 +1235,6 @@ def run_distributed(cfg: TrainConfig):
         check_vma=False, record_hook=record_hook)
     if summary.get("process_id") != 0:
         return None
-    summary = {k: v for k, v in summary.items() if k != "params"}
     return _write_rl_summary(cfg, summary, per_update)
 
 

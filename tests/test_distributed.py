@@ -194,6 +194,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     per_update = 2 * 8 * 8  # workers x envs x rollout
     assert summary["num_workers"] == 2 and summary["total_steps"] == (400_000 // per_update) * per_update
     assert summary["config"]["runtime"] == "distributed"
+    assert summary["sps"] > 0 and "params" not in summary  # the parameters are the checkpoint's
     assert summary["final_return"] >= 150, summary["final_return"]  # random play: ~22
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["step"] % per_update == 0 for r in records)

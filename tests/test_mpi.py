@@ -331,6 +331,7 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     assert all(r["sps"] == pytest.approx(128 * r["updates_per_second"]) for r in records[1:])
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["total_steps"] == 156 * 128 and summary["sps"] > 0
+    assert "params" not in summary  # the parameters are the checkpoint's, not the summary's
     files = {p.name: p.read_bytes() for p in logdir.iterdir()}
 
     for ranks, args, needle in [
