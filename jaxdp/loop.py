@@ -148,7 +148,14 @@ def restore_checkpoint(manager, lanes_template):
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy episodes of the real game (no episodic life), host API.
 # ---------------------------------------------------------------------------------------------------------------
+# Steps a batch of greedy games may take in a game without a time limit (CliffWalking-v0): Atari's 108k frames.
+EVAL_STEPS_WITHOUT_TIME_LIMIT = 27_000
+
+
 def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int) -> list[float]:
+    """The returns of ``episodes`` greedy games (at most 8 played at once), fewer if some do not end: each batch
+    of games gets the game's time limit, or ``EVAL_STEPS_WITHOUT_TIME_LIMIT`` for a game without one, so a greedy
+    policy that never reaches a terminal state cannot hang the run."""
     from jaxdp import envs as envs_lib
 
     if episodes <= 0:
@@ -159,7 +166,7 @@ def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int) -> lis
     obs = env.reset()
     ret = np.zeros(n)
     out: list[float] = []
-    max_steps = (env.spec.max_episode_steps or 27_000) + 10
+    max_steps = (env.spec.max_episode_steps or EVAL_STEPS_WITHOUT_TIME_LIMIT) + 10
     for _ in range(max_steps * math.ceil(episodes / n)):
         y = apply(params, jnp.asarray(obs))
         logits = y if cfg.is_dqn else y[0]

@@ -90,6 +90,30 @@ def test_make_spec_atari_and_classic_control():
         envs.make_spec("CartPole-v1", 0)
 
 
+def test_integer_state_observations_arrive_one_hot():
+    """FrozenLake, Taxi, CliffWalking observe one integer state: every env API delivers it one-hot (float32), so
+    the MLP torsos, replay buffers and agents serve them unchanged, and the XLA and host APIs still agree."""
+    frozen = envs.make_spec("FrozenLake-v1", 3)
+    assert (frozen.obs_shape, frozen.obs_dtype, frozen.obs_states, frozen.max_episode_steps) == (
+        (16,), np.dtype(np.float32), 16, 100)
+    assert envs.make_spec("CliffWalking-v0", 1).max_episode_steps is None  # envpool writes INT32_MAX: no limit
+    assert envs.make_spec("CartPole-v1", 1).obs_states == 0
+    states = np.array([[0, 15], [3, 7]], np.int32)
+    for given in (states, jnp.asarray(states)):
+        encoded = envs.one_hot_observations(frozen, given)
+        assert type(encoded) is type(given) and encoded.dtype == np.float32
+        np.testing.assert_array_equal(encoded, jax.nn.one_hot(states, 16))
+    xla_env = envs.make_xla("Taxi-v3", 4, seed=3)
+    with envs.HostEnv("Taxi-v3", 4, seed=3) as host:
+        np.testing.assert_array_equal(np.asarray(xla_env.initial_obs), host.reset())
+        actions = random_actions(6, (300, 4), seed=1)
+        expected = rollout_host(host, actions)
+    assert_steps_equal(rollout_xla(xla_env, actions), expected)
+    assert expected.obs.shape == (300, 4, 500) and expected.obs.dtype == np.float32
+    np.testing.assert_array_equal(expected.obs.sum(-1), 1.0)
+    assert expected.first.any()  # episodes ended and reset inside the run
+
+
 @pytest.mark.parametrize("env_id", ["Pong-v5", "CartPole-v1"])
 def test_host_obs_shapes_and_dtypes(env_id):
     with envs.HostEnv(env_id, 3, seed=0) as env:
@@ -493,7 +517,11 @@ def test_gymnasium_fallback_host_semantics():
     with envs.HostEnv("Taxi-v4", 2, seed=0) as taxi:
         assert taxi.backend == "gymnasium"
         obs = taxi.reset()
-        assert obs.shape == (2,) and taxi.spec.num_actions == 6
+        # One integer state per env, delivered one-hot (as from envpool): the state gymnasium itself reports.
+        raw = gymnasium.make_vec("Taxi-v4", num_envs=2, vectorization_mode="sync").reset(seed=0)[0]
+        assert obs.shape == (2, 500) and obs.dtype == np.float32 and taxi.spec.num_actions == 6
+        np.testing.assert_array_equal(obs.argmax(-1), raw)
+        np.testing.assert_array_equal(obs.sum(-1), 1.0)
         taxi.step(np.array([0, 1]))
     with pytest.raises(ValueError, match="gymnasium id"):
         envs.make_xla("Taxi-v4", 2)

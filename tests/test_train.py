@@ -147,9 +147,9 @@ def test_pong_smoke_writes_every_output(algo, tmp_path):
 def test_metrics_have_one_record_per_log_point(tmp_path):
     """Every line of metrics.jsonl is a real log point: steps strictly increase, sps > 0, learner metrics present.
 
-    Fails today: after the last chunk has logged (here every chunk logs: a point per 2% of the run), loop.run's
-    final ``log_point(force=True)`` writes the same step again with ``sps`` 0.0, ``updates_per_second`` 0.0 and no
-    learner metrics. Fix: in ``log_point``, return early when ``iteration == last_log_iter`` (nothing new to log).
+    A regression test: after the last chunk had logged (here every chunk logs: a point per 2% of the run),
+    loop.run's final ``log_point(force=True)`` wrote the same step again with ``sps`` 0.0, ``updates_per_second``
+    0.0 and no learner metrics. ``log_point`` now returns early when nothing is new since the last point.
     """
     summary = loop.run(make_cfg(tmp_path, algo="a2c", total_steps=128 * 50, eval_episodes=0))
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -157,6 +157,31 @@ def test_metrics_have_one_record_per_log_point(tmp_path):
     assert steps[-1] == summary["total_steps"] == 128 * 50
     assert steps == sorted(set(steps)), f"repeated steps: {steps[-3:]}"
     assert all(r["sps"] > 0 and "loss" in r for r in records), records[-1]
+
+
+@pytest.mark.parametrize("algo", ["dqn", "a2c"])
+def test_a_game_that_observes_an_integer_state_trains_end_to_end(algo, tmp_path):
+    """FrozenLake-v1 observes one integer state, which the envs deliver one-hot: the MLP agents train on it and
+    the greedy evaluation plays it (a return is 0 or 1)."""
+    extra = dict(learning_starts=500) if algo == "dqn" else {}
+    summary = loop.run(make_cfg(tmp_path, algo=algo, env="FrozenLake-v1", total_steps=4_096, **extra))
+    assert summary["total_steps"] == 4_096 and summary["final_return"] is not None
+    assert 0.0 <= summary["eval_return"] <= 1.0
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_greedy_evaluation_ends_in_a_game_without_a_time_limit(tmp_path, monkeypatch):
+    """CliffWalking-v0 has no time limit, and a greedy policy that walks into the wall never ends a game: the
+    evaluation stops after its step budget and reports no return, instead of hanging the run."""
+    monkeypatch.setattr(loop, "EVAL_STEPS_WITHOUT_TIME_LIMIT", 300)
+    cfg = make_cfg(tmp_path, algo="dqn", env="CliffWalking-v0")
+    network = train_lib.make_network(cfg, envs_lib.make_spec("CliffWalking-v0", 1))
+    params = network.init(jax.random.key(0), jnp.zeros((1, 48)))
+    params = jax.tree.map(jnp.zeros_like, params)  # Q = 0 everywhere: argmax is action 0, up, into the wall
+    start = time.perf_counter()
+    assert loop.evaluate(cfg, network, params, episodes=2, seed=0) == []
+    assert time.perf_counter() - start < 60
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Environments: envpool (Atari ``*-v5``, classic control) first, gymnasium as the fallback.
 
-* :func:`validate_env_id`, :func:`make_spec`, :class:`EnvSpec` -- what an id is, without a pool;
+* :func:`validate_env_id`, :func:`make_spec`, :class:`EnvSpec` -- what an id is, without a pool; games that
+  observe one integer state (FrozenLake, Taxi) are delivered one-hot (:func:`one_hot_observations`);
 * :class:`HostEnv` / :func:`make_host` -- a pool stepped from Python (sync, or async send/recv);
 * :func:`make_xla` / :class:`XlaEnv` -- envpool stepped inside ``jit`` / ``lax.scan`` / ``vmap``,
   with lanes for seed sweeps;
@@ -13,7 +14,15 @@ seeding, validation), measured on envpool 1.2.5, are stated in :mod:`jaxdp.envs.
 """
 
 from jaxdp.envs.host import HostEnv, make_host
-from jaxdp.envs.spec import ATARI_SETTINGS, EnvSpec, Step, backend_of, make_spec, validate_env_id
+from jaxdp.envs.spec import (
+    ATARI_SETTINGS,
+    EnvSpec,
+    Step,
+    backend_of,
+    make_spec,
+    one_hot_observations,
+    validate_env_id,
+)
 from jaxdp.envs.stats import EpisodeStats, episode_stats_init, episode_stats_update
 from jaxdp.envs.xla import XlaEnv, XlaHandle, make_xla
 
@@ -31,5 +40,6 @@ __all__ = [
     "make_host",
     "make_spec",
     "make_xla",
+    "one_hot_observations",
     "validate_env_id",
 ]

@@ -177,7 +177,7 @@ class HostEnv:
         self._pending_reset[:] = False
         self._started = True
         self._sent = None
-        return np.asarray(obs, dtype=self.spec.obs_dtype)
+        return np.asarray(spec_lib.one_hot_observations(self.spec, np.asarray(obs)), dtype=self.spec.obs_dtype)
 
     def step(self, actions: Any) -> Step:
         """Steps every env with ``actions`` (shape ``(num_envs,)``, ints in ``[0, num_actions)``).
@@ -281,7 +281,7 @@ class HostEnv:
         first = self._pending_reset[ids].copy()
         self._pending_reset[ids] = terminated | truncated
         step = Step(
-            obs=np.asarray(obs, dtype=self.spec.obs_dtype),
+            obs=np.asarray(spec_lib.one_hot_observations(self.spec, np.asarray(obs)), dtype=self.spec.obs_dtype),
             reward=np.asarray(reward, dtype=np.float32),
             terminated=terminated,
             truncated=truncated,

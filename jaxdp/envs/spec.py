@@ -54,6 +54,9 @@ class EnvSpec(NamedTuple):
       num_actions: the size of the discrete action set; actions are ints in ``[0, num_actions)``.
       is_atari: whether this is an envpool Atari game (lives, episodic life, uint8 frames).
       max_episode_steps: the time limit in agent steps (a game is truncated after it), or None.
+      obs_states: 0 for array observations; ``n > 0`` when the game's observation is one integer state in
+        ``[0, n)`` (FrozenLake, Taxi, CliffWalking...): every env API then delivers it one-hot, float32 ``(n,)``
+        (``obs_shape``), so the same networks and replay buffers serve (:func:`one_hot_observations`).
     """
 
     env_id: str
@@ -63,6 +66,7 @@ class EnvSpec(NamedTuple):
     num_actions: int
     is_atari: bool
     max_episode_steps: int | None
+    obs_states: int = 0
 
 
 class Step(NamedTuple):
@@ -136,6 +140,19 @@ def backend_of(env_id: str, backend: str = "auto") -> str:
     raise ValueError(f"unknown --env {env_id!r}: not a {backend} id")
 
 
+def one_hot_observations(spec: EnvSpec, obs: Any) -> Any:
+    """``obs`` as the agents see it: integer states one-hot (float32, last axis ``spec.obs_states``) when the
+    game's observation is one integer state, else unchanged. NumPy in, NumPy out; a JAX array in, JAX out."""
+    if not spec.obs_states:
+        return obs
+    return (obs[..., None] == np.arange(spec.obs_states, dtype=np.int32)).astype(np.float32)
+
+
+def _time_limit(steps: int) -> int | None:
+    """envpool's time limit, None where it has none (it writes INT32_MAX: CliffWalking-v0)."""
+    return None if steps >= np.iinfo(np.int32).max else steps
+
+
 def _envpool_discrete_actions(env_id: str, raw_spec: Any) -> int:
     actions = raw_spec.action_array_spec
     keys = [k for k in actions if k not in ("env_id", "players.env_id")]
@@ -203,14 +220,19 @@ def make_spec(env_id: str, num_envs: int, *, backend: str = "auto") -> EnvSpec:
         raw = envpool.make_spec(env_id, **(ATARI_SETTINGS if atari else {}))
         num_actions = _envpool_discrete_actions(env_id, raw)
         obs = raw.state_array_spec["obs"]
+        obs_shape, obs_dtype, states = tuple(int(d) for d in obs.shape), np.dtype(obs.dtype), 0
+        if obs_shape in ((), (-1,)) and np.issubdtype(obs_dtype, np.integer):  # one integer state per env
+            states = int(obs.maximum) + 1
+            obs_shape, obs_dtype = (states,), np.dtype(np.float32)
         return EnvSpec(
             env_id=env_id,
             num_envs=num_envs,
-            obs_shape=tuple(int(d) for d in obs.shape),
-            obs_dtype=np.dtype(obs.dtype),
+            obs_shape=obs_shape,
+            obs_dtype=obs_dtype,
             num_actions=num_actions,
             is_atari=atari,
-            max_episode_steps=int(raw.config.max_episode_steps),
+            max_episode_steps=_time_limit(int(raw.config.max_episode_steps)),
+            obs_states=states,
         )
     import gymnasium
 
@@ -223,9 +245,12 @@ def make_spec(env_id: str, num_envs: int, *, backend: str = "auto") -> EnvSpec:
             )
         if int(env.action_space.start) != 0:
             raise ValueError(f"--env {env_id!r}: discrete actions must start at 0")
-        space = env.observation_space
+        space, states = env.observation_space, 0
         if isinstance(space, gymnasium.spaces.Discrete):
-            obs_shape, obs_dtype = (), np.dtype(np.int64)
+            if int(space.start) != 0:
+                raise ValueError(f"--env {env_id!r}: discrete observations must start at 0, got {space}")
+            states = int(space.n)
+            obs_shape, obs_dtype = (states,), np.dtype(np.float32)
         elif isinstance(space, gymnasium.spaces.Box):
             obs_shape, obs_dtype = tuple(space.shape), np.dtype(space.dtype)
         else:
@@ -238,6 +263,7 @@ def make_spec(env_id: str, num_envs: int, *, backend: str = "auto") -> EnvSpec:
             num_actions=int(env.action_space.n),
             is_atari=False,
             max_episode_steps=env.spec.max_episode_steps if env.spec is not None else None,
+            obs_states=states,
         )
     finally:
         env.close()

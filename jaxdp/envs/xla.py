@@ -201,6 +201,7 @@ def make_xla(
 
     obs, info = pool.reset()
     obs = np.asarray(obs)[np.argsort(np.asarray(info["env_id"]), kind="stable")]
+    obs = spec_lib.one_hot_observations(spec, obs)
     pool_handle, _, _, xla_step = pool.xla()
 
     def check_actions(actions: Any) -> jax.Array:
@@ -244,7 +245,7 @@ def make_xla(
         terminated, truncated = terminated.astype(bool), truncated.astype(bool)
         game_end = info["terminated"][order].astype(bool) if spec.is_atari else terminated
         out = Step(
-            obs=obs,
+            obs=spec_lib.one_hot_observations(spec, obs),
             reward=reward.astype(jnp.float32),
             terminated=terminated,
             truncated=truncated,
