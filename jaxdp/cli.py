@@ -199,6 +199,7 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     # before MPI or jax.distributed starts (one that went on would wait forever for the others). None can see
     # another's outputs yet: process 0 writes only after MPI's start-up barrier (jaxdp.train.run_mpi) or
     # jax.distributed.initialize, which wait for every process to get there.
+    _check_can_write(logdir)
     has_run = os.path.exists(os.path.join(logdir, "metrics.jsonl")) or os.path.isdir(
         os.path.join(logdir, "checkpoints"))
     ckpt_dir = os.path.join(logdir, "checkpoints")
@@ -212,6 +213,23 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
                                      f"or choose another --logdir")
     config_lib.check_resumable(cfg, logdir, job_started=False)
     return dataclasses.replace(cfg, logdir=logdir)
+
+
+def _check_can_write(logdir: str) -> None:
+    """``logdir`` is a folder this process may write in, or one it may create (its nearest existing ancestor is
+    a writable folder): a run must not fail on its first write, after the work has started."""
+    import os
+
+    path = os.path.abspath(logdir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        if existing == path:
+            raise config_lib.ConfigError(f"--logdir {logdir!r} is a file, not a folder")
+        raise config_lib.ConfigError(f"--logdir {logdir!r} cannot be created: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise config_lib.ConfigError(f"--logdir {logdir!r}: {existing!r} is not writable")
 
 
 def check_devices(workers: int) -> None:

@@ -440,7 +440,10 @@ def save_run_config(cfg: TrainConfig, logdir: str) -> None:
     from jaxdp import atomic
 
     check_resumable(cfg, logdir)
-    os.makedirs(logdir, exist_ok=True)
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as error:  # what no check can foresee (a read-only or virtual filesystem): still one line
+        raise ConfigError(f"--logdir {logdir!r} cannot be created: {error.strerror}") from None
     atomic.write_json(os.path.join(logdir, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
 
 

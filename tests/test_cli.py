@@ -130,6 +130,21 @@ def test_gymnasium_only_env_is_rejected_before_any_work(tmp_path, capsys):
     assert not logdir.exists()
 
 
+@pytest.mark.parametrize("where", ["a file", "below a file", "a virtual filesystem"])
+def test_a_logdir_that_cannot_be_written_exits_2_before_any_work(where, tmp_path, capsys):
+    """A --logdir that is a file, lies below one, or cannot be made (/proc takes no new folders, even from root)
+    is one line naming --logdir and exit 2, before any env or compile; nothing is created."""
+    if where == "a virtual filesystem" and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    logdir = {"a file": blocker, "below a file": blocker / "run", "a virtual filesystem": "/proc/jaxdp-run"}[where]
+    rc = run_main(["train", "--logdir", str(logdir), "--no-progress", "--total-steps", "1024"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--logdir" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["blocker"] and blocker.read_text() == ""
+
+
 def test_resume_without_a_run_exits_2_and_creates_nothing(tmp_path, capsys):
     logdir = tmp_path / "never_ran"
     rc = run_main(["train", "--resume", "--logdir", str(logdir), "--no-progress"])
