@@ -24,11 +24,15 @@ A crash loses at most the work since the last checkpoint (``--checkpoint-interva
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -290,8 +294,51 @@ def mean_groups(cfg: TrainConfig) -> list[tuple[str, list[int]]]:
     return groups
 
 
+class RunStopped(KeyboardInterrupt):
+    """:func:`run` stopped early on SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice), after logging and saving a
+    checkpoint at ``step``: ``--resume`` continues from there. A KeyboardInterrupt, so a notebook cell or a script
+    stops as Ctrl-C always stops it."""
+
+    def __init__(self, signum: int, step: int, total_steps: int, logdir: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} of {total_steps}")
+        self.signum, self.step, self.total_steps, self.logdir = signum, step, total_steps, logdir
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Turns SIGINT and SIGTERM into a request (the list gets the signal number) that the training loop honours
+    between two chunks, where the state is whole and can be saved. A second signal acts at once, as usual. A signal
+    the process ignores stays ignored (``nohup``, a background job), and outside the main thread (where Python
+    cannot handle signals) nothing changes."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested.append(signum)
+        signal.signal(signum, previous[signum])  # the next one stops at once
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield requested
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
 def run(cfg: TrainConfig) -> dict:
-    """Trains ``cfg`` with logging and checkpoints; returns the summary dict (also written to summary.json)."""
+    """Trains ``cfg`` with logging and checkpoints; returns the summary dict (also written to summary.json).
+
+    SIGINT (Ctrl-C) or SIGTERM stops the run after the current chunk: it logs, saves a checkpoint and raises
+    :class:`RunStopped`; ``--resume`` continues it. A second signal stops it at once.
+    """
+    with contextlib.ExitStack() as signals:
+        return _run(cfg, signals)
+
+
+def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
     from jaxdp import train as train_lib
 
     t_start = time.time()
@@ -392,6 +439,7 @@ def run(cfg: TrainConfig) -> dict:
             save_checkpoint(manager, iteration, lanes, {"iteration": iteration, "episodes": episodes})
             last_ckpt_t = time.time()
 
+    requested = signals.enter_context(stop_requests())  # honoured between chunks, until the training ends
     # Warmup (DQN random play before learning starts).
     if trainer.warmup is not None and iteration < trainer.warmup_iterations:
         n = trainer.warmup_iterations - iteration
@@ -405,7 +453,7 @@ def run(cfg: TrainConfig) -> dict:
             bar.update(n * steps_per_iter)
         log_point(force=True)
 
-    while iteration < total_iters:
+    while iteration < total_iters and not requested:
         t0 = time.time()
         # Whole chunks, then a shorter last one (one more compile) so that the run takes exactly --total-steps.
         chunk_iters = min(trainer.chunk_iterations, total_iters - iteration)
@@ -426,6 +474,11 @@ def run(cfg: TrainConfig) -> dict:
     maybe_checkpoint(force=True)
     if bar is not None:
         bar.close()
+    signals.close()  # what follows is not training: a signal acts at once again
+    if requested:
+        for w in writers + [mean_writer for mean_writer, _ in mean_writers]:
+            w.close()
+        raise RunStopped(requested[0], iteration * steps_per_iter, total_iters * steps_per_iter, cfg.logdir)
 
     # Greedy evaluation of each run's (worker 0) parameters on the real game.
     eval_returns = [evaluate(cfg, trainer.network, _lane_params(lanes, r), cfg.eval_episodes, seed)

@@ -200,6 +200,62 @@ def first_return_at_least(records: list[dict], threshold: float) -> int | None:
     return None
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes(signum, tmp_path):
+    """Ctrl-C, or a scheduler's SIGTERM, stops a run after its current chunk: it logs, saves a checkpoint there,
+    says so in one line and exits 128 + the signal. ``--resume`` continues from that very step, and nothing
+    logged is lost or repeated."""
+    logdir = tmp_path / "run"
+    args = ["--logdir", str(logdir), "--no-tensorboard", "--eval-episodes", "0"]
+    metrics_path = logdir / "metrics.jsonl"
+    # Ctrl-C as an interactive shell delivers it: a background job (CI may run the tests as one) inherits SIGINT
+    # ignored, and a run leaves an ignored signal ignored.
+    cli = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv[0] = 'jaxdp'; runpy.run_module('jaxdp.cli', run_name='__main__')")
+    job = subprocess.Popen([sys.executable, "-c", cli, "train", "--no-progress", "--total-steps", "20000000", *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics_path.exists() and len(read_jsonl(metrics_path)) >= 2):  # past the compile
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
+            time.sleep(0.1)
+        job.send_signal(signum)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signum, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0] and "--resume" in lines[0], err[-2000:]
+    stopped_at = read_jsonl(metrics_path)[-1]["step"]
+    assert checkpoint_steps(logdir) == [stopped_at // 128] and stopped_at < 20_000_000
+    assert not (logdir / "summary.json").exists()  # the run has not ended
+
+    total = stopped_at + 128 * 10
+    done = run_cli([*args, "--resume", "--total-steps", str(total)], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [r["step"] for r in read_jsonl(metrics_path)]
+    assert steps == sorted(set(steps)) and steps[-1] == total and stopped_at in steps
+
+
+def test_stop_requests_records_a_signal_once_and_leaves_an_ignored_one_ignored():
+    before = signal.getsignal(signal.SIGTERM)
+    with loop.stop_requests() as requested:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert requested == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) == before  # a second one would act at once
+    assert signal.getsignal(signal.SIGTERM) == before
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with loop.stop_requests() as requested:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert requested == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 # Totals are multiples of whole chunks, so the run ends exactly at --total-steps (see test_run_length_...).
 RESUME = {
     # a2c: 16 envs x 8 = 128 steps per iteration, 4000 iterations in 100 chunks of 40.
