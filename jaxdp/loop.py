@@ -319,8 +319,12 @@ def stop_requests() -> Iterator[list[int]]:
         requested.append(signum)
         signal.signal(signum, previous[signum])  # the next one stops at once
 
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(signum) is not signal.SIG_IGN}
+    # The actions to restore, known before any handler is installed (a signal may come at once). None: an action
+    # set outside Python, which could not be restored; such a signal is left alone, as an ignored one is.
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: action for signum, action in previous.items() if action not in (None, signal.SIG_IGN)}
+    for signum in previous:
+        signal.signal(signum, handler)
     try:
         yield requested
     finally:

@@ -169,8 +169,8 @@ def run_mpi(
       step_timeout: sync mode: seconds without a completed step after which a rank gives up (exit 1).
       config: extra entries recorded under ``summary["config"]`` (e.g. the command line).
       record_hook: ``record_hook(record, steps)`` maps each log record (``step`` = updates, ``sps`` = updates/s,
-        ``train_*`` = metrics averaged over the ``steps`` local steps since the last point) to the record written
-        and printed (RL: env steps). With a hook, a resume keeps the records up to the checkpoint by their
+        ``train_*`` = metrics averaged over the ``steps`` sync steps, or pushes to the server, since the last
+        point) to the record written and printed (RL: env steps). With a hook, a resume keeps the records up to the checkpoint by their
         ``updates`` (which the hook must keep), else by their ``step``.
 
     Returns:
