@@ -304,8 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
+def _rounded(value: float | None) -> float | str:
+    """A return for the closing line: one decimal, or "n/a" where no episode ended (or none was played)."""
+    return "n/a" if value is None else round(value, 1)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,8 @@ def run_mpi(
       config: extra entries recorded under ``summary["config"]`` (e.g. the command line).
       record_hook: ``record_hook(record, steps)`` maps each log record (``step`` = updates, ``sps`` = updates/s,
         ``train_*`` = metrics averaged over the ``steps`` sync steps, or pushes to the server, since the last
-        point) to the record written and printed (RL: env steps). With a hook, a resume keeps the records up to the checkpoint by their
-        ``updates`` (which the hook must keep), else by their ``step``.
+        point) to the record written and printed (RL: env steps). With a hook, a resume keeps the records up to
+        the checkpoint by their ``updates`` (which the hook must keep), else by their ``step``.
 
     Returns:
       On rank 0 the summary (also written to ``logdir/summary.json``): ``runtime``, ``mode``,
