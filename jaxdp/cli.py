@@ -177,11 +177,23 @@ def _launcher_rank() -> int:
     return 0
 
 
-def _report(error: Exception) -> int:
+# Before MPI starts, the launcher ends the whole job as soon as one rank exits non-zero, and a rank it ends has its
+# output dropped: the other ranks give rank 0 this long to print its line and exit first.
+REPORT_GRACE_SECONDS = 5.0
+
+
+def _report(error: Exception, *, job_started: bool = False) -> int:
     """Prints the one line for bad input and returns exit status 2. Under mpirun (or srun) every rank parses the
-    same command line and finds the same problem, and all of them exit 2; only rank 0 prints it."""
+    same command line and finds the same problem, and all of them exit 2; only rank 0 prints it. Before the job has
+    started (MPI, jax.distributed), the other ranks wait ``REPORT_GRACE_SECONDS`` first: a rank that exited at
+    once could have the launcher end rank 0 before its line is out (seen under ``mpirun --with-ft ulfm``)."""
     if _launcher_rank() == 0:
         sys.stderr.write(f"jaxdp train: error: {error}\n")
+        sys.stderr.flush()
+    elif not job_started:
+        import time
+
+        time.sleep(REPORT_GRACE_SECONDS)  # rank 0's exit ends this process first, as a rule
     return EXIT_USAGE
 
 
@@ -282,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = train_lib.run(cfg)
     except config_lib.ConfigError as e:  # what only a started multi-process job knows: its size, on --resume
-        return _report(e)
+        return _report(e, job_started=True)
     except RunStopped as stop:
         print(f"jaxdp train: {stop}; checkpoint saved: continue with the same command and --resume "
               f"(--logdir {stop.logdir})", file=sys.stderr, flush=True)
