@@ -289,16 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
 
-    from jaxdp.loop import RunStopped
+    from jaxdp.stopping import RunStopped, exit_status
 
     try:
         summary = train_lib.run(cfg)
     except config_lib.ConfigError as e:  # what only a started multi-process job knows: its size, on --resume
         return _report(e, job_started=True)
-    except RunStopped as stop:
-        print(f"jaxdp train: {stop}; checkpoint saved: continue with the same command and --resume "
-              f"(--logdir {stop.logdir})", file=sys.stderr, flush=True)
-        return 128 + stop.signum  # the shell's convention for a process ended by a signal
+    except RunStopped as stop:  # a signal: the run logged and saved a checkpoint, then stopped
+        return exit_status(stop, "jaxdp train")
     if summary is None:  # a non-zero MPI rank: rank 0 reports
         return 0
     if cfg.sweep:

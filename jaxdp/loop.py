@@ -29,10 +29,7 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +38,7 @@ import numpy as np
 from jaxdp import atomic
 from jaxdp.config import TrainConfig, save_run_config
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
+from jaxdp.stopping import RunStopped, stop_requests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,44 +290,6 @@ def mean_groups(cfg: TrainConfig) -> list[tuple[str, list[int]]]:
             groups.append((os.path.join(cfg.logdir, point_label(values)),
                            [r for r, (p, _) in enumerate(cfg.runs) if p == point]))
     return groups
-
-
-class RunStopped(KeyboardInterrupt):
-    """:func:`run` stopped early on SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice), after logging and saving a
-    checkpoint at ``step``: ``--resume`` continues from there. A KeyboardInterrupt, so a notebook cell or a script
-    stops as Ctrl-C always stops it."""
-
-    def __init__(self, signum: int, step: int, total_steps: int, logdir: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} of {total_steps}")
-        self.signum, self.step, self.total_steps, self.logdir = signum, step, total_steps, logdir
-
-
-@contextlib.contextmanager
-def stop_requests() -> Iterator[list[int]]:
-    """Turns SIGINT and SIGTERM into a request (the list gets the signal number) that the training loop honours
-    between two chunks, where the state is whole and can be saved. A second signal acts at once, as usual. A signal
-    the process ignores stays ignored (``nohup``, a background job), and outside the main thread (where Python
-    cannot handle signals) nothing changes."""
-    requested: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handler(signum, frame):
-        requested.append(signum)
-        signal.signal(signum, previous[signum])  # the next one stops at once
-
-    # The actions to restore, known before any handler is installed (a signal may come at once). None: an action
-    # set outside Python, which could not be restored; such a signal is left alone, as an ignored one is.
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    previous = {signum: action for signum, action in previous.items() if action not in (None, signal.SIG_IGN)}
-    for signum in previous:
-        signal.signal(signum, handler)
-    try:
-        yield requested
-    finally:
-        for signum, action in previous.items():
-            signal.signal(signum, action)
 
 
 def run(cfg: TrainConfig) -> dict:

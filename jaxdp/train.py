@@ -22,8 +22,10 @@ Layout of one run (PureJaxRL's idea, made explicit):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -1133,13 +1135,14 @@ def run_mpi(cfg: TrainConfig):
     total_updates = max(1, cfg.total_steps // per_update)
     # Each worker's own optimizer steps over the run (the annealing horizon): all env steps / its share.
     worker_steps = max(1, cfg.total_steps // (per_local_step * cfg.workers))
-    summary = mpi_runtime.run_mpi(
-        workload, mode=mode, inner=make_inner_optimizer(cfg, decay_steps=worker_steps), outer=outer,
-        local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
-        total_updates=total_updates, seed=cfg.seeds[0], logdir=cfg.logdir,
-        log_every=max(1, total_updates // 50), checkpoint_every=max(1, total_updates // 10),
-        resume=cfg.resume, config=dataclasses.asdict(cfg),
-        record_hook=lambda record, steps: {**record, **_in_env_steps(record, per_update)})
+    with _stops_in_env_steps(per_update):
+        summary = mpi_runtime.run_mpi(
+            workload, mode=mode, inner=make_inner_optimizer(cfg, decay_steps=worker_steps), outer=outer,
+            local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
+            total_updates=total_updates, seed=cfg.seeds[0], logdir=cfg.logdir,
+            log_every=max(1, total_updates // 50), checkpoint_every=max(1, total_updates // 10),
+            resume=cfg.resume, config=dataclasses.asdict(cfg),
+            record_hook=lambda record, steps: {**record, **_in_env_steps(record, per_update)})
     if rank != 0 or summary is None:
         return None
     return _write_rl_summary(cfg, summary, per_update)
@@ -1163,6 +1166,19 @@ def _in_env_steps(record: dict, per_update: int) -> dict:
     updates, rate = record["step"], record.get("sps")
     return {"step": updates * per_update, "updates": updates, "sps": None if rate is None else rate * per_update,
             "updates_per_second": rate}
+
+
+@contextlib.contextmanager
+def _stops_in_env_steps(per_update: int) -> Iterator[None]:
+    """A multi-process runtime's :class:`~jaxdp.stopping.RunStopped` (counted in updates) counted in env steps, as
+    every ``jaxdp train`` run counts."""
+    from jaxdp.stopping import RunStopped
+
+    try:
+        yield
+    except RunStopped as stop:
+        raise RunStopped(stop.signum, stop.step * per_update, stop.total_steps * per_update, stop.logdir,
+                         report=stop.report) from None
 
 
 def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
@@ -1228,11 +1244,12 @@ def run_distributed(cfg: TrainConfig):
         out.update({k.removeprefix("train_"): v for k, v in record.items() if k not in ("step", "sps")})
         return out
 
-    summary = dist.run_distributed(
-        workload, inner=make_inner_optimizer(cfg, decay_steps=total_updates), total_updates=total_updates,
-        seed=cfg.seeds[0], logdir=cfg.logdir, log_every=max(1, total_updates // 100),
-        checkpoint_every=max(1, total_updates // 10), resume=cfg.resume, config=dataclasses.asdict(cfg),
-        check_vma=False, record_hook=record_hook)
+    with _stops_in_env_steps(per_update):
+        summary = dist.run_distributed(
+            workload, inner=make_inner_optimizer(cfg, decay_steps=total_updates), total_updates=total_updates,
+            seed=cfg.seeds[0], logdir=cfg.logdir, log_every=max(1, total_updates // 100),
+            checkpoint_every=max(1, total_updates // 10), resume=cfg.resume, config=dataclasses.asdict(cfg),
+            check_vma=False, record_hook=record_hook)
     if summary.get("process_id") != 0:
         return None
     return _write_rl_summary(cfg, summary, per_update)

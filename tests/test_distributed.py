@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -127,6 +128,50 @@ def test_two_processes_match_the_vmap_runtime_and_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6]
     assert json.loads((tmp_path / "summary.json").read_text())["start_step"] == 4
+
+
+def test_a_signal_to_one_process_stops_the_job_at_one_step_with_a_checkpoint_that_resumes(tmp_path):
+    """SIGTERM (a scheduler's notice) to process 1 alone: both processes learn of it through the step's own
+    collective, stop after the same step, exit 143, and process 0 -- alone -- says so in one line, with a log point
+    and a checkpoint at that step and no summary. Resumed, the job lands exactly where an uninterrupted run does."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{free_port()}"
+    processes = [
+        subprocess.Popen([sys.executable, str(SCRIPT), "--coordinator", address, "--num-processes", "2",
+                          "--process-id", str(i), "--logdir", str(tmp_path), "--initialization-timeout", "120",
+                          *SMALL, "--total-updates", "100000000", "--log-every", "50"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_environment(),
+                         start_new_session=True)
+        for i in range(2)
+    ]  # fmt: skip
+    metrics_path = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 3):  # past compiling
+            assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+            time.sleep(0.1)
+        processes[1].send_signal(signal.SIGTERM)
+        errors = [p.communicate(timeout=60)[1] for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, errors
+    lines = errors[0].strip().splitlines()
+    assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0] and "--resume" in lines[0], errors[0]
+    assert "stopped" not in errors[1], errors[1]
+    stopped_at = json.loads(metrics_path.read_text().splitlines()[-1])["step"]
+    assert 100 <= stopped_at < 100_000_000 and int(np.load(tmp_path / "checkpoint.npz")["step"]) == stopped_at
+    assert not (tmp_path / "summary.json").exists()
+
+    total = stopped_at + 3
+    run_job(tmp_path, *SMALL, "--total-updates", str(total), "--log-every", "50", "--resume", "--dump-params")
+    steps = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and stopped_at in steps and steps[-1] == total
+    expected = vmap_reference(total)[0]
+    for process_id in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"params_process{process_id}.npy"), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(

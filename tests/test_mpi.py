@@ -229,6 +229,37 @@ def test_sync_equals_single_process_mean_gradient_sgd_and_resumes(tmp_path):
     np.testing.assert_allclose(rank0, reference_sync_sgd(2, 10, 0.1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode, victim", [("sync", 1), ("async", 2)])
+def test_a_signal_to_one_rank_stops_the_job_with_a_checkpoint_that_resumes(mode, victim, tmp_path):
+    """SIGTERM (a scheduler's notice) to one worker rank: in sync mode it reaches the others through the step's
+    all-reduce and every rank stops after the same step; in async mode the worker's next push tells the master,
+    which stops every worker. Rank 0 logs, saves a checkpoint at that update and says so in one line; the job
+    exits 128 + SIGTERM with no summary, and --resume continues (in sync mode exactly onto the uninterrupted
+    run)."""
+    common = ["--mode", mode, "--lr", "0.05", "--log-every", "50", *SMALL]
+    process = start(3, tmp_path, *common, "--total-updates", "100000000")
+    wait_for_step(tmp_path, process, 100)
+    os.kill(int((tmp_path / f"rank{victim}.pid").read_text()), signal.SIGTERM)
+    returncode, output = finish(process, tmp_path, timeout=90)
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert output.count("stopped by SIGTERM at step") == 1 and "--resume" in output, output[-3000:]
+    stopped_at = metrics(tmp_path)[-1]["step"]
+    assert 100 <= stopped_at < 100_000_000
+    assert int(protocol.load_checkpoint(str(tmp_path / "checkpoint.npz"))["step"]) == stopped_at
+    assert not (tmp_path / "summary.json").exists()
+
+    total = stopped_at + 20
+    summary = run(3, tmp_path, *common, "--total-updates", str(total), "--resume", "--dump-params")
+    assert summary["start_step"] == stopped_at and summary["total_updates"] == total
+    steps = [m["step"] for m in metrics(tmp_path)]
+    assert steps == sorted(set(steps)) and stopped_at in steps and steps[-1] == total
+    if mode == "sync":
+        np.testing.assert_allclose(np.load(tmp_path / "params_rank0.npy"), reference_sync_sgd(3, total, 0.05),
+                                   rtol=1e-4, atol=1e-5)
+    else:  # M = 1: one applied push per update, over both lives; the pushes dropped at the stop are not counted
+        assert sum(summary["arrivals_per_worker"].values()) == total == sum(summary["staleness_histogram"])
+
+
 def test_async_resume_restores_the_master(tmp_path):
     common = ["--mode", "async", "--lr", "0.1", "--log-every", "50", "--checkpoint-every", "50", *SMALL]
     first = run(2, tmp_path, *common, "--total-updates", "100")  # a master and one worker

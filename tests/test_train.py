@@ -29,7 +29,7 @@ import pytest
 from scipy import stats
 
 from jaxdp import envs as envs_lib
-from jaxdp import loop
+from jaxdp import loop, stopping
 from jaxdp import train as train_lib
 from jaxdp.config import TrainConfig, validate
 
@@ -240,7 +240,7 @@ def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes(signum, tmp_path)
 
 def test_stop_requests_records_a_signal_once_and_leaves_an_ignored_one_ignored():
     before = signal.getsignal(signal.SIGTERM)
-    with loop.stop_requests() as requested:
+    with stopping.stop_requests() as requested:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert requested == [signal.SIGTERM]
@@ -248,7 +248,7 @@ def test_stop_requests_records_a_signal_once_and_leaves_an_ignored_one_ignored()
     assert signal.getsignal(signal.SIGTERM) == before
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        with loop.stop_requests() as requested:
+        with stopping.stop_requests() as requested:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
             assert requested == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN

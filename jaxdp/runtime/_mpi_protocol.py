@@ -30,7 +30,7 @@ from jaxdp import atomic
 # Message tags. Distinct tags keep parameter replies and Δ pushes from ever matching each other.
 TAG_PARAMS = 11  # master -> worker: header [version, stop, 0, 0] + θ
 TAG_DELTA = 12  # worker -> master: header [pulled_version, local_steps, mean_local_loss, episodes,
-#                                            episode_return_sum, 0] + Δ
+#                                            episode_return_sum, signal] + Δ
 
 HEADER_VALUES = 6
 HEADER_SLOTS = 2 * HEADER_VALUES  # float32 slots taken by the float64 header
@@ -42,6 +42,7 @@ LOCAL_STEPS = 1  # delta: number of local steps behind this Δ
 LOCAL_LOSS = 2  # delta: mean workload loss over those local steps
 EPISODES = 3  # delta: episodes the worker finished per local step (mean over the round; RL workloads)
 EPISODE_RETURN_SUM = 4  # delta: summed return of those episodes per local step (mean over the round)
+SIGNAL = 5  # delta: the stop signal (SIGINT, SIGTERM) the worker got, 0 for none: the master stops the job
 
 
 def message_buffer(num_params: int) -> np.ndarray:

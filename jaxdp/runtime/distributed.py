@@ -19,6 +19,11 @@ Collectives: on GPUs and TPUs XLA uses the platform's (NCCL, ICI); on CPU this m
 (``jax_cpu_collectives_implementation="gloo"``, TCP between processes; also JAX 0.10's default)
 before initialising. On a single host, start the processes with ``coordinator_address=127.0.0.1:PORT``.
 
+Stopping: SIGINT or SIGTERM sent to any process (``srun`` and schedulers signal every one) stops the whole job
+after the same step on every process, with a log point and a checkpoint there, and raises
+:class:`jaxdp.stopping.RunStopped` in every process; ``resume=True`` continues. The request rides with the step's
+own collective (a ``pmax`` of one integer per worker), so no process needs to hear of the signal but through it.
+
 Faults: ``jax.distributed`` health-checks the processes; when one dies the coordination service
 stops the others (after ``heartbeat_timeout_seconds``), so a synchronous job ends instead of
 hanging. There is no asynchronous mode here: use :mod:`jaxdp.runtime.mpi` for a parameter server.
@@ -55,6 +60,7 @@ from jaxdp.runtime import _checks
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime import devices as devices_runtime
 from jaxdp.runtime.vmap import AXIS_NAME
+from jaxdp.stopping import RunStopped, exit_status, stop_requests
 from jaxdp.strategies import allreduce
 from jaxdp.workloads.base import Workload
 from jaxdp.cli_args import OneLineParser as _OneLineParser
@@ -228,6 +234,10 @@ def run_distributed(
       ``start_step``, ``wall_seconds``, ``updates_per_second``, ``final`` evaluation metrics,
       ``bytes_per_update`` (float32 gradient payload of all workers), ``config``).
 
+    Raises:
+      jaxdp.stopping.RunStopped: in every process, when a process got SIGINT or SIGTERM; the job stopped after
+        the same step everywhere and process 0 saved a checkpoint there (with a ``logdir``).
+
     Example (in each of two processes, i = 0 and 1)::
 
         summary = run_distributed(lambda: digits_workload(), inner=optax.sgd(0.1), total_updates=200,
@@ -260,7 +270,14 @@ def run_distributed(
     mesh = devices_runtime.make_mesh(num_workers, AXIS_NAME, devices)
     worker_sharding = NamedSharding(mesh, PartitionSpec(AXIS_NAME))
     sync_step, optimizer = make_sync_step(workload, inner, AXIS_NAME)
-    step_fn = jax.jit(devices_runtime.map_workers(sync_step, num_workers, AXIS_NAME, devices, check_vma=check_vma))
+
+    def step_and_agree(params, opt_state, worker_state, key, stop):
+        # A stop request (a signal's number, 0 for none) rides with each step: every worker learns the largest
+        # one in the same step, so all processes stop after the same step, whichever of them got the signal.
+        return (*sync_step(params, opt_state, worker_state, key), jax.lax.pmax(stop, AXIS_NAME))
+
+    step_fn = jax.jit(devices_runtime.map_workers(step_and_agree, num_workers, AXIS_NAME, devices,
+                                                  check_vma=check_vma))
     keys_fn = jax.jit(lambda step: worker_keys(seed, num_workers, step))
     evaluate = workload.evaluate  # host-side by contract (workloads/base.py): never traced here
 
@@ -318,12 +335,16 @@ def run_distributed(
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
         print(f"[jaxdp.distributed] step {step_count}/{total_updates} {shown}", flush=True)
 
+    def stop_flags(requested: list[int]) -> jax.Array:
+        # Every worker of this process carries this process's request (a signal's number, 0 for none).
+        return to_global(np.full(num_workers, requested[0] if requested else 0, np.int32), stacked=True)
+
     # Warm-up: compile the step ahead of time (it lands in jit's cache), then meet, so that wall_seconds
     # and sps measure training, not compilation. Compile only, never run: a workload's step may have
     # effects outside its state (an RL worker's env pool advances), and a discarded run would leave the
     # first real step acting on stale observations.
     step_fn.lower(global_params, global_opt_state, global_worker_state,
-                  to_global(np.asarray(keys_fn(start_step)), stacked=True)).compile()  # fmt: skip
+                  to_global(np.asarray(keys_fn(start_step)), stacked=True), stop_flags([])).compile()  # fmt: skip
     if num_processes > 1:
         multihost_utils.sync_global_devices("jaxdp.distributed warm-up")
     if process_id == 0 and start_step == 0:
@@ -332,25 +353,36 @@ def run_distributed(
     started = time.perf_counter()
     interval_start, interval_step = started, start_step
     step_count = start_step
-    while step_count < total_updates:
-        keys = to_global(np.asarray(keys_fn(step_count)), stacked=True)
-        global_params, global_opt_state, global_worker_state, metrics = step_fn(
-            global_params, global_opt_state, global_worker_state, keys
-        )
-        jax.block_until_ready(global_params)  # one step at a time: a deep queue of collectives can time out
-        step_count += 1
-        if process_id == 0:
-            history.append({k: float(np.mean(np.asarray(v.addressable_shards[0].data))) for k, v in metrics.items()})
-            if step_count % log_every == 0 or step_count == total_updates:
-                now = time.perf_counter()
-                log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
-                history, interval_start, interval_step = [], time.perf_counter(), step_count
-        at_checkpoint = step_count % checkpoint_every == 0 or step_count == total_updates if checkpoint_every else False
-        if at_checkpoint and process_id == 0:  # also at the end: a longer --resume continues exactly from here
-            arrays = {"step": np.array(step_count), "params": np.asarray(ravel_pytree(_local(global_params))[0])}
-            arrays.update(protocol.tree_to_arrays("opt_", _local(global_opt_state)))
-            protocol.save_checkpoint(os.path.join(logdir, CHECKPOINT_NAME), arrays)
+    stopped_by = 0  # the signal every process agreed to stop on
+    with stop_requests() as requested:
+        while step_count < total_updates and not stopped_by:
+            keys = to_global(np.asarray(keys_fn(step_count)), stacked=True)
+            global_params, global_opt_state, global_worker_state, metrics, agreed = step_fn(
+                global_params, global_opt_state, global_worker_state, keys, stop_flags(requested)
+            )
+            jax.block_until_ready(global_params)  # one step at a time: a deep queue of collectives can time out
+            step_count += 1
+            stopped_by = int(np.asarray(agreed.addressable_shards[0].data).reshape(-1)[0])
+            if process_id == 0:
+                history.append({k: float(np.mean(np.asarray(v.addressable_shards[0].data)))
+                                for k, v in metrics.items()})
+                if step_count % log_every == 0 or step_count == total_updates or stopped_by:
+                    now = time.perf_counter()
+                    log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
+                    history, interval_start, interval_step = [], time.perf_counter(), step_count
+            # Also at the end (a longer --resume continues exactly from here) and where the job stops.
+            due = checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates)
+            if process_id == 0 and logdir is not None and (due or stopped_by):
+                arrays = {"step": np.array(step_count), "params": np.asarray(ravel_pytree(_local(global_params))[0])}
+                arrays.update(protocol.tree_to_arrays("opt_", _local(global_opt_state)))
+                protocol.save_checkpoint(os.path.join(logdir, CHECKPOINT_NAME), arrays)
     wall_seconds = time.perf_counter() - started
+    if stopped_by:
+        # The run has not ended: no summary. The barrier keeps every process alive until the checkpoint is written.
+        if num_processes > 1:
+            multihost_utils.sync_global_devices("jaxdp.distributed stop")
+        jax.distributed.shutdown()
+        raise RunStopped(stopped_by, step_count, total_updates, logdir, report=process_id == 0)
 
     final_params = _local(global_params)
     result = {"params": final_params, "num_workers": num_workers, "process_id": process_id}
@@ -452,13 +484,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
     from jaxdp.workloads.supervised import digits_workload  # noqa: PLC0415
 
-    result = run_distributed(
-        lambda: digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed,
-                                worker_id=0),  # fmt: skip
-        inner=protocol.inner_optimizer(args.inner, args.lr), **run_options(args),
-        config={"argv": list(sys.argv[1:] if argv is None else argv), "inner": args.inner, "lr": args.lr,
-                "batch_size": args.batch_size, "hidden": list(args.hidden)},  # fmt: skip
-    )
+    try:
+        result = run_distributed(
+            lambda: digits_workload(batch_size=args.batch_size, hidden=tuple(args.hidden), seed=args.seed,
+                                    worker_id=0),  # fmt: skip
+            inner=protocol.inner_optimizer(args.inner, args.lr), **run_options(args),
+            config={"argv": list(sys.argv[1:] if argv is None else argv), "inner": args.inner, "lr": args.lr,
+                    "batch_size": args.batch_size, "hidden": list(args.hidden)},  # fmt: skip
+        )
+    except RunStopped as stop:
+        return exit_status(stop, "python -m jaxdp.runtime.distributed")
     if result["process_id"] == 0:
         final = " ".join(f"{k} {v:.4g}" for k, v in result["final"].items())
         print(f"[jaxdp.distributed] done: {result['total_updates']} steps in {result['wall_seconds']:.1f} s, {final}")

@@ -49,6 +49,15 @@ Faults.
   after a failure (under ULFM, Open MPI 5's launcher can hang in "Abort is in progress"); it
   ``os._exit``s instead.
 
+Stopping: the first SIGINT or SIGTERM a rank gets (a scheduler's notice; ``srun`` signals every rank) stops the
+whole job where its state is whole, with a log point and ``checkpoint.npz`` there (given a ``logdir``); no
+``summary.json`` is written and ``resume=True`` continues. In sync mode the request rides with each step (an
+all-reduce MAX of one integer), so all ranks stop after the same step and raise
+:class:`jaxdp.stopping.RunStopped`. In the async modes a worker passes its signal on in its next push; the master
+(signalled itself or told so) stops at θ as it stands, answers every worker "stop" and raises ``RunStopped``; the
+workers return normally. Open MPI 5's ``mpirun`` does not pass SIGTERM on: it kills the ranks at once, so signal
+the ranks (their pids are in ``logdir/rank{r}.pid``), not ``mpirun``. A second signal acts at once.
+
 Start-up: every rank compiles and runs its step once (result discarded) before the clock starts, and
 in the async modes all ranks then meet at a barrier, so that neither ``wall_seconds`` nor the
 staleness statistics include compilation (``startup_seconds`` is reported apart).
@@ -93,6 +102,7 @@ from jax.flatten_util import ravel_pytree
 from jaxdp.runtime import _checks
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime.async_sim import worker_round
+from jaxdp.stopping import RunStopped, exit_status, stop_requests
 from jaxdp.workloads.base import Workload
 from jaxdp.cli_args import OneLineParser as _OneLineParser
 from jaxdp.cli_args import non_negative_int as _non_negative_int
@@ -182,6 +192,10 @@ def run_mpi(
       ``staleness_max``, ``discarded_arrivals``, ``fault_tolerance``. On the other ranks a small dict
       (``rank``, ``role``). On every rank that holds the final parameters (all ranks in sync mode,
       rank 0 otherwise) the dict also carries ``params`` (not written to JSON).
+
+    Raises:
+      jaxdp.stopping.RunStopped: on SIGINT or SIGTERM (see "Stopping" in the module docstring), after the
+        checkpoint: on every rank in sync mode, on rank 0 in the async modes.
 
     Example (run under ``mpirun -n 3``)::
 
@@ -289,11 +303,14 @@ def run_mpi(
         launched=launched,
         record_hook=record_hook,
     )
-    if mode == "sync":
-        return _run_sync(step_timeout=step_timeout, **common)
-    if rank == 0:
-        return _run_master(master_batch=master_batch, aggregate=aggregate, worker_timeout=worker_timeout, **common)
-    return _run_worker(worker_timeout=worker_timeout, **common)
+    # A first SIGINT / SIGTERM becomes a request that the loops read between steps (see "Stopping").
+    with stop_requests() as requested:
+        if mode == "sync":
+            return _run_sync(requested=requested, step_timeout=step_timeout, **common)
+        if rank == 0:
+            return _run_master(requested=requested, master_batch=master_batch, aggregate=aggregate,
+                               worker_timeout=worker_timeout, **common)
+        return _run_worker(requested=requested, worker_timeout=worker_timeout, **common)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,7 +398,7 @@ class _Watchdog:
 
 def _run_sync(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, step_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, requested, step_timeout,
 ) -> dict:
     import mpi4jax  # noqa: PLC0415 (imports mpi4py: only once MPI is wanted)
 
@@ -403,22 +420,27 @@ def _run_sync(
         flat_tree, unravel_tree = ravel_pytree(tree)
         return unravel_tree(mpi4jax.allreduce(flat_tree, op=MPI.SUM, comm=comm) / size)
 
+    def agree(stop):
+        # A stop request (a signal's number, 0 for none) travels with every step: all ranks learn the largest one
+        # in the same step, so they all stop after it, whichever of them got the signal.
+        return mpi4jax.allreduce(stop, op=MPI.MAX, comm=comm)
+
     gradient_mode = outer is None
 
     if gradient_mode:
         state = (params, inner.init(params), worker_state)
 
-        def step(state, counter):
+        def step(state, counter, stop):
             params, inner_state, worker_state = state
             key = protocol.worker_key(seed, rank, counter)
             worker_state, grads, metrics = workload.local_step(worker_state, params, key)
             updates, inner_state = inner.update(mean_over_ranks(grads), inner_state, params)
-            return (optax.apply_updates(params, updates), inner_state, worker_state), metrics
+            return (optax.apply_updates(params, updates), inner_state, worker_state), metrics, agree(stop)
 
     else:
         state = (params, inner.init(params), outer.init(params), worker_state)
 
-        def step(state, counter):
+        def step(state, counter, stop):
             anchor, inner_state, outer_state, worker_state = state
             key = protocol.worker_key(seed, rank, counter)
             delta, inner_state, worker_state, metrics = worker_round(
@@ -426,7 +448,8 @@ def _run_sync(
                 unroll=workload.unroll_local_steps,
             )
             updates, outer_state = outer.update(mean_over_ranks(delta), outer_state, anchor)
-            return (optax.apply_updates(anchor, updates), inner_state, outer_state, worker_state), metrics
+            new_state = (optax.apply_updates(anchor, updates), inner_state, outer_state, worker_state)
+            return new_state, metrics, agree(stop)
 
     step = jax.jit(step)
     evaluate = workload.evaluate  # host-side by contract (workloads/base.py): never traced here
@@ -482,7 +505,8 @@ def _run_sync(
     # and sps measure training, not compilation. Compile only, never run: a workload's step may have
     # effects outside its state (an RL worker's env pool advances), and a discarded run would leave the
     # first real step acting on stale observations.
-    step.lower(state, jnp.asarray(start_step, jnp.int32)).compile()
+    no_stop = jnp.zeros((), jnp.int32)
+    step.lower(state, jnp.asarray(start_step, jnp.int32), no_stop).compile()
     comm.Barrier()
     watchdog.beat(start_step)
     if rank == 0 and start_step == 0:
@@ -492,23 +516,30 @@ def _run_sync(
     started = time.perf_counter()
     interval_start, interval_step = started, start_step
     step_count = start_step
-    while step_count < total_updates:
-        state, metrics = step(state, jnp.asarray(step_count, jnp.int32))
+    stopped_by = 0  # the signal every rank agreed to stop on
+    while step_count < total_updates and not stopped_by:
+        stop = jnp.asarray(requested[0], jnp.int32) if requested else no_stop
+        state, metrics, agreed = step(state, jnp.asarray(step_count, jnp.int32), stop)
         jax.block_until_ready(state)
         step_count += 1
+        stopped_by = int(agreed)
         watchdog.beat(step_count)
         if rank == 0:
             history.append(jax.device_get(metrics))
-            if step_count % log_every == 0 or step_count == total_updates:
+            if step_count % log_every == 0 or step_count == total_updates or stopped_by:
                 now = time.perf_counter()
                 log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
                 history, interval_start, interval_step = [], time.perf_counter(), step_count
-        if checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates):
-            checkpoint(step_count)  # also at the end: a longer --resume continues exactly from here
+        due = checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates)
+        if logdir is not None and (due or stopped_by):
+            checkpoint(step_count)  # also at the end and at a stop: --resume continues exactly from here
         watchdog.beat(step_count)
     wall_seconds = time.perf_counter() - started
     watchdog.stop()
     comm.Set_errhandler(MPI.ERRORS_RETURN)
+    if stopped_by:
+        comm.Barrier()  # every rank stays until rank 0 has written the checkpoint
+        raise RunStopped(stopped_by, step_count, total_updates, logdir, report=rank == 0)
 
     if rank != 0:
         return {"rank": rank, "role": "worker", "params": state[0]}
@@ -546,8 +577,8 @@ def _run_sync(
 
 def _run_master(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, master_batch, aggregate,
-    worker_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, requested, master_batch,
+    aggregate, worker_timeout,
 ) -> dict:
     del inner, worker_state, seed
     size = comm.Get_size()
@@ -668,6 +699,8 @@ def _run_master(
     def on_push(w: int) -> None:
         stats["bytes_received_master"] += mpi_status.Get_count(MPI.FLOAT) * 4
         header = protocol.header_of(receive_buffer)
+        if header[protocol.SIGNAL]:
+            heard.append(int(header[protocol.SIGNAL]))  # a worker's stop request
         if status.get(w) == "computing" and not finished:
             delta_sum[:] += protocol.payload_of(receive_buffer)
             pending.append((w, int(header[protocol.VERSION])))
@@ -726,6 +759,8 @@ def _run_master(
     interval_start, interval_version = started, version
     idle_sleep = 0.0
     finished = version >= total_updates
+    heard: list[int] = []  # stop signals the workers got
+    stopped_by = 0
 
     while True:
         progressed = False
@@ -753,7 +788,29 @@ def _run_master(
             if status[w] == "computing" and now - last_heard[w] > worker_timeout:
                 declare_lost(w, f"no push for {worker_timeout:.0f} s")
 
-        # 3. Apply the outer step to every M arrivals (fewer when fewer workers are left).
+        # 3. A stop request, this rank's signal or a worker's: end as after the last update, at θ as it stands. The
+        # Δ's not applied yet are dropped, as if they had never arrived (the checkpoint holds θ_version, and a resumed
+        # worker redraws their batches); their workers, and every other one at its next push, are answered "stop".
+        if not finished and (requested or heard):
+            stopped_by, finished = (requested or heard)[0], True
+            for w, _ in pending:
+                stats["arrivals"][w] -= 1
+                stats["gradient_steps"] -= local_steps
+                stats["discarded_arrivals"] += 1
+            pending.clear()
+            delta_sum[:] = 0.0
+            for w in workers:
+                if status[w] == "waiting":
+                    status[w] = "stopped"
+                    send(w, (version, 1.0), None)
+            if version > interval_version:
+                now_perf = time.perf_counter()
+                write_log(version, (version - interval_version) / max(now_perf - interval_start, 1e-9), interval)
+            if logdir is not None:
+                checkpoint()
+            progressed = True
+
+        # 4. Apply the outer step to every M arrivals (fewer when fewer workers are left).
         if pending and not finished and len(pending) >= min(master_batch, len(live())):
             count = len(pending)
             aggregated = delta_sum / count if aggregate == "mean" else delta_sum
@@ -814,6 +871,8 @@ def _run_master(
         flush_outbox()
         time.sleep(0.001)
     cancel_receive(request)  # the wildcard receive posted for a push that will never come
+    if stopped_by:  # the run has not ended: no summary
+        raise RunStopped(stopped_by, version, total_updates, logdir)
 
     completed = version >= total_updates
     counts = np.asarray(stats["staleness_counts"] or [0], np.int64)
@@ -878,7 +937,7 @@ def _wait(request: Any, deadline: float, what: str, MPI) -> Any:
 
 def _run_worker(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, worker_timeout,
+    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, requested, worker_timeout,
 ) -> dict:
     del outer, total_updates, logdir, log_every, checkpoint_every, resume, run_config, launched, record_hook
     rank = comm.Get_rank()
@@ -920,7 +979,9 @@ def _run_worker(
             # RL workloads report finished episodes; the master turns them into the episodic return.
             episodes = float(metrics.get("episodes", 0.0))
             return_sum = float(metrics.get("episode_return_sum", 0.0))
-            protocol.pack(push_buffer, (pulled_version, local_steps, loss, episodes, return_sum),
+            # A signal this worker got goes to the master, which stops the whole job (see "Stopping").
+            signum = requested[0] if requested else 0
+            protocol.pack(push_buffer, (pulled_version, local_steps, loss, episodes, return_sum, signum),
                           np.asarray(delta))
             # Post the receive for the reply before pushing, so the master's answer always has a home.
             request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
@@ -1041,6 +1102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except RunStopped as stop:
+        return exit_status(stop, parser.prog)
     if rank == 0:
         final = " ".join(f"{k} {v:.4g}" for k, v in summary["final"].items())
         lost = f", lost workers {[w['rank'] for w in summary['lost_workers']]}" if summary["lost_workers"] else ""

@@ -14,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from counting import counting_local_steps
 from jaxdp.runtime import distributed
+from jaxdp.stopping import RunStopped, exit_status
 
 
 def main() -> int:
@@ -31,7 +32,10 @@ def main() -> int:
         return counting_local_steps(built, os.path.join(args.logdir, f"local_steps_process{args.process_id}.txt"),
                                     os.path.join(args.logdir, f"evaluations_process{args.process_id}.txt"))
 
-    result = distributed.run_distributed(workload, inner=optax.sgd(args.lr), **distributed.run_options(args))
+    try:
+        result = distributed.run_distributed(workload, inner=optax.sgd(args.lr), **distributed.run_options(args))
+    except RunStopped as stop:
+        return exit_status(stop, "distributed_run.py")
     if args.dump_params:
         os.makedirs(args.logdir, exist_ok=True)
         flat = np.asarray(ravel_pytree(result["params"])[0])

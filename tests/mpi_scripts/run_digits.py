@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from counting import counting_local_steps
 from jaxdp.runtime import mpi
+from jaxdp.stopping import RunStopped, exit_status
 
 
 def main() -> int:
@@ -30,7 +31,10 @@ def main() -> int:
     if args.count_steps:
         workload = counting_local_steps(workload, os.path.join(args.logdir, f"local_steps_rank{rank}.txt"),
                                         os.path.join(args.logdir, f"evaluations_rank{rank}.txt"))
-    result = mpi.run_mpi(workload, inner=inner, outer=outer, **mpi.run_options(args))
+    try:
+        result = mpi.run_mpi(workload, inner=inner, outer=outer, **mpi.run_options(args))
+    except RunStopped as stop:
+        return exit_status(stop, "run_digits.py")
     if args.dump_params and "params" in result:
         np.save(os.path.join(args.logdir, f"params_rank{rank}.npy"), np.asarray(ravel_pytree(result["params"])[0]))
     return 0

@@ -1,0 +1,76 @@
+"""Stopping a run on a signal, between two steps, with a checkpoint: SIGINT (Ctrl-C) and SIGTERM (the notice a
+scheduler sends before it kills a job, e.g. SLURM's ``--signal`` or a preemption).
+
+:func:`stop_requests` turns the first such signal into a request that a training loop reads where its state is whole
+(between two chunks, or two synchronous steps), so that it can log and save a checkpoint there, then raise
+:class:`RunStopped`. ``--resume`` continues from that checkpoint. Every training loop of jaxdp uses it: the
+single-process loop (:mod:`jaxdp.loop`) and the multi-process runtimes (:mod:`jaxdp.runtime.mpi`,
+:mod:`jaxdp.runtime.distributed`), where the processes first agree to stop at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+#: The signals a run turns into a stop request.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunStopped(KeyboardInterrupt):
+    """A run stopped early on SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice), after logging and saving a
+    checkpoint at ``step`` (when it has a ``logdir``): ``--resume`` continues from there. A KeyboardInterrupt, so a
+    notebook cell or a script stops as Ctrl-C always stops it.
+
+    ``step`` and ``total_steps`` count what the loop counts (env steps in ``jaxdp train``, updates in the runtimes).
+    In a multi-process job every process that stops raises it; ``report`` is True on the one that speaks for the
+    job (process 0), so that a command line prints one line, not one per process.
+    """
+
+    def __init__(self, signum: int, step: int, total_steps: int, logdir: str | None, report: bool = True):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} of {total_steps}")
+        self.signum, self.step, self.total_steps, self.logdir, self.report = signum, step, total_steps, logdir, report
+
+
+def exit_status(stop: RunStopped, prog: str) -> int:
+    """How a command line ends a stopped run: one line on stderr (from the process that reports for the job) and
+    the exit status 128 + the signal's number, the shell's convention for a process that a signal ended."""
+    if stop.report:
+        where = (f"checkpoint saved: continue with the same command and --resume (--logdir {stop.logdir})"
+                 if stop.logdir else "nothing saved (no --logdir)")
+        print(f"{prog}: {stop}; {where}", file=sys.stderr, flush=True)
+    return 128 + stop.signum
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Turns SIGINT and SIGTERM into a request (the list gets the signal number) that a training loop honours where
+    its state is whole and can be saved. A second signal acts at once, as usual. A signal the process ignores stays
+    ignored (``nohup``, a background job), and outside the main thread (where Python cannot handle signals) nothing
+    changes. The previous handlers come back on exit."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested.append(signum)
+        signal.signal(signum, previous[signum])  # the next one stops at once
+
+    # The actions to restore, known before any handler is installed (a signal may come at once). None: an action
+    # set outside Python, which could not be restored; such a signal is left alone, as an ignored one is.
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    previous = {signum: action for signum, action in previous.items() if action not in (None, signal.SIG_IGN)}
+    for signum in previous:
+        signal.signal(signum, handler)
+    try:
+        yield requested
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+__all__ = ["STOP_SIGNALS", "RunStopped", "exit_status", "stop_requests"]
