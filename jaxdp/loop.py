@@ -295,7 +295,7 @@ def mean_groups(cfg: TrainConfig) -> list[tuple[str, list[int]]]:
 def run(cfg: TrainConfig) -> dict:
     """Trains ``cfg`` with logging and checkpoints; returns the summary dict (also written to summary.json).
 
-    SIGINT (Ctrl-C) or SIGTERM stops the run after the current chunk: it logs, saves a checkpoint and raises
+    SIGINT (Ctrl-C), SIGTERM or SIGUSR1 stops the run after the current chunk: it logs, saves a checkpoint and raises
     :class:`RunStopped`; ``--resume`` continues it. A second signal stops it at once.
     """
     with contextlib.ExitStack() as signals:

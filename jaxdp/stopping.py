@@ -1,5 +1,7 @@
-"""Stopping a run on a signal, between two steps, with a checkpoint: SIGINT (Ctrl-C) and SIGTERM (the notice a
-scheduler sends before it kills a job, e.g. SLURM's ``--signal`` or a preemption).
+"""Stopping a run on a signal, between two steps, with a checkpoint: SIGINT (Ctrl-C), SIGTERM (the notice a
+scheduler sends before it kills a job, e.g. SLURM's ``--signal`` or a preemption) and SIGUSR1 (the signal Open MPI's
+``mpirun`` passes on to every rank, where it ends the job at once on SIGINT and SIGTERM; also SLURM's usual choice for
+"checkpoint now", as in PyTorch Lightning).
 
 :func:`stop_requests` turns the first such signal into a request that a training loop reads where its state is whole
 (between two chunks, or two synchronous steps), so that it can log and save a checkpoint there, then raise
@@ -17,13 +19,13 @@ import threading
 from collections.abc import Iterator
 
 #: The signals a run turns into a stop request.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class RunStopped(KeyboardInterrupt):
-    """A run stopped early on SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice), after logging and saving a
-    checkpoint at ``step`` (when it has a ``logdir``): ``--resume`` continues from there. A KeyboardInterrupt, so a
-    notebook cell or a script stops as Ctrl-C always stops it.
+    """A run stopped early on one of :data:`STOP_SIGNALS`, after logging and saving a checkpoint at ``step`` (when
+    it has a ``logdir``): ``--resume`` continues from there. A KeyboardInterrupt, so a notebook cell or a script stops
+    as Ctrl-C always stops it.
 
     ``step`` and ``total_steps`` count what the loop counts (env steps in ``jaxdp train``, updates in the runtimes).
     In a multi-process job every process that stops raises it; ``report`` is True on the one that speaks for the
@@ -47,10 +49,10 @@ def exit_status(stop: RunStopped, prog: str) -> int:
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[list[int]]:
-    """Turns SIGINT and SIGTERM into a request (the list gets the signal number) that a training loop honours where
-    its state is whole and can be saved. A second signal acts at once, as usual. A signal the process ignores stays
-    ignored (``nohup``, a background job), and outside the main thread (where Python cannot handle signals) nothing
-    changes. The previous handlers come back on exit."""
+    """Turns the first of :data:`STOP_SIGNALS` into a request (the list gets the signal number) that a training loop
+    honours where its state is whole and can be saved. A second signal acts at once, as usual. A signal the process
+    ignores stays ignored (``nohup``, a background job), and outside the main thread (where Python cannot handle
+    signals) nothing changes. The previous handlers come back on exit."""
     requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested

@@ -229,20 +229,22 @@ def test_sync_equals_single_process_mean_gradient_sgd_and_resumes(tmp_path):
     np.testing.assert_allclose(rank0, reference_sync_sgd(2, 10, 0.1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode, victim", [("sync", 1), ("async", 2)])
-def test_a_signal_to_one_rank_stops_the_job_with_a_checkpoint_that_resumes(mode, victim, tmp_path):
+@pytest.mark.parametrize("mode, victim, signum", [("sync", "rank1", signal.SIGTERM), ("async", "rank2", signal.SIGTERM),
+                                                   ("async", "mpirun", signal.SIGUSR1)])
+def test_a_signal_to_one_rank_stops_the_job_with_a_checkpoint_that_resumes(mode, victim, signum, tmp_path):
     """SIGTERM (a scheduler's notice) to one worker rank: in sync mode it reaches the others through the step's
     all-reduce and every rank stops after the same step; in async mode the worker's next push tells the master,
-    which stops every worker. Rank 0 logs, saves a checkpoint at that update and says so in one line; the job
-    exits 128 + SIGTERM with no summary, and --resume continues (in sync mode exactly onto the uninterrupted
-    run)."""
+    which stops every worker. SIGUSR1 to mpirun, which passes it on to every rank, stops the job too. Rank 0 logs,
+    saves a checkpoint at that update and says so in one line; the job exits 128 + the signal with no summary, and
+    --resume continues (in sync mode exactly onto the uninterrupted run)."""
     common = ["--mode", mode, "--lr", "0.05", "--log-every", "50", *SMALL]
     process = start(3, tmp_path, *common, "--total-updates", "100000000")
     wait_for_step(tmp_path, process, 100)
-    os.kill(int((tmp_path / f"rank{victim}.pid").read_text()), signal.SIGTERM)
+    os.kill(process.pid if victim == "mpirun" else int((tmp_path / f"{victim}.pid").read_text()), signum)
     returncode, output = finish(process, tmp_path, timeout=90)
-    assert returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert output.count("stopped by SIGTERM at step") == 1 and "--resume" in output, output[-3000:]
+    assert returncode == 128 + signum, output[-3000:]
+    name = signal.Signals(signum).name
+    assert output.count(f"stopped by {name} at step") == 1 and "--resume" in output, output[-3000:]
     stopped_at = metrics(tmp_path)[-1]["step"]
     assert 100 <= stopped_at < 100_000_000
     assert int(protocol.load_checkpoint(str(tmp_path / "checkpoint.npz"))["step"]) == stopped_at

@@ -239,6 +239,12 @@ def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes(signum, tmp_path)
 
 
 def test_stop_requests_records_a_signal_once_and_leaves_an_ignored_one_ignored():
+    assert stopping.STOP_SIGNALS == (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    before_usr1 = signal.getsignal(signal.SIGUSR1)
+    with stopping.stop_requests() as requested:
+        os.kill(os.getpid(), signal.SIGUSR1)  # what mpirun passes on to its ranks
+        time.sleep(0.05)
+        assert requested == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) == before_usr1
     before = signal.getsignal(signal.SIGTERM)
     with stopping.stop_requests() as requested:
         os.kill(os.getpid(), signal.SIGTERM)

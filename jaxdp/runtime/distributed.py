@@ -19,8 +19,8 @@ Collectives: on GPUs and TPUs XLA uses the platform's (NCCL, ICI); on CPU this m
 (``jax_cpu_collectives_implementation="gloo"``, TCP between processes; also JAX 0.10's default)
 before initialising. On a single host, start the processes with ``coordinator_address=127.0.0.1:PORT``.
 
-Stopping: SIGINT or SIGTERM sent to any process (``srun`` and schedulers signal every one) stops the whole job
-after the same step on every process, with a log point and a checkpoint there, and raises
+Stopping: SIGINT, SIGTERM or SIGUSR1 sent to any process (``srun`` and schedulers signal every one) stops the whole
+job after the same step on every process, with a log point and a checkpoint there, and raises
 :class:`jaxdp.stopping.RunStopped` in every process; ``resume=True`` continues. The request rides with the step's
 own collective (a ``pmax`` of one integer per worker), so no process needs to hear of the signal but through it.
 
@@ -235,7 +235,7 @@ def run_distributed(
       ``bytes_per_update`` (float32 gradient payload of all workers), ``config``).
 
     Raises:
-      jaxdp.stopping.RunStopped: in every process, when a process got SIGINT or SIGTERM; the job stopped after
+      jaxdp.stopping.RunStopped: in every process, when a process got a stop signal; the job stopped after
         the same step everywhere and process 0 saved a checkpoint there (with a ``logdir``).
 
     Example (in each of two processes, i = 0 and 1)::

@@ -49,14 +49,15 @@ Faults.
   after a failure (under ULFM, Open MPI 5's launcher can hang in "Abort is in progress"); it
   ``os._exit``s instead.
 
-Stopping: the first SIGINT or SIGTERM a rank gets (a scheduler's notice; ``srun`` signals every rank) stops the
-whole job where its state is whole, with a log point and ``checkpoint.npz`` there (given a ``logdir``); no
+Stopping: the first SIGINT, SIGTERM or SIGUSR1 a rank gets (a scheduler's notice; ``srun`` signals every rank)
+stops the whole job where its state is whole, with a log point and ``checkpoint.npz`` there (given a ``logdir``); no
 ``summary.json`` is written and ``resume=True`` continues. In sync mode the request rides with each step (an
 all-reduce MAX of one integer), so all ranks stop after the same step and raise
 :class:`jaxdp.stopping.RunStopped`. In the async modes a worker passes its signal on in its next push; the master
 (signalled itself or told so) stops at θ as it stands, answers every worker "stop" and raises ``RunStopped``; the
-workers return normally. Open MPI 5's ``mpirun`` does not pass SIGTERM on: it kills the ranks at once, so signal
-the ranks (their pids are in ``logdir/rank{r}.pid``), not ``mpirun``. A second signal acts at once.
+workers return normally. Open MPI 5's ``mpirun`` kills its ranks at once on SIGINT and SIGTERM, but passes SIGUSR1
+on to every rank: stop an ``mpirun`` job with ``kill -USR1 <mpirun's pid>``, or signal the ranks themselves (their
+pids are in ``logdir/rank{r}.pid``). A second signal acts at once.
 
 Start-up: every rank compiles and runs its step once (result discarded) before the clock starts, and
 in the async modes all ranks then meet at a barrier, so that neither ``wall_seconds`` nor the
@@ -194,7 +195,7 @@ def run_mpi(
       rank 0 otherwise) the dict also carries ``params`` (not written to JSON).
 
     Raises:
-      jaxdp.stopping.RunStopped: on SIGINT or SIGTERM (see "Stopping" in the module docstring), after the
+      jaxdp.stopping.RunStopped: on SIGINT, SIGTERM or SIGUSR1 (see "Stopping" in the module docstring), after the
         checkpoint: on every rank in sync mode, on rank 0 in the async modes.
 
     Example (run under ``mpirun -n 3``)::
@@ -303,7 +304,7 @@ def run_mpi(
         launched=launched,
         record_hook=record_hook,
     )
-    # A first SIGINT / SIGTERM becomes a request that the loops read between steps (see "Stopping").
+    # A first SIGINT / SIGTERM / SIGUSR1 becomes a request that the loops read between steps (see "Stopping").
     with stop_requests() as requested:
         if mode == "sync":
             return _run_sync(requested=requested, step_timeout=step_timeout, **common)
