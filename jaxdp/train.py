@@ -630,9 +630,15 @@ def env_seed(cfg: TrainConfig) -> int:
     return lane_env_seed(cfg, cfg.seeds[0], 0)
 
 
+#: The most env steps (of one lane) in one compiled chunk. The host logs, checkpoints and honours a stop request
+#: only between chunks: a long run's 1% chunk would make a signal wait (a 50M-step DQN CartPole chunk: ~26 s).
+MAX_CHUNK_ENV_STEPS = 100_000
+
+
 def default_chunk_iterations(cfg: TrainConfig) -> int:
-    # ~100 log points over a run, but never more than the run.
-    return max(1, min(cfg.num_iterations, math.ceil(cfg.num_iterations / 100)))
+    """~100 chunks over a run, each at most :data:`MAX_CHUNK_ENV_STEPS` env steps, never more than the run."""
+    longest = max(1, MAX_CHUNK_ENV_STEPS // cfg.steps_per_iteration)
+    return max(1, min(cfg.num_iterations, math.ceil(cfg.num_iterations / 100), longest))
 
 
 def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trainer:

@@ -238,6 +238,15 @@ def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes(signum, tmp_path)
     assert steps == sorted(set(steps)) and steps[-1] == total and stopped_at in steps
 
 
+def test_default_chunks_are_a_hundredth_of_the_run_but_short_enough_for_a_signal():
+    """The host honours a stop request only between chunks: a long run's chunk stays within MAX_CHUNK_ENV_STEPS."""
+    short = validate(TrainConfig(algo="dqn", total_steps=500_000))
+    assert train_lib.default_chunk_iterations(short) == math.ceil(short.num_iterations / 100)
+    long = validate(TrainConfig(algo="dqn", total_steps=50_000_000))
+    chunk = train_lib.default_chunk_iterations(long)
+    assert chunk * long.steps_per_iteration <= train_lib.MAX_CHUNK_ENV_STEPS < 2 * chunk * long.steps_per_iteration
+
+
 def test_stop_requests_records_a_signal_once_and_leaves_an_ignored_one_ignored():
     assert stopping.STOP_SIGNALS == (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     before_usr1 = signal.getsignal(signal.SIGUSR1)
