@@ -47,6 +47,15 @@ def child_environment() -> dict[str, str]:
     return env
 
 
+def kill_leftovers(processes: list[subprocess.Popen]) -> None:
+    """SIGKILL every process of the job still running (each leads its own session) and reap it: a failed or
+    timed-out test leaves nothing behind."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def run_job(logdir: Path, *args: str, timeout: float = 180.0) -> list[str]:
     """Start both processes, wait for both; return their outputs. Fails (and kills both) on error or timeout."""
     logdir.mkdir(parents=True, exist_ok=True)
@@ -70,10 +79,7 @@ def run_job(logdir: Path, *args: str, timeout: float = 180.0) -> list[str]:
             assert returncode == 0, f"process {process_id} exited {returncode}:\n{text[-3000:]}"
             outputs.append(text)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        kill_leftovers(processes)
     return outputs
 
 
@@ -153,10 +159,7 @@ def test_a_signal_to_one_process_stops_the_job_at_one_step_with_a_checkpoint_tha
         processes[1].send_signal(signal.SIGTERM)
         errors = [p.communicate(timeout=60)[1] for p in processes]
     finally:
-        for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        kill_leftovers(processes)
     assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, errors
     lines = errors[0].strip().splitlines()
     assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0] and "--resume" in lines[0], errors[0]
@@ -225,10 +228,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
         try:
             outputs = [p.communicate(timeout=400)[0] for p in processes]
         finally:
-            for p in processes:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+            kill_leftovers(processes)
         for i, (p, out) in enumerate(zip(processes, outputs)):
             assert p.returncode == status, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
         return outputs

@@ -42,7 +42,7 @@ LOCAL_STEPS = 1  # delta: number of local steps behind this Δ
 LOCAL_LOSS = 2  # delta: mean workload loss over those local steps
 EPISODES = 3  # delta: episodes the worker finished per local step (mean over the round; RL workloads)
 EPISODE_RETURN_SUM = 4  # delta: summed return of those episodes per local step (mean over the round)
-SIGNAL = 5  # delta: the stop signal (SIGINT, SIGTERM) the worker got, 0 for none: the master stops the job
+SIGNAL = 5  # delta: the stop signal (jaxdp.stopping.STOP_SIGNALS) the worker got, 0 for none: the master stops
 
 
 def message_buffer(num_params: int) -> np.ndarray:
