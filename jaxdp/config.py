@@ -332,9 +332,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
               "hogwild")
     if cfg.strategy == "hogwild" and cfg.threads < 2 and cfg.overwrite_prob == 0.0:
         _fail("--strategy hogwild needs --threads >= 2 or --overwrite-prob > 0 (otherwise it is --strategy single)")
-    if cfg.runtime == "async_sim" and cfg.resume:
-        _fail("--resume is not available with --runtime async_sim: a simulated run is deterministic and fast, "
-              "rerun it with the same --seed")
     if not math.isfinite(cfg.comm_time) or cfg.comm_time < 0:
         _fail(f"--comm-time must be a finite number >= 0, got {cfg.comm_time}")
     if len(cfg.seeds) > 1 and cfg.runtime in ("mpi", "distributed", "async_sim"):
@@ -404,6 +401,7 @@ def flag_of(field: str) -> str:
 def check_resumable(cfg: TrainConfig, logdir: str, *, job_started: bool = True) -> None:
     """With ``cfg.resume``: raises ConfigError naming the first option that differs, outside RESUMABLE_CHANGES,
     between ``cfg`` and the run in ``logdir`` (its RUN_CONFIG_FILE; runs saved before it existed are not checked).
+    An ``async_sim`` run's length is not among them: its simulated schedule is drawn for the whole run.
 
     The multi-process runtimes (mpi, distributed) ignore ``--workers``: the job's size decides it, and they save
     that number. Their ``workers`` is compared only once the job has started (``cfg.workers`` is then its size);
@@ -420,15 +418,23 @@ def check_resumable(cfg: TrainConfig, logdir: str, *, job_started: bool = True) 
     sized_by_job = cfg.runtime in ("mpi", "distributed")
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists, as in the saved file
     for field, value in now.items():
-        if field in RESUMABLE_CHANGES or field not in saved or saved[field] == value:
+        if field not in saved or saved[field] == value:
+            continue
+        if field == "total_steps" and cfg.runtime == "async_sim":
+            _fail(f"--resume: --total-steps is {value} here but {saved[field]} in the run being resumed; --runtime "
+                  f"async_sim draws its schedule (and anneals the learning rate) for the whole run, so its length "
+                  f"cannot change")
+        if field in RESUMABLE_CHANGES:
             continue
         if field == "workers" and sized_by_job:
             if not job_started:
                 continue
             _fail(f"--resume: the run being resumed had {saved['workers']} workers, this job has {value}: "
                   f"start it with the same number of processes")
+        changeable = [f for f in RESUMABLE_CHANGES if f not in ("resume", "logdir")
+                      and not (f == "total_steps" and cfg.runtime == "async_sim")]
         _fail(f"--resume: {flag_of(field)} is {value!r} here but {saved[field]!r} in the run being resumed; only "
-              f"{', '.join(flag_of(f) for f in RESUMABLE_CHANGES if f not in ('resume', 'logdir'))} may change")
+              f"{', '.join(flag_of(f) for f in changeable)} may change")
 
 
 def save_run_config(cfg: TrainConfig, logdir: str) -> None:

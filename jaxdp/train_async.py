@@ -56,6 +56,10 @@ Determinism: the schedule is a NumPy function of the seed, local step b of event
 ``fold_in(fold_in(PRNGKey(seed), i), b)`` and each pool is seeded from the seed, so the same config gives a
 bitwise-identical run (parameters and episode returns); a run is always a whole number of chunks.
 
+Checkpoints and signals (:func:`run`): the whole simulated state is checkpointed between chunks; ``--resume``
+continues at the next event of the same schedule, with fresh env pools. SIGINT, SIGTERM or SIGUSR1 stops a run at
+the next chunk boundary (the next event, in the host loop) with a checkpoint there.
+
 Example:
     >>> from jaxdp.config import TrainConfig
     >>> cfg = TrainConfig(algo="a2c", strategy="dpsgd", runtime="async_sim", workers=4, local_steps=4,
@@ -66,7 +70,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -87,10 +93,13 @@ from jaxdp.agents import a2c, dqn, reinforce
 from jaxdp.agents import replay as replay_lib
 from jaxdp.config import TrainConfig
 from jaxdp.runtime import async_sim
+from jaxdp.runtime._mpi_protocol import truncate_json_lines
+from jaxdp.stopping import RunStopped, stop_requests
 
 PyTree = Any
 
 __all__ = [
+    "AsyncProgress",
     "AsyncRunResult",
     "AsyncTrainer",
     "AsyncWorkerState",
@@ -100,6 +109,7 @@ __all__ = [
     "make_local_step",
     "make_worker_env_step",
     "run",
+    "schedule_fingerprint",
     "train",
 ]
 
@@ -394,9 +404,6 @@ def _check_cfg(cfg: TrainConfig) -> TrainConfig:
     cfg = config_lib.validate(cfg)
     if cfg.runtime != "async_sim":
         raise config_lib.ConfigError(f"train_async: --runtime must be async_sim, got {cfg.runtime!r}")
-    if cfg.resume:
-        raise config_lib.ConfigError("--resume is not supported by --runtime async_sim (the simulated schedule "
-                                     "and the env pools are not checkpointed)")
     return cfg
 
 
@@ -426,11 +433,13 @@ def _tree_bytes(tree: PyTree) -> int:
 
 def _plan_events(cfg: TrainConfig, env_steps_per_event: int, warmup_env_steps: int,
                  chunk_events: int | None) -> tuple[int, int]:
-    """(K events per chunk, number of chunks): ~50 chunks, K a multiple of M, ≥ the step budget."""
+    """(K events per chunk, number of chunks): ~50 chunks of at most ``MAX_CHUNK_ENV_STEPS`` env steps (a signal is
+    honoured between chunks), K a multiple of M, ≥ the step budget."""
     M = cfg.master_batch
     needed = max(1, math.ceil(max(cfg.total_steps - warmup_env_steps, 1) / env_steps_per_event))
     if chunk_events is None:
-        chunk_events = M * max(1, math.ceil(needed / 50 / M))
+        longest = max(1, train_lib.MAX_CHUNK_ENV_STEPS // (env_steps_per_event * M))
+        chunk_events = M * max(1, min(math.ceil(needed / 50 / M), longest))
     elif isinstance(chunk_events, bool) or not isinstance(chunk_events, int) or chunk_events < 1:
         raise ValueError(f"train_async: chunk_events must be a positive int, got {chunk_events!r}")
     elif chunk_events % M:
@@ -457,8 +466,8 @@ def make_async_train(
         :func:`default_compute_time`.
       comm_time: one-way message latency (push, and reply) in the same units.
       reply: ``"on_update"`` or ``"immediate"`` (see :mod:`jaxdp.runtime.async_sim`).
-      chunk_events: arrival events per chunk (a multiple of M), the host logs between chunks; default ~1/50 of
-        the run.
+      chunk_events: arrival events per chunk (a multiple of M), the host logs (and checkpoints) between chunks;
+        default ~1/50 of the run, at most ``jaxdp.train.MAX_CHUNK_ENV_STEPS`` env steps.
       event_loop: ``"scan"`` (a chunk is one jitted ``lax.scan`` over its events), ``"host"`` (one jitted call per
         event, the B local steps unrolled: no gradient inside a loop) or ``"auto"``: ``"host"`` for image
         observations (CNN torsos, where XLA:CPU's convolution gradients inside loops are ~20× slower), else
@@ -659,18 +668,58 @@ def train(
     return execute(trainer, on_record, progress)
 
 
+class AsyncProgress(NamedTuple):
+    """Where a run stands between two arrival events: what a checkpoint holds and a resumed run starts from.
+
+    Attributes:
+      carry: the simulator's state (θ, optimizer states, anchors, the workers' states and replays, the master's
+        pending Δ's).
+      events_done: arrival events of the schedule applied so far.
+      warmup_done: DQN's random warm-up has filled the replays (True when there is none).
+      episodes: ``(env step, return, length)`` of every episode finished so far.
+      run_seconds: wall time of the warm-up and the events so far (all sessions of a resumed run).
+    """
+
+    carry: async_sim.SimCarry
+    events_done: int
+    warmup_done: bool
+    episodes: list
+    run_seconds: float
+
+
+def _with_fresh_envs(saved: async_sim.SimCarry, fresh: async_sim.SimCarry) -> async_sim.SimCarry:
+    """``saved`` with the env side of ``fresh``: envpool's state lives outside JAX, so a resumed run's pools are new
+    and reset; their handles, first observations and episode accumulators replace the saved ones."""
+    ws, new = saved.worker_states, fresh.worker_states
+    return saved._replace(worker_states=ws._replace(pool=new.pool, pending_reset=new.pending_reset, obs=new.obs,
+                                                    first=new.first, stats=new.stats))
+
+
 def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = None,
-            progress: Any = None, stop: Callable[[list], bool] | None = None) -> AsyncRunResult:
+            progress: Any = None, stop: Callable[[list], bool] | None = None, *,
+            start: AsyncProgress | None = None, interrupted: Callable[[], bool] | None = None,
+            on_progress: Callable[[AsyncProgress], None] | None = None) -> AsyncRunResult:
     """Runs a trainer from :func:`make_async_train` (once: its pools are consumed); see :func:`train`.
 
-    ``stop(episodes)``, if given, is called after every chunk with the finished episodes so far (``(env step,
-    return, length)``); when it returns True the run ends there (the accounting covers the events done).
+    Args:
+      trainer: from :func:`make_async_train`.
+      on_record, progress: see :func:`train`.
+      stop: ``stop(episodes)`` is called after every chunk with the finished episodes so far (``(env step,
+        return, length)``); when it returns True the run ends there (the accounting covers the events done).
+      start: continue from this point (a checkpoint, see :func:`run`) instead of time 0; the env pools are
+        fresh, so episodes in progress at the checkpoint are not finished.
+      interrupted: polled between chunks, and between events in the host event loop; when it returns True the
+        run ends at once, at an event boundary (a signal, see :func:`run`).
+      on_progress: called with the run's :class:`AsyncProgress` after the warm-up and after every chunk (or
+        the part of one before an interruption), before the next one starts: the place to save a checkpoint.
 
     Example:
         >>> trainer = make_async_train(cfg)  # doctest: +SKIP
         >>> result = execute(trainer)  # doctest: +SKIP
     """
     cfg, sched, K = trainer.cfg, trainer.sched, trainer.chunk_events
+    total_events = K * trainer.num_chunks
+    interrupted = interrupted or (lambda: False)
     arrivals = async_sim.arrival_inputs(sched)
     t0 = time.perf_counter()
     carry = trainer.init(jax.random.PRNGKey(cfg.seeds[0]))
@@ -678,14 +727,33 @@ def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = No
     compile_seconds = time.perf_counter() - t0  # almost all of it is compilation
     episodes: list[tuple[int, float, int]] = []
     records: list[dict] = []
-    run_seconds = 0.0
+    run_seconds, events_done, warmup_done = 0.0, 0, trainer.warmup is None
+    if start is not None:
+        if not 0 <= start.events_done <= total_events or (start.events_done and not start.warmup_done):
+            raise ValueError(f"train_async.execute: start at event {start.events_done} (warm-up done: "
+                             f"{start.warmup_done}) is not a point of this run of {total_events} events")
+        carry = _with_fresh_envs(start.carry, carry)
+        events_done, run_seconds = start.events_done, start.run_seconds
+        warmup_done = warmup_done or start.warmup_done
+        episodes = [tuple(e) for e in start.episodes]
+        if progress is not None:
+            progress.update((trainer.warmup_env_steps if trainer.warmup is not None and warmup_done else 0)
+                            + events_done * trainer.env_steps_per_event)
 
     def emit(record: dict) -> None:
         records.append(record)
         if on_record is not None:
             on_record(record)
 
-    if trainer.warmup is not None:
+    reported = False
+
+    def report() -> None:
+        nonlocal reported
+        reported = True
+        if on_progress is not None:
+            on_progress(AsyncProgress(carry, events_done, warmup_done, list(episodes), run_seconds))
+
+    if not warmup_done and not interrupted():
         t0 = time.perf_counter()
         warm = trainer.warmup.lower(carry.worker_states, carry.params).compile()
         compile_seconds += time.perf_counter() - t0
@@ -695,6 +763,7 @@ def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = No
         seconds = time.perf_counter() - t0
         run_seconds += seconds
         carry = carry._replace(worker_states=worker_states)
+        warmup_done = True
         new = _episodes_of(info, np.full(int(np.prod(info.finished.shape[:2])), trainer.warmup_env_steps))
         episodes.extend(new)
         emit({"step": trainer.warmup_env_steps, "episodic_return": float(np.mean([r for _, r, _ in new]))
@@ -702,42 +771,55 @@ def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = No
               "sim_time": 0.0, "master_updates": 0, "wall_seconds": run_seconds, "phase": "warmup"})
         if progress is not None:
             progress.update(trainer.warmup_env_steps)
+        report()
 
-    def chunk_arrivals(c: int) -> async_sim.ArrivalInput:
-        return jax.tree.map(lambda x: x[c * K:(c + 1) * K], arrivals)
+    def arrivals_of(first: int, end: int) -> async_sim.ArrivalInput:
+        return jax.tree.map(lambda x: x[first:end], arrivals)
 
     t0 = time.perf_counter()
-    if trainer.event_loop == "scan":
-        compiled = trainer.chunk.lower(carry, chunk_arrivals(0), jnp.int32(0)).compile()
-    else:
-        event = trainer.event.lower(carry, jax.tree.map(lambda x: x[0], arrivals), jnp.int32(0)).compile()
-
-        def compiled(carry, chunk, first_event):
-            outputs = []
-            for i in range(chunk.worker.shape[0]):
-                carry, out = event(carry, jax.tree.map(lambda x: x[i], chunk), first_event + i)
-                outputs.append(out)
-            return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    compiled_events = events_done < total_events and warmup_done and not interrupted()
+    if compiled_events:
+        if trainer.event_loop == "scan":
+            compiled = trainer.chunk.lower(carry, arrivals_of(0, K), jnp.int32(0)).compile()
+        else:
+            event = trainer.event.lower(carry, jax.tree.map(lambda x: x[0], arrivals), jnp.int32(0)).compile()
     compile_seconds += time.perf_counter() - t0
 
-    for c in range(trainer.num_chunks):
+    def events(carry, first: int, end: int):
+        """Events [first, end): one scanned chunk, or (host loop) one call per event until ``interrupted``."""
+        if trainer.event_loop == "scan":  # a scan is not interrupted
+            # A chunk's rest (a run resumed from the host loop's checkpoint inside one) compiles once more.
+            chunk = compiled if end - first == K else trainer.chunk
+            carry, out = chunk(carry, arrivals_of(first, end), jnp.int32(first))
+            return carry, out, end
+        outputs = []
+        for i in range(first, end):
+            carry, out = event(carry, jax.tree.map(lambda x: x[i], arrivals), jnp.int32(i))
+            outputs.append(out)
+            if interrupted():
+                break
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs), first + len(outputs)
+
+    while compiled_events and events_done < total_events and not interrupted():
+        first = events_done
         t0 = time.perf_counter()
-        carry, (info, metrics) = compiled(carry, chunk_arrivals(c), jnp.int32(c * K))
+        # To the end of the chunk (a resumed host-loop run may start inside one): the records stay on the grid.
+        carry, (info, metrics), events_done = events(carry, first, min((first // K + 1) * K, total_events))
         info, metrics = jax.device_get((info, metrics))
         seconds = time.perf_counter() - t0
         run_seconds += seconds
-        events_done = (c + 1) * K
-        steps_at_event = trainer.warmup_env_steps + trainer.env_steps_per_event * np.arange(c * K + 1, events_done + 1)
+        steps_at_event = trainer.warmup_env_steps + trainer.env_steps_per_event * np.arange(first + 1,
+                                                                                           events_done + 1)
         new = _episodes_of(info, steps_at_event)
         episodes.extend(new)
         acc = _accounting(trainer, events_done, run_seconds)
-        updates_before = int(np.sum(sched.events.update_follows[:c * K]))
+        updates_before = int(np.sum(sched.events.update_follows[:first]))
         chunk_staleness = sched.updates.staleness[updates_before:acc["master_updates"]]
         record = {
             "step": int(steps_at_event[-1]),
             "episodic_return": float(np.mean([r for _, r, _ in new])) if new else None,
             "episodes": len(new),
-            "sps": K * trainer.env_steps_per_event / max(seconds, 1e-9),
+            "sps": (events_done - first) * trainer.env_steps_per_event / max(seconds, 1e-9),
             "sim_time": acc["sim_time"],
             "master_updates": acc["master_updates"],
             "env_steps_per_sim_time": acc["env_steps_per_sim_time"],
@@ -754,16 +836,60 @@ def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = No
         }
         emit(record)
         if progress is not None:
-            progress.update(K * trainer.env_steps_per_event)
+            progress.update((events_done - first) * trainer.env_steps_per_event)
             recent = [r for _, r, _ in episodes[-20:]]
             progress.set_postfix({"sps": f"{record['sps']:,.0f}",
                                   "return": f"{np.mean(recent):.1f}" if recent else "-"})
+        report()
         if stop is not None and stop(episodes):
             break
+    if not reported:  # interrupted before any work: the starting point is where the run stands
+        report()
 
     return AsyncRunResult(params=carry.params, worker_state=carry.worker_states, episodes=episodes,
                           records=records, accounting=_accounting(trainer, events_done, run_seconds),
                           compile_seconds=compile_seconds, run_seconds=run_seconds, network=trainer.network)
+
+
+def _steps_at(trainer: AsyncTrainer, point: AsyncProgress) -> int:
+    """Env steps (all workers, warm-up included) taken at ``point``."""
+    warmup = trainer.warmup_env_steps if trainer.warmup is not None and point.warmup_done else 0
+    return warmup + point.events_done * trainer.env_steps_per_event
+
+
+def schedule_fingerprint(trainer: AsyncTrainer) -> str:
+    """A digest of the run's schedule and chunking: a checkpoint only continues the run whose events it saw.
+
+    The config fixes most of it (the seed, N, B, M, ``--comm-time``, the length), but :func:`run`'s keyword
+    arguments (``compute_time``, ``reply``, ``chunk_events``) are not in the config.
+    """
+    digest = hashlib.sha256()
+    ev = trainer.sched.events
+    for array in (ev.worker, ev.time, ev.update_follows, ev.pulls):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(f"{trainer.chunk_events}/{trainer.num_chunks}/{trainer.warmup_env_steps}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _save(manager, trainer: AsyncTrainer, point: AsyncProgress) -> None:
+    # The orbax step is the env steps taken: it grows with every event, and from before to after the warm-up.
+    loop_lib.save_checkpoint(manager, _steps_at(trainer, point), point.carry, {
+        "events_done": point.events_done, "warmup_done": point.warmup_done, "episodes": point.episodes,
+        "run_seconds": point.run_seconds, "schedule": schedule_fingerprint(trainer)})
+
+
+def _restore(manager, trainer: AsyncTrainer, logdir: str) -> AsyncProgress:
+    template = jax.eval_shape(trainer.init, jax.random.PRNGKey(trainer.cfg.seeds[0]))
+    restored = loop_lib.restore_checkpoint(manager, template)
+    if restored is None:
+        raise config_lib.ConfigError(f"--resume: no checkpoint in {logdir}/checkpoints")
+    carry, host = restored
+    if host.get("schedule") != schedule_fingerprint(trainer):
+        raise config_lib.ConfigError(
+            f"--resume: the run in {logdir} was simulated on another schedule (its compute times, reply rule or "
+            f"chunk size differ from this run's): resume it with the arguments it was started with")
+    return AsyncProgress(carry, int(host["events_done"]), bool(host["warmup_done"]),
+                         [tuple(e) for e in host["episodes"]], float(host["run_seconds"]))
 
 
 def run(
@@ -775,16 +901,30 @@ def run(
     chunk_events: int | None = None,
     event_loop: str = "auto",
 ) -> dict:
-    """Trains ``cfg`` (``runtime="async_sim"``) with logging; returns the summary (also ``summary.json``).
+    """Trains ``cfg`` (``runtime="async_sim"``) with logging and checkpoints; returns the summary (also
+    ``summary.json``).
 
-    Writes to ``cfg.logdir`` in the format of :func:`jaxdp.loop.run`: ``metrics.jsonl`` (one record per chunk, see
-    :func:`train`; TensorBoard events in ``tb/`` unless ``cfg.tensorboard`` is off) and ``summary.json`` with
-    ``total_steps``, ``wall_seconds``, ``compile_seconds``, ``sps``, ``final_return`` (mean of the last 10% of
-    finished episodes), ``eval_return`` (greedy episodes of the master's final θ), ``episodes``, ``runtime``,
-    ``accounting`` (see the module docstring) and ``config``. No checkpoints (``--resume`` is refused).
+    Writes to ``cfg.logdir`` in the format of :func:`jaxdp.loop.run`: ``config.json`` (what a ``--resume`` must
+    match), ``metrics.jsonl`` (one record per chunk, see :func:`train`; TensorBoard events in ``tb/`` unless
+    ``cfg.tensorboard`` is off), orbax checkpoints in ``checkpoints/`` (every ``cfg.checkpoint_interval`` seconds,
+    checked after each chunk, and at the end) and ``summary.json`` with ``total_steps``, ``wall_seconds``,
+    ``compile_seconds``, ``sps``, ``final_return`` (mean of the last 10% of finished episodes), ``eval_return``
+    (greedy episodes of the master's final θ), ``episodes``, ``runtime``, ``accounting`` (see the module
+    docstring) and ``config``.
+
+    A checkpoint holds the whole simulated state (θ, the master's optimizer and pending Δ's, every worker's anchor,
+    inner optimizer, replay and target network) and the event count; the schedule is a function of the config, so
+    ``cfg.resume`` continues at the next event of the same schedule, with fresh env pools (envpool's state lives
+    outside JAX; the episodes in progress are lost). The run's length cannot change on a resume: the schedule and
+    the learning-rate annealing are drawn for the whole run.
+
+    SIGINT (Ctrl-C), SIGTERM or SIGUSR1 stops the run at the next chunk boundary (the next event, in the host event
+    loop of CNN torsos): it logs, saves a checkpoint and raises :class:`jaxdp.stopping.RunStopped`. A second signal
+    stops it at once.
 
     Args:
-      cfg: the config (``logdir`` must be set); see :func:`make_async_train` for the keyword arguments.
+      cfg: the config (``logdir`` must be set); see :func:`make_async_train` for the keyword arguments, which a
+        resumed run must repeat.
 
     Returns:
       The summary dict.
@@ -797,19 +937,41 @@ def run(
     cfg = _check_cfg(cfg)
     if not cfg.logdir:
         raise config_lib.ConfigError("train_async.run: --logdir must be set")
-    os.makedirs(cfg.logdir, exist_ok=True)
-    writer = loop_lib.MetricsWriter(os.path.join(cfg.logdir, "metrics.jsonl"),
-                                    os.path.join(cfg.logdir, "tb") if cfg.tensorboard else None)
+    config_lib.check_resumable(cfg, cfg.logdir)  # before any work: a --resume must match the run it continues
+    if cfg.resume and not os.path.isdir(os.path.join(cfg.logdir, "checkpoints")):
+        raise config_lib.ConfigError(f"--resume: no checkpoint in {cfg.logdir}/checkpoints")
     trainer = make_async_train(cfg, compute_time=compute_time, comm_time=comm_time, reply=reply,
                                chunk_events=chunk_events, event_loop=event_loop)
+    manager = loop_lib._checkpoint_manager(cfg.logdir)
+    start = _restore(manager, trainer, cfg.logdir) if cfg.resume else None
+    config_lib.save_run_config(cfg, cfg.logdir)  # what a later --resume must match
+    metrics_path = os.path.join(cfg.logdir, "metrics.jsonl")
+    if start is not None:  # the records after the checkpoint will be logged again
+        truncate_json_lines(metrics_path, _steps_at(trainer, start))
     total = trainer.warmup_env_steps + trainer.num_chunks * trainer.chunk_events * trainer.env_steps_per_event
-    bar = loop_lib._progress(cfg, total)
-    try:
-        result = execute(trainer, writer.write, bar)
-    finally:
-        writer.close()
+    last_save = time.time()
+    latest = start
+
+    def checkpoint(point: AsyncProgress, force: bool = False) -> None:
+        nonlocal last_save, latest
+        latest = point
+        if force or time.time() - last_save >= cfg.checkpoint_interval:
+            _save(manager, trainer, point)  # synchronous: the next chunk donates the carry's buffers
+            last_save = time.time()
+
+    with contextlib.ExitStack() as stack:
+        requested = stack.enter_context(stop_requests())
+        writer = loop_lib.MetricsWriter(metrics_path, os.path.join(cfg.logdir, "tb") if cfg.tensorboard else None)
+        stack.callback(writer.close)
+        bar = loop_lib._progress(cfg, total)
         if bar is not None:
-            bar.close()
+            stack.callback(bar.close)
+        result = execute(trainer, writer.write, bar, start=start, interrupted=lambda: bool(requested),
+                         on_progress=lambda point: checkpoint(point, force=bool(requested)))
+        if latest is not None:  # at the end, or where a signal stopped it (saved already, then)
+            checkpoint(latest, force=True)
+        if requested:
+            raise RunStopped(requested[0], _steps_at(trainer, latest) if latest else 0, total, cfg.logdir)
     eval_returns = loop_lib.evaluate(cfg, result.network, result.params, cfg.eval_episodes, cfg.seeds[0])
     wall = time.time() - t_start
     returns = [r for _, r, _ in result.episodes]

@@ -213,6 +213,22 @@ def test_resume_may_change_the_length_and_reporting(tmp_path):
     assert cfg.total_steps == 900_000 and cfg.resume
 
 
+def test_an_async_sim_run_is_resumed_at_its_own_length(tmp_path, capsys):
+    """async_sim draws its schedule for the whole run: on a resume its --total-steps is refused like any setting,
+    and the list of what may change leaves it out."""
+    logdir = tmp_path / "run"
+    sim = ["--runtime", "async_sim", "--strategy", "dpsgd", "--workers", "2", "--total-steps", "50000"]
+    before = _saved_run(logdir, sim)
+    for change, option in ((["--total-steps", "90000"], "--total-steps"), (["--lr", "3e-3"], "--lr")):
+        rc = run_main(["train", "--resume", "--logdir", str(logdir), "--no-progress", *sim, *change])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("jaxdp train: error: --resume: " + option), err
+        assert ("--total-steps" in err[0]) == (option == "--total-steps"), err[0]
+    assert {p: p.stat().st_mtime_ns for p in logdir.rglob("*")} == before
+    argv = ["train", "--resume", "--logdir", str(logdir), *sim, "--eval-episodes", "0", "--log-interval", "9"]
+    assert cli.resolve_logdir(cli.config_from_args(cli.build_parser().parse_args(argv))).resume
+
+
 def test_a_multi_process_job_is_resumed_at_its_own_size_wherever_it_meets(tmp_path):
     """The mpi and distributed runtimes save ``workers`` as the job's size (their --workers is ignored): the command
     line does not compare it, the started job does (``cfg.workers`` is then the job's size). A restarted

@@ -12,6 +12,10 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -178,8 +182,10 @@ def test_host_event_loop_matches_the_scan(hand_runs):
 def test_validation_names_the_argument(tmp_path):
     with pytest.raises(ConfigError, match="--runtime must be async_sim"):
         train_async.make_async_train(_cfg(strategy="sync", workers=2, runtime="vmap", total_steps=10_000))
-    with pytest.raises(ConfigError, match="--resume"):
-        train_async.make_async_train(_cfg(strategy="async", workers=2, total_steps=10_000, resume=True))
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):  # and nothing written
+        train_async.run(_cfg(strategy="async", workers=2, total_steps=10_000, resume=True,
+                             logdir=str(tmp_path / "none")))
+    assert not (tmp_path / "none").exists()
     with pytest.raises(ConfigError, match="--strategy"):  # config.validate: async_sim needs async or dpsgd
         train_async.make_async_train(_cfg(strategy="sync", workers=2, total_steps=10_000))
     with pytest.raises(ValueError, match="chunk_events must be a multiple of --master-batch"):
@@ -189,6 +195,148 @@ def test_validation_names_the_argument(tmp_path):
         train_async.make_async_train(_cfg(strategy="async", workers=2, total_steps=10_000), event_loop="python")
     with pytest.raises(ConfigError, match="--logdir"):
         train_async.run(_cfg(strategy="async", workers=2, total_steps=10_000))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume and signals.
+# ---------------------------------------------------------------------------------------------------------------
+RESUMED = dict(algo="a2c", strategy="dpsgd", workers=3, local_steps=2, master_batch=2, num_envs=8, rollout_len=8,
+               total_steps=15_360)  # 40 events of 384 env steps, 10 chunks of 4
+
+
+def _interrupt_after(polls: int):
+    count = [0]
+
+    def interrupted() -> bool:
+        count[0] += 1
+        return count[0] > polls
+
+    return interrupted
+
+
+def _no_wall(accounting: dict) -> dict:
+    return {k: v for k, v in accounting.items() if "wall_second" not in k}
+
+
+@pytest.mark.parametrize("event_loop", ["scan", "host"])
+def test_a_resumed_run_continues_the_same_schedule(event_loop):
+    """Stopped and resumed, a run applies exactly the events of the uninterrupted run, in its chunks: the same
+    accounting, the same log points, the same local steps per worker. The scan stops between chunks, the host
+    loop between events (mid-chunk: its resumed run finishes that chunk first). Only the data differs: the
+    resumed pools start new episodes."""
+    cfg = _cfg(**RESUMED)
+    whole = train_async.execute(train_async.make_async_train(cfg, event_loop=event_loop))
+    points: list[train_async.AsyncProgress] = []
+    first = train_async.execute(train_async.make_async_train(cfg, event_loop=event_loop),
+                                interrupted=_interrupt_after(7), on_progress=points.append)
+    stop = points[-1]
+    assert 0 < stop.events_done < 40 and (stop.events_done % 4 != 0) == (event_loop == "host")
+    assert first.accounting["pushes"] == stop.events_done and stop.episodes == first.episodes
+    second = train_async.execute(train_async.make_async_train(cfg, event_loop=event_loop), start=stop)
+    assert _no_wall(second.accounting) == _no_wall(whole.accounting)
+    assert second.episodes[:len(stop.episodes)] == stop.episodes and len(second.episodes) > len(stop.episodes)
+    steps = [r["step"] for r in first.records + second.records]
+    assert steps == sorted(set(steps)) and set(r["step"] for r in whole.records) <= set(steps)
+    np.testing.assert_array_equal(second.worker_state.local_updates, whole.worker_state.local_updates)
+    np.testing.assert_array_equal(second.worker_state.env_steps, whole.worker_state.env_steps)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(second.params))
+
+
+def test_a_checkpoint_holds_the_simulated_state_and_its_schedule(tmp_path):
+    """What _save writes, _restore gives back (every leaf of the carry), and only to the run of the same schedule:
+    the compute times are an argument of run(), not of the config, so the checkpoint carries a digest of them."""
+    from jaxdp import loop as loop_lib
+
+    cfg = _cfg(**RESUMED)
+    trainer = train_async.make_async_train(cfg)
+    points: list[train_async.AsyncProgress] = []
+    train_async.execute(trainer, interrupted=_interrupt_after(3), on_progress=points.append)
+    manager = loop_lib._checkpoint_manager(str(tmp_path))
+    train_async._save(manager, trainer, points[-1])
+    back = train_async._restore(manager, train_async.make_async_train(cfg), str(tmp_path))
+    assert (back.events_done, back.warmup_done, back.episodes) == (points[-1].events_done, True,
+                                                                   points[-1].episodes)
+    assert back.run_seconds == pytest.approx(points[-1].run_seconds)
+    for a, b in zip(jax.tree.leaves(points[-1].carry), jax.tree.leaves(back.carry)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = train_async.make_async_train(cfg, compute_time=async_sim.constant(100.0))
+    assert train_async.schedule_fingerprint(other) != train_async.schedule_fingerprint(trainer)
+    with pytest.raises(ConfigError, match="another schedule"):
+        train_async._restore(manager, other, str(tmp_path))
+
+
+def test_gorila_resumed_after_its_warmup_keeps_its_replays():
+    """DQN's random warm-up fills each worker's replay before the schedule starts; a run stopped right after it
+    resumes with those replays and does not play the warm-up again."""
+    cfg = _cfg(algo="dqn", strategy="async", workers=2, num_envs=4, learning_starts=800, total_steps=4_000)
+    points: list[train_async.AsyncProgress] = []
+    trainer = train_async.make_async_train(cfg)
+    first = train_async.execute(trainer, interrupted=_interrupt_after(1), on_progress=points.append)
+    stop = points[-1]
+    assert (stop.events_done, stop.warmup_done) == (0, True) and [r.get("phase") for r in first.records] == ["warmup"]
+    cursor = np.asarray(stop.carry.worker_states.replay.cursor)
+    assert (cursor == trainer.warmup_env_steps // (2 * 4)).all()  # each worker's share of the warm-up
+    second = train_async.execute(train_async.make_async_train(cfg), start=stop)
+    assert all(r.get("phase") != "warmup" for r in second.records)
+    assert second.accounting["pushes"] == trainer.chunk_events * trainer.num_chunks
+    assert (np.asarray(second.worker_state.replay.cursor) != cursor).all()  # the events went on adding to them
+
+
+def test_long_runs_chunk_short_enough_for_a_signal():
+    """~50 chunks per run, but never more than MAX_CHUNK_ENV_STEPS env steps in one (whole master updates)."""
+    from jaxdp import train as train_lib
+
+    short = _cfg(algo="a2c", strategy="dpsgd", workers=4, local_steps=4, master_batch=2, total_steps=500_000)
+    per_event = 4 * 5 * 16  # B · n · E
+    # 1,563 events: K = M · ceil(1,563 / 50 / M) = 32, in 49 chunks
+    assert train_async._plan_events(short, per_event, 0, None) == (32, 49)
+    long = dataclasses.replace(short, total_steps=50_000_000)
+    K, chunks = train_async._plan_events(long, per_event, 0, None)
+    assert K % 2 == 0 and K * per_event <= train_lib.MAX_CHUNK_ENV_STEPS < (K + 2) * per_event
+    assert (chunks - 1) * K * per_event < long.total_steps <= chunks * K * per_event
+
+
+def test_a_signal_stops_an_async_sim_run_with_a_checkpoint_that_resumes(tmp_path):
+    """SIGTERM to `jaxdp train --runtime async_sim` stops it between two chunks with a checkpoint (exit 143, one
+    line naming --resume); a --resume that changes the run's length is refused (exit 2); the same command with
+    --resume completes the run: every event of the schedule applied once, and a log that never goes back."""
+    logdir = tmp_path / "run"
+    total = 1_536_000  # 50 chunks of 30,720 env steps, ~0.3 s each here
+    args = ["--algo", "a2c", "--runtime", "async_sim", "--strategy", "dpsgd", "--workers", "3", "--local-steps", "2",
+            "--master-batch", "2", "--num-envs", "16", "--rollout-len", "8", "--logdir", str(logdir),
+            "--no-tensorboard", "--eval-episodes", "0", "--no-progress"]
+    metrics_path = logdir / "metrics.jsonl"
+    job = subprocess.Popen([sys.executable, "-m", "jaxdp.cli", "train", "--total-steps", str(total), *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (metrics_path.exists() and metrics_path.read_text().count("\n") >= 1):  # past the compile
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "--resume" in lines[0], err[-2000:]
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    stopped_at = records[-1]["step"]
+    assert 0 < stopped_at < total and not (logdir / "summary.json").exists()
+    assert sorted(int(d) for d in os.listdir(logdir / "checkpoints") if d.isdigit())[-1] == stopped_at
+
+    cmd = [sys.executable, "-m", "jaxdp.cli", "train", *args, "--resume"]
+    longer = subprocess.run([*cmd, "--total-steps", str(2 * total)], capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 2 and "--total-steps" in longer.stderr and "Traceback" not in longer.stderr
+    done = subprocess.run([*cmd, "--total-steps", str(total)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((logdir / "summary.json").read_text())
+    acc = summary["accounting"]
+    assert summary["total_steps"] == total == acc["event_env_steps"] and acc["pushes"] == total // (2 * 8 * 16)
+    assert acc["master_updates"] * 2 == acc["pushes"] == sum(acc["pushes_per_worker"])
+    steps = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == total and stopped_at in steps and len(steps) == 50
 
 
 # ---------------------------------------------------------------------------------------------------------------
