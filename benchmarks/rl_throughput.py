@@ -105,7 +105,7 @@ def machine_table() -> str:
         ("CPU", cpu_model()),
         ("cores (os.cpu_count)", str(os.cpu_count())),
         ("load average (1 / 5 / 15 min)", " / ".join(f"{x:.1f}" for x in load)),
-        ("JAX devices", ", ".join(str(d) for d in jax.devices())),
+        ("JAX devices", ", ".join(f"{d} ({d.device_kind})" for d in jax.devices())),
         ("Python", platform.python_version()),
         ("jax / jaxlib", f"{jax.__version__} / {jaxlib.__version__}"),
         ("flax / optax", f"{flax.__version__} / {optax.__version__}"),

@@ -3,7 +3,8 @@ of the Nature-CNN gradient rewrites that `nature_cnn_layers.py` times.
 
 The measurements themselves are not tests (they need a quiet machine, and ``cleanrl_peer.py`` a separate peer
 environment of several GB and ~12 minutes); what is tested is that a bad command line stops at once, and that
-``rl_throughput.py --cleanrl-json`` reads what ``cleanrl_peer.py --json`` writes (the committed run included).
+``rl_throughput.py --cleanrl-json`` reads what ``cleanrl_peer.py --json`` writes (the committed run included), and
+that the GPU call's first step (``gpu/probe.py``) and its missing-bundle stop work here.
 """
 
 from __future__ import annotations
@@ -74,3 +75,22 @@ def test_nature_cnn_layers_rewrites_compute_the_same_weight_gradient(monkeypatch
     np.testing.assert_array_equal(bench.kernel_from_depth(bench.kernel_to_depth(w, 4), 4), w)
     for rewrite in (bench.weight_grad_space_to_depth, bench.weight_grad_im2col, bench.weight_grad_slices):
         np.testing.assert_allclose(jax.jit(rewrite, static_argnums=3)(x, g, w, 4), reference, rtol=1e-4, atol=1e-3)
+
+
+def test_gpu_probe_finds_the_xla_interface_bit_identical_here() -> None:
+    """benchmarks/gpu/probe.py, what the GPU call runs first, on this machine's default backend: both envs' XLA
+    functions carry a GPU target in envpool's wheel, and a jitted scan matches the host API bit for bit."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu" / "probe.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| Pong-v5", "| CartPole-v1"))]
+    assert len(rows) == 2, result.stdout
+    for row in rows:
+        assert "recv: yes, send: yes" in row and "bit-identical to the host API" in row, row
+
+
+def test_gpu_run_script_stops_in_one_line_without_its_bundle(tmp_path) -> None:
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu" / "run.sh")], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "BUNDLE": str(tmp_path / "missing.tar.xz"),
+                                 "OUT": str(tmp_path / "out"), "SITE": str(tmp_path / "site")})
+    assert result.returncode == 2 and "benchmarks/gpu/bundle.sh" in result.stdout, result.stdout + result.stderr
