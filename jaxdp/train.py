@@ -422,10 +422,11 @@ def _dqn_lane_fns(cfg: TrainConfig, env, network, tx, hparams: Hyperparams | Non
 
     def gradient_step(handle, lane: Lane, env_steps):
         """Workload form: k env steps, then the gradient and the target refresh (params updated by the caller)."""
-        handle, lane, played, info = collect_steps(handle, lane, epsilon(env_steps))
+        eps = epsilon(env_steps)
+        handle, lane, played, info = collect_steps(handle, lane, eps)
         lane, grads, metrics = gradient(store(lane, played))
         lane = refresh_target(lane, lane.params)
-        return handle, lane, grads, info, metrics
+        return handle, lane, grads, info, {**metrics, "epsilon": eps}
 
     return LaneFunctions(warmup_iteration, iteration, gradient_step, act, learn_half)
 

@@ -207,6 +207,50 @@ def test_make_sync_step_averages_over_the_worker_axis():
     assert metrics["loss"].shape == (3,) and jnp.all(new_state.examples_seen == 4)
 
 
+def train_job(total_steps: int, *args: str, status: int = 0) -> list[str]:
+    """``jaxdp train --runtime distributed`` as two local processes; their outputs, once both exited ``status``."""
+    address = f"127.0.0.1:{free_port()}"
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "distributed",
+                          "--coordinator", address, "--num-processes", "2", "--process-id", str(i),
+                          "--total-steps", str(total_steps), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_environment(),
+                         start_new_session=True)
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=400)[0] for p in processes]
+    finally:
+        kill_leftovers(processes)
+    for i, (p, out) in enumerate(zip(processes, outputs)):
+        assert p.returncode == status, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
+    return outputs
+
+
+def test_a_resumed_distributed_dqn_job_keeps_its_epsilon_and_refills_its_replays(tmp_path):
+    """The workers' env pools and replays are not checkpointed: a resumed job's workers start empty. They must not
+    start their schedules again (ε back at 1, learning at once from an empty replay): each worker continues its ε
+    where the run was and learns again once its replay holds its share of --learning-starts (Workload.restart)."""
+    logdir = tmp_path / "dqn"
+    common = ["--algo", "dqn", "--strategy", "sync", "--num-envs", "4", "--learning-starts", "2000",
+              "--eps-fraction", "0.5", "--no-progress", "--no-tensorboard", "--eval-episodes", "0",
+              "--logdir", str(logdir)]
+    train_job(16_000, *common)
+    first = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    stopped = first[-1]["step"]
+    train_job(32_000, *common, "--resume")
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    after = [r for r in records if r["step"] > stopped]
+    # ε decays over half of the (new) 32k steps: at the resume point it is (1 - 16k/16k) of the way, eps_end.
+    assert after and all(r["epsilon"] <= 0.06 for r in after), [(r["step"], r["epsilon"]) for r in after[:5]]
+    assert first[1]["epsilon"] > 0.5  # the first run did explore
+    # The first points after the resume learn nothing (empty replays refill to 1000 steps each), later ones do.
+    refill = [r for r in after if r["step"] <= stopped + 2000]
+    assert refill and all(r["learning"] == 0.0 for r in refill), [(r["step"], r["learning"]) for r in refill]
+    assert all(r["learning"] == 1.0 for r in after if r["step"] > stopped + 2000 + 640)
+    assert all(r["learning"] == 1.0 for r in first if 2000 + 640 < r["step"])
+
+
 def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     """``jaxdp train --runtime distributed``: two processes, one worker (one envpool pool) each, A2C gradients
     all-reduced over gloo every step. The job learns, process 0 writes the RL outputs (env steps, the return of
@@ -216,22 +260,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
               "--no-progress", "--no-tensorboard", "--logdir", str(logdir)]
 
     def job(total_steps: int, *extra: str, status: int = 0) -> list[str]:
-        address = f"127.0.0.1:{free_port()}"
-        processes = [
-            subprocess.Popen([sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "distributed",
-                              "--coordinator", address, "--num-processes", "2", "--process-id", str(i),
-                              "--total-steps", str(total_steps), *common, *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_environment(),
-                             start_new_session=True)
-            for i in range(2)
-        ]  # fmt: skip
-        try:
-            outputs = [p.communicate(timeout=400)[0] for p in processes]
-        finally:
-            kill_leftovers(processes)
-        for i, (p, out) in enumerate(zip(processes, outputs)):
-            assert p.returncode == status, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
-        return outputs
+        return train_job(total_steps, *common, *extra, status=status)
 
     outputs = job(400_000)
     assert "final return" in outputs[0] and "final return" not in outputs[1]  # process 0 reports

@@ -386,3 +386,31 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     assert summary["start_step"] == 156 and summary["total_steps"] >= 29_000  # 20k steps: 156 updates of 128
     updates = [json.loads(line)["updates"] for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert updates == sorted(set(updates)) and updates[-1] == summary["total_updates"], updates
+
+
+def test_a_resumed_sync_dqn_job_keeps_its_epsilon_and_refills_its_replays(tmp_path):
+    """`mpirun -n 2 jaxdp train --runtime mpi --strategy sync --algo dqn`, then `--resume`: each rank's env pool and
+    replay start afresh (they are not checkpointed), but its ε continues where the run was, and it learns again once
+    its replay holds its share of --learning-starts (Workload.restart; the same test for jax.distributed is in
+    tests/test_distributed.py)."""
+    logdir = tmp_path / "dqn"
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    base = [MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", "2", sys.executable,
+            "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", "sync", "--algo", "dqn", "--num-envs", "4",
+            "--learning-starts", "2000", "--eps-fraction", "0.5", "--eval-episodes", "0", "--no-progress",
+            "--no-tensorboard", "--logdir", str(logdir)]
+    first = subprocess.run([*base, "--total-steps", "16000"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    stopped = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()][-1]["step"]
+    resumed = subprocess.run([*base, "--total-steps", "32000", "--resume"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    after = [r for r in records if r["step"] > stopped]
+    assert records[1]["train_epsilon"] > 0.5 and after  # the first run explored
+    # ε decays over half of the resumed run's 32k steps: at the 16k resume point it has reached eps_end.
+    assert all(r["train_epsilon"] <= 0.06 for r in after), [(r["step"], r["train_epsilon"]) for r in after[:5]]
+    refill = [r for r in after if r["step"] <= stopped + 2000]
+    assert refill and all(r["train_learning"] == 0.0 for r in refill), [(r["step"], r["train_learning"])
+                                                                         for r in refill]
+    assert all(r["train_learning"] == 1.0 for r in after if r["step"] > stopped + 2000 + 640)

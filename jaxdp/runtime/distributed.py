@@ -31,7 +31,8 @@ hanging. There is no asynchronous mode here: use :mod:`jaxdp.runtime.mpi` for a 
 Files (process 0, when ``logdir`` is given): ``metrics.jsonl``, ``summary.json``, ``checkpoint.npz``
 (atomic), as in :mod:`jaxdp.runtime.mpi` (``wall_seconds`` excludes compilation: the step runs once
 before the clock starts); ``resume=True`` continues from the checkpoint, which
-process 0 reads and broadcasts to the others (no shared filesystem needed).
+process 0 reads and broadcasts to the others (no shared filesystem needed). Each process's fresh worker state
+goes through ``Workload.restart`` with the restored step count, as in :mod:`jaxdp.runtime.mpi`.
 
 Launch (see docs/multiprocess.md)::
 
@@ -62,7 +63,7 @@ from jaxdp.runtime import devices as devices_runtime
 from jaxdp.runtime.vmap import AXIS_NAME
 from jaxdp.stopping import RunStopped, exit_status, stop_requests
 from jaxdp.strategies import allreduce
-from jaxdp.workloads.base import Workload
+from jaxdp.workloads.base import Workload, restarted
 from jaxdp.cli_args import OneLineParser as _OneLineParser
 from jaxdp.cli_args import non_negative_int as _non_negative_int
 from jaxdp.cli_args import positive_float as _positive_float
@@ -309,6 +310,7 @@ def run_distributed(
         params = unravel(jnp.asarray(flat_restored))
         opt_state = jax.tree.map(jnp.asarray, opt_state)
         start_step = int(step_restored)
+        worker_state = restarted(workload, worker_state, params, start_step)  # one local step per sync step
 
     global_params = to_global(params)
     global_opt_state = to_global(opt_state)

@@ -69,7 +69,9 @@ async modes staleness statistics), ``summary.json`` (see :func:`run_mpi`), ``che
 ``checkpoint_every`` updates and at the end (written atomically: a temp file, then ``os.replace``) and each rank's
 ``rank{r}.pid``. ``resume=True`` restarts from ``checkpoint.npz``; the step count continues. In the
 async modes the checkpoint holds the master's θ, outer state, version and statistics; the workers'
-inner optimizer states restart fresh. The workload's ``worker_state`` is not checkpointed.
+inner optimizer states restart fresh. The workload's ``worker_state`` is not checkpointed: on a resume each rank's
+fresh one goes through ``Workload.restart`` with the local steps that rank had taken (sync: the step count, times B
+in rounds; async: its arrivals at the master, times B), so that its schedules (DQN's ε) continue.
 
 Reproducibility: sync runs are deterministic (same seed and K → same parameters, resumed or not).
 Async runs are not bitwise reproducible: the order in which pushes arrive depends on timing, so the
@@ -104,7 +106,7 @@ from jaxdp.runtime import _checks
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime.async_sim import worker_round
 from jaxdp.stopping import RunStopped, exit_status, stop_requests
-from jaxdp.workloads.base import Workload
+from jaxdp.workloads.base import Workload, restarted
 from jaxdp.cli_args import OneLineParser as _OneLineParser
 from jaxdp.cli_args import non_negative_int as _non_negative_int
 from jaxdp.cli_args import positive_float as _positive_float
@@ -461,13 +463,15 @@ def _run_sync(
         arrays = comm.bcast(arrays, root=0)
         start_step = int(arrays["step"])
         restored = unravel(jnp.asarray(arrays["params"]))
+        # Every rank took one local step per sync step (B per round): the worker's schedules continue from there.
+        worker_state = restarted(workload, state[-1], restored, start_step * (1 if gradient_mode else local_steps))
         if gradient_mode:
             inner_state = protocol.arrays_to_tree("inner_", arrays, state[1], "run_mpi")
-            state = (restored, inner_state, state[2])
+            state = (restored, inner_state, worker_state)
         else:
             inner_state = protocol.arrays_to_tree(f"inner{rank}_", arrays, state[1], "run_mpi")
             outer_state = protocol.arrays_to_tree("outer_", arrays, state[2], "run_mpi")
-            state = (restored, inner_state, outer_state, state[3])
+            state = (restored, inner_state, outer_state, worker_state)
 
     metrics_path = None if logdir is None else os.path.join(logdir, METRICS_NAME)
     if rank == 0 and metrics_path is not None:
@@ -940,7 +944,7 @@ def _run_worker(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
     comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, requested, worker_timeout,
 ) -> dict:
-    del outer, total_updates, logdir, log_every, checkpoint_every, resume, run_config, launched, record_hook
+    del outer, total_updates, logdir, log_every, checkpoint_every, run_config, launched, record_hook
     rank = comm.Get_rank()
     num_params = ravel_pytree(params)[0].size
     inner_state = inner.init(params)
@@ -969,7 +973,10 @@ def _run_worker(
         request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
         _wait(request, time.monotonic() + reply_timeout, "parameters", MPI)
         header = protocol.header_of(params_buffer)
-        counter = int(header[2])
+        counter = int(header[2])  # the rounds this worker pushed before (the master's statistics, on a resume)
+        if resume and header[protocol.STOP] == 0.0:
+            worker_state = restarted(workload, worker_state, unravel(jnp.asarray(protocol.payload_of(params_buffer))),
+                                     counter * local_steps)
         while header[protocol.STOP] == 0.0:
             pulled_version = float(header[protocol.VERSION])
             anchor = jnp.array(protocol.payload_of(params_buffer), copy=True)

@@ -5,7 +5,12 @@ for DQN, its replay buffer and target network -- all in ``worker_state``. ``loca
 acts with ``params`` (one A2C/REINFORCE rollout, or ``train_frequency`` DQN env steps), and returns the gradient at
 ``params`` (:func:`jaxdp.train.lane_functions`' ``gradient_step``): the runtime (MPI parameter server, all-reduce,
 async simulator) decides how gradients become parameters. Its metrics report the real-game episodes that ended
-(``episodes``, ``episode_return_sum``) so a master can log the episodic return.
+(``episodes``, ``episode_return_sum``) so a master can log the episodic return, and DQN's ``epsilon`` and
+``learning`` (1 when the step's gradient counts, 0 while the replay fills).
+``restart(worker_state, params, n)`` places a fresh worker of a resumed run at its ``n`` local steps: on the ε
+schedule and the target network's period, with θ⁻ = the restored θ, its empty replay refilled before it learns
+(its gradients are zero meanwhile; an optimizer with momentum, restored with the run, still moves θ along its
+decaying momentum for those steps).
 
 ``evaluate(params)`` plays the greedy policy for ``eval_steps`` steps on a separate pool (no episodic life) and
 returns the mean return of the games that ended in that call (NaN when none did). The pool carries on from call to
@@ -20,6 +25,7 @@ import optax
 
 from jaxdp import envs as envs_lib
 from jaxdp import train as train_lib
+from jaxdp.agents import replay as replay_lib
 from jaxdp.config import TrainConfig
 from jaxdp.workloads.base import Workload
 
@@ -55,12 +61,19 @@ def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000,
         handle, lane = worker_state
         # Env steps so far drive the DQN epsilon schedule (updates count local steps of this worker).
         env_steps = lane.updates * steps_per_local_step * cfg.workers
+        stored = replay_lib.size(lane.replay) if cfg.is_dqn else None  # before this step's play is stored
         lane = lane._replace(params=params, key=key)
         handle, lane, grads, info, metrics = gradient_step(handle, lane, env_steps)
         if cfg.is_dqn:
             # Random play fills the replay until --learning-starts (all workers' steps): no learning signal yet.
-            learning = env_steps >= cfg.learning_starts
+            # A restarted worker (a resumed run) refills its empty replay as far first: in a fresh run the second
+            # condition follows from the first (stored · N = env_steps until the buffer is full), so it changes
+            # nothing there.
+            capacity = lane.replay.action.shape[0] * lane.replay.action.shape[1]
+            refilled = stored * cfg.workers >= min(cfg.learning_starts, capacity * cfg.workers)
+            learning = (env_steps >= cfg.learning_starts) & refilled
             grads = jax.tree.map(lambda g: jnp.where(learning, g, jnp.zeros_like(g)), grads)
+            metrics = {**metrics, "learning": learning.astype(jnp.float32)}  # logged: the share of steps that learn
         else:  # actor-critic counts its update here (DQN's gradient_step counts its own, for the target refresh)
             lane = lane._replace(updates=lane.updates + 1)
         finished = info.finished
@@ -69,9 +82,18 @@ def rl_workload(cfg: TrainConfig, worker_id: int = 0, *, eval_steps: int = 1000,
         metrics["episode_return_sum"] = jnp.sum(jnp.where(finished, info.returns, 0.0))
         return (handle, lane), grads, metrics
 
+    def restart(worker_state, params, local_steps_done: int):
+        # `updates` counts this worker's local steps (DQN: its gradient steps), which place it on the ε schedule
+        # and the target network's refresh period; the target network starts from the restored θ, the newest
+        # parameters there are (an uninterrupted run's is at most a refresh period older).
+        handle, lane = worker_state
+        lane = lane._replace(updates=jnp.asarray(local_steps_done, lane.updates.dtype),
+                             target_params=params if cfg.is_dqn else lane.target_params)
+        return handle, lane
+
     evaluate = _make_evaluate(cfg, network, eval_steps, eval_envs, seed=10_000 + worker_id)
     return Workload(init=init, local_step=local_step, evaluate=evaluate, name=f"{cfg.algo}:{cfg.env}",
-                    unroll_local_steps=train_lib.cnn_on_cpu(cfg, env.spec))
+                    unroll_local_steps=train_lib.cnn_on_cpu(cfg, env.spec), restart=restart)
 
 
 def _make_evaluate(cfg: TrainConfig, network, eval_steps: int, eval_envs: int, seed: int):

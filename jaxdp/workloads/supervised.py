@@ -10,6 +10,7 @@ The runtimes (vmap, devices, async_sim, mpi, distributed) drive a ``Workload``; 
   ``fold_in(key, worker_id)``, the gradient of the mean cross-entropy at ``params``, and
   ``{"loss": ...}`` (the mini-batch loss before the step).
 * ``evaluate(params) -> {"loss", "accuracy"}``: on the held-out test split.
+* ``restart(worker_state, params, n)``: a resumed worker's count, ``n · batch_size``.
 
 Why ``worker_id`` is folded into the key: the runtimes already hand each worker its own key, but a
 runtime that does not (or a user who shares one key among processes) still gets decorrelated data
@@ -107,4 +108,8 @@ def digits_workload(
             "accuracy": digits.accuracy(params, data.x_test, data.y_test),
         }
 
-    return Workload(init=init, local_step=local_step, evaluate=evaluate, name="digits")
+    def restart(worker_state: SupervisedWorkerState, params: digits.Params, local_steps_done: int):
+        del worker_state, params  # the batches depend on the key alone: only the count moves on
+        return SupervisedWorkerState(examples_seen=jnp.asarray(local_steps_done * batch_size, jnp.int32))
+
+    return Workload(init=init, local_step=local_step, evaluate=evaluate, name="digits", restart=restart)
