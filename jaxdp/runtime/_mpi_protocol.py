@@ -28,11 +28,11 @@ import optax
 from jaxdp import atomic
 
 # Message tags. Distinct tags keep parameter replies and Δ pushes from ever matching each other.
-TAG_PARAMS = 11  # master -> worker: header [version, stop, 0, 0] + θ
+TAG_PARAMS = 11  # master -> worker: header [version, stop, rounds the worker pushed so far] + θ
 TAG_DELTA = 12  # worker -> master: header [pulled_version, local_steps, mean_local_loss, episodes,
-#                                            episode_return_sum, signal] + Δ
+#                                            episode_return_sum, signal, epsilon, learning] + Δ
 
-HEADER_VALUES = 6
+HEADER_VALUES = 8
 HEADER_SLOTS = 2 * HEADER_VALUES  # float32 slots taken by the float64 header
 
 # Field positions in the header.
@@ -43,6 +43,10 @@ LOCAL_LOSS = 2  # delta: mean workload loss over those local steps
 EPISODES = 3  # delta: episodes the worker finished per local step (mean over the round; RL workloads)
 EPISODE_RETURN_SUM = 4  # delta: summed return of those episodes per local step (mean over the round)
 SIGNAL = 5  # delta: the stop signal (jaxdp.stopping.STOP_SIGNALS) the worker got, 0 for none: the master stops
+EPSILON = 6  # delta: DQN's exploration rate over the round (NaN for a workload without one)
+LEARNING = 7  # delta: the share of the round's local steps whose gradient counted (DQN; NaN otherwise)
+# The workload metrics a push carries beside the loss, by their name in the workload's metrics (absent: NaN).
+OPTIONAL_METRICS = {"epsilon": EPSILON, "learning": LEARNING}
 
 
 def message_buffer(num_params: int) -> np.ndarray:

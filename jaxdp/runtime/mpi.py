@@ -715,7 +715,9 @@ def _run_master(
             stats["gradient_steps"] += int(header[protocol.LOCAL_STEPS])
             interval["metrics"].append({"loss": float(header[protocol.LOCAL_LOSS]),
                                         "episodes": float(header[protocol.EPISODES]),
-                                        "episode_return_sum": float(header[protocol.EPISODE_RETURN_SUM])})
+                                        "episode_return_sum": float(header[protocol.EPISODE_RETURN_SUM]),
+                                        **{name: float(header[slot]) for name, slot in
+                                           protocol.OPTIONAL_METRICS.items() if np.isfinite(header[slot])}})
         else:  # after the last update, or from a worker given up on: answer "stop"
             stats["discarded_arrivals"] += 1
             if status.get(w) in ("computing", "waiting", "lost"):
@@ -989,8 +991,12 @@ def _run_worker(
             return_sum = float(metrics.get("episode_return_sum", 0.0))
             # A signal this worker got goes to the master, which stops the whole job (see "Stopping").
             signum = requested[0] if requested else 0
-            protocol.pack(push_buffer, (pulled_version, local_steps, loss, episodes, return_sum, signum),
-                          np.asarray(delta))
+            header = [pulled_version, local_steps, loss, episodes, return_sum, signum]
+            header += [float("nan")] * (protocol.HEADER_VALUES - len(header))
+            for name, slot in protocol.OPTIONAL_METRICS.items():
+                if name in metrics:
+                    header[slot] = float(metrics[name])
+            protocol.pack(push_buffer, tuple(header), np.asarray(delta))
             # Post the receive for the reply before pushing, so the master's answer always has a home.
             request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
             push = comm.Isend(push_buffer, dest=0, tag=protocol.TAG_DELTA)
