@@ -388,26 +388,34 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     assert updates == sorted(set(updates)) and updates[-1] == summary["total_updates"], updates
 
 
-def test_a_resumed_sync_dqn_job_keeps_its_epsilon_and_refills_its_replays(tmp_path):
-    """`mpirun -n 2 jaxdp train --runtime mpi --strategy sync --algo dqn`, then `--resume`: each rank's env pool and
-    replay start afresh (they are not checkpointed), but its ε continues where the run was, and it learns again once
-    its replay holds its share of --learning-starts (Workload.restart; the same test for jax.distributed is in
-    tests/test_distributed.py)."""
+def dqn_job_resumed(tmp_path, strategy: str, ranks: int) -> tuple[list[dict], list[dict]]:
+    """`mpirun -n RANKS jaxdp train --runtime mpi --strategy S --algo dqn` for 16k env steps, then `--resume` to 32k
+    (ε decays over half of the run, learning starts at 2k): the records of the first run, and those after it."""
     logdir = tmp_path / "dqn"
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    base = [MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", "2", sys.executable,
-            "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", "sync", "--algo", "dqn", "--num-envs", "4",
-            "--learning-starts", "2000", "--eps-fraction", "0.5", "--eval-episodes", "0", "--no-progress",
-            "--no-tensorboard", "--logdir", str(logdir)]
+    base = [MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", str(ranks),
+            sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", strategy, "--algo", "dqn",
+            "--num-envs", "4", "--learning-starts", "2000", "--eps-fraction", "0.5", "--eval-episodes", "0",
+            "--no-progress", "--no-tensorboard", "--logdir", str(logdir)]
     first = subprocess.run([*base, "--total-steps", "16000"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    stopped = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()][-1]["step"]
+    before = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     resumed = subprocess.run([*base, "--total-steps", "32000", "--resume"], capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
-    after = [r for r in records if r["step"] > stopped]
-    assert records[1]["train_epsilon"] > 0.5 and after  # the first run explored
+    after = [r for r in records if r["step"] > before[-1]["step"]]
+    assert before[1]["train_epsilon"] > 0.5 and after  # the first run explored
+    return before, after
+
+
+def test_a_resumed_sync_dqn_job_keeps_its_epsilon_and_refills_its_replays(tmp_path):
+    """`mpirun -n 2 ... --strategy sync --algo dqn`, then `--resume`: each rank's env pool and replay start afresh
+    (they are not checkpointed), but its ε continues where the run was, and it learns again once its replay holds
+    its share of --learning-starts (Workload.restart; the same test for jax.distributed is in
+    tests/test_distributed.py)."""
+    before, after = dqn_job_resumed(tmp_path, "sync", 2)
+    stopped = before[-1]["step"]
     # ε decays over half of the resumed run's 32k steps: at the 16k resume point it has reached eps_end.
     assert all(r["train_epsilon"] <= 0.06 for r in after), [(r["step"], r["train_epsilon"]) for r in after[:5]]
     refill = [r for r in after if r["step"] <= stopped + 2000]
@@ -419,21 +427,8 @@ def test_a_resumed_sync_dqn_job_keeps_its_epsilon_and_refills_its_replays(tmp_pa
 def test_a_resumed_async_dqn_job_keeps_each_workers_epsilon(tmp_path):
     """The parameter-server form of the test above: each worker is restarted at its own arrivals (the master's
     statistics, sent in its first reply), and pushes its ε and learning share, which the master logs."""
-    logdir = tmp_path / "dqn"
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    base = [MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", "3", sys.executable,
-            "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", "async", "--algo", "dqn", "--num-envs", "4",
-            "--learning-starts", "2000", "--eps-fraction", "0.5", "--eval-episodes", "0", "--no-progress",
-            "--no-tensorboard", "--logdir", str(logdir)]
-    first = subprocess.run([*base, "--total-steps", "16000"], capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    stopped = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()][-1]["step"]
-    resumed = subprocess.run([*base, "--total-steps", "32000", "--resume"], capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
-    after = [r for r in records if r["step"] > stopped]
-    assert records[1]["train_epsilon"] > 0.5 and after
+    before, after = dqn_job_resumed(tmp_path, "async", 3)
+    stopped = before[-1]["step"]
     # Each worker places itself on the schedule by its own pushes x N, so a worker that pushed less than half is
     # behind it by its share (here up to 0.07 where the schedule says 0.05); a restart from 0 would read ~0.96.
     assert all(r["train_epsilon"] <= 0.15 for r in after), [(r["step"], r["train_epsilon"]) for r in after[:5]]
