@@ -737,8 +737,7 @@ def execute(trainer: AsyncTrainer, on_record: Callable[[dict], None] | None = No
         warmup_done = warmup_done or start.warmup_done
         episodes = [tuple(e) for e in start.episodes]
         if progress is not None:
-            progress.update((trainer.warmup_env_steps if trainer.warmup is not None and warmup_done else 0)
-                            + events_done * trainer.env_steps_per_event)
+            progress.update(_steps_at(trainer, start))
 
     def emit(record: dict) -> None:
         records.append(record)
