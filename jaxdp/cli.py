@@ -266,6 +266,14 @@ def check_devices(workers: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    status = _main(argv)
+    mpi_runtime = sys.modules.get("jaxdp.runtime.mpi")
+    if mpi_runtime is not None:  # --runtime mpi: end MPI within a bounded time, keeping this exit status
+        mpi_runtime.finalize(status)
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

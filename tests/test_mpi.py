@@ -55,9 +55,9 @@ def start(num_processes: int, logdir: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def kill_job(process: subprocess.Popen) -> None:
-    """SIGKILL mpirun and the ranks it started: every process in its session (the ranks get their own
-    process groups, so killing mpirun's group is not enough)."""
+def job_processes(process: subprocess.Popen) -> list[int]:
+    """The pids in mpirun's session: mpirun (prterun) and the ranks it started (each in its own process group)."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -65,19 +65,46 @@ def kill_job(process: subprocess.Popen) -> None:
             except (OSError, IndexError, ValueError):
                 continue
             if session == process.pid:
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                pids.append(int(entry.name))
+    return pids
+
+
+def describe_processes(pids: list[int]) -> str:
+    """One line per process: pid, state and kernel wait channel, command line -- which of them a hang is in
+    (a rank spinning in MPI_Finalize shows state R; a launcher waiting on its ranks, S in an epoll wait)."""
+    lines = []
+    for pid in pids:
+        try:
+            state = (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+            wchan = Path(f"/proc/{pid}/wchan").read_text() or "-"
+            command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:160]
+        except OSError:
+            continue
+        lines.append(f"  {pid} {state} {wchan} {command}")
+    return "\n".join(lines)
+
+
+def kill_job(process: subprocess.Popen) -> str:
+    """SIGKILL mpirun and the ranks it started: every process in its session (the ranks get their own
+    process groups, so killing mpirun's group is not enough). Returns what they were doing just before."""
+    pids = job_processes(process)
+    seen = describe_processes(pids)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
+    return seen
 
 
 def finish(process: subprocess.Popen, logdir: Path, timeout: float) -> tuple[int, str]:
     try:
         returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_job(process)
-        pytest.fail(f"mpirun did not finish within {timeout} s:\n{(logdir / 'output.txt').read_text()[-3000:]}")
+        seen = kill_job(process)
+        pytest.fail(f"mpirun did not finish within {timeout} s; its processes then:\n{seen}\n"
+                    f"{sorted(p.name for p in logdir.iterdir())}\n{(logdir / 'output.txt').read_text()[-3000:]}")
     return returncode, (logdir / "output.txt").read_text()
 
 
@@ -193,6 +220,36 @@ def test_async_master_survives_a_killed_worker(tmp_path):
     assert summary["final"]["accuracy"] > 0.85
     assert "worker rank 2 lost" in output
     assert metrics(tmp_path)[-1]["live_workers"] == 1
+
+
+@pytest.mark.parametrize("exit_status, at_exit", [(0, False), (3, False), (3, True)])
+def test_finalize_ends_a_rank_whose_mpi_finalize_hangs_after_a_failure(exit_status, at_exit):
+    """The pinned Open MPI 5.0.11 under ULFM: once a rank has exited non-zero without finalizing, the others'
+    MPI_Finalize never returns (an agreement on the failed ranks that spins; measured: every time). ``finalize``
+    ends each of them after its timeout with the status it was given (0 here; 1 from the exit hook run_mpi sets),
+    in one line, and mpirun exits with a non-zero status of its ranks instead of hanging. When the rank that left exited
+    0, MPI_Finalize returns at once on the others."""
+    script = Path(__file__).parent / "mpi_scripts" / "finalize_after_exit.py"
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    cmd = [MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", "3", sys.executable,
+           str(script), "--exiting-rank", "1", "--exit-status", str(exit_status), "--timeout", "5",
+           *(["--at-exit"] if at_exit else [])]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    output = done.stdout + done.stderr
+    # mpirun exits with one of its ranks' non-zero statuses (measured: rank 0's 1 when every rank has one).
+    assert done.returncode in ({1, exit_status} if at_exit else {exit_status}), output[-3000:]
+    if exit_status:
+        for rank in (0, 2):
+            assert (f"jaxdp.mpi: rank {rank}: MPI_Finalize did not return within 5 s (Open MPI's fault-tolerant "
+                    f"finalize can hang after a process failure); exiting with status {1 if at_exit else 0} "
+                    f"without it") in output, output
+        assert "MPI_Finalize returned" not in output
+    else:
+        for rank in (0, 2):
+            assert f"rank {rank}: MPI_Finalize returned True, MPI.Is_finalized() True" in output, output
+        assert "did not return" not in output
+    assert time.monotonic() - started < 60
 
 
 def test_sync_killed_peer_ends_the_job_with_a_clear_error(tmp_path):

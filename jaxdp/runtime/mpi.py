@@ -48,6 +48,9 @@ Faults.
   the rank if no step completes for ``step_timeout`` seconds. The runtime never calls ``MPI_Abort``
   after a failure (under ULFM, Open MPI 5's launcher can hang in "Abort is in progress"); it
   ``os._exit``s instead.
+* the end: under ULFM, Open MPI 5's ``MPI_Finalize`` can hang for ever after a process failure. :func:`finalize`
+  bounds it (``FINALIZE_TIMEOUT_SECONDS``): past the bound a rank says so in one line and exits with its status.
+  The command lines call it; ``run_mpi`` sets it to run at exit for scripts that do not.
 
 Stopping: the first SIGINT, SIGTERM or SIGUSR1 a rank gets (a scheduler's notice; ``srun`` signals every rank)
 stops the whole job where its state is whole, with a log point and ``checkpoint.npz`` there (given a ``logdir``); no
@@ -88,8 +91,11 @@ Launch (see docs/multiprocess.md)::
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -130,6 +136,76 @@ def _import_mpi():
 def fault_tolerance_enabled() -> bool:
     """Whether this process was launched with Open MPI's ULFM on (``mpirun --with-ft ulfm``)."""
     return os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes", "enabled")
+
+
+# Under ULFM, Open MPI 5's MPI_Finalize first agrees with the surviving ranks on who has failed
+# (ompi_comm_shrink_internal, then the coll/ftagree ERA agreement), and after a process failure that agreement can
+# spin for ever. Measured with the pinned Open MPI 5.0.11: when one of 3 ranks exits with a non-zero status without
+# finalizing, the other two never return from MPI_Finalize, every time; and after a SIGKILLed worker, now and then
+# (the killed-worker test hung in about 1 full test run in 15-20, after its summary.json was written). mpi4py calls
+# MPI_Finalize holding the GIL, so no Python thread can step in there; called through ctypes, which lets go of the
+# GIL, a watchdog thread can. A normal MPI_Finalize takes ~0.1 s here.
+FINALIZE_TIMEOUT_SECONDS = 30.0
+
+
+def finalize(status: int = 0, timeout: float = FINALIZE_TIMEOUT_SECONDS, arm: Callable | None = None) -> bool:
+    """End MPI on this rank, bounded: call ``MPI_Finalize``; if it has not returned within ``timeout`` seconds (the
+    ULFM hang after a process failure, above), print one line and end the process at once with ``status``.
+
+    Call it last, with the status the rank is about to exit with: under ULFM, ``mpirun`` counts a rank that ends
+    without finalizing as a failed process and still exits with the ranks' statuses. Returns True when MPI is
+    finalized (or was never started), False if MPI_Finalize reported an error. ``python -m jaxdp.runtime.mpi`` and
+    ``jaxdp train --runtime mpi`` call it; :func:`run_mpi` also sets it to run at exit with status 1 (the status a
+    script meant to exit with is unknown there), which a script's own ``finalize(status)`` makes a no-op. ``arm``
+    is a watchdog from :func:`_finalize_watchdog`; by default one is started here.
+    """
+    if "mpi4py.MPI" not in sys.modules:
+        return True  # MPI was never started in this process
+    from mpi4py import MPI
+
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        return True
+    if "mpi4jax" in sys.modules:
+        jax.effects_barrier()  # what mpi4jax's own exit hook does: no MPI call may still be queued in XLA
+    done = (arm or _finalize_watchdog())(status, timeout, MPI.COMM_WORLD.Get_rank())
+    try:
+        import ctypes
+
+        # MPI_Finalize resolved through mpi4py's extension module (dlsym searches the libraries it links).
+        error = ctypes.CDLL(MPI.__file__).MPI_Finalize()
+    finally:
+        done.set()
+    return error == 0
+
+
+def _finalize_watchdog() -> Callable[[int, float, int], threading.Event]:
+    """Start a daemon thread now and return ``arm(status, timeout, rank)``: once armed, the thread ends the process
+    with ``status`` unless the event ``arm`` returned is set within ``timeout`` seconds. Started ahead of time
+    because Python >= 3.12 refuses to start a thread while the interpreter exits, where the exit hook runs."""
+    orders: queue.SimpleQueue = queue.SimpleQueue()
+
+    def watch() -> None:
+        status, timeout, rank, done = orders.get()
+        if not done.wait(timeout):
+            _say(f"rank {rank}: MPI_Finalize did not return within {timeout:g} s (Open MPI's fault-tolerant "
+                 f"finalize can hang after a process failure); exiting with status {status} without it")
+            sys.stdout.flush()
+            os._exit(status)
+
+    threading.Thread(target=watch, name="jaxdp-mpi-finalize-watchdog", daemon=True).start()
+
+    def arm(status: int, timeout: float, rank: int) -> threading.Event:
+        done = threading.Event()
+        orders.put((status, timeout, rank, done))
+        return done
+
+    return arm
+
+
+@functools.cache
+def _finalize_at_exit() -> None:
+    """Once per process: have :func:`finalize` (status 1) run at exit, before mpi4py's unbounded MPI_Finalize."""
+    atexit.register(finalize, 1, FINALIZE_TIMEOUT_SECONDS, _finalize_watchdog())
 
 
 def run_mpi(
@@ -242,6 +318,7 @@ def run_mpi(
 
     launched = time.perf_counter()
     MPI = _import_mpi()
+    _finalize_at_exit()
     base = MPI.COMM_WORLD if comm is None else comm
     size = base.Get_size()
     if mode != "sync":
@@ -1095,7 +1172,14 @@ def make_optimizers(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mpirun -n K python -m jaxdp.runtime.mpi ...``: parse, check, then train (see :func:`build_parser`)."""
+    """``mpirun -n K python -m jaxdp.runtime.mpi ...``: parse, check, then train (see :func:`build_parser`); end MPI
+    within a bounded time (:func:`finalize`) with the exit status."""
+    status = _train_from_command_line(argv)
+    finalize(status)
+    return status
+
+
+def _train_from_command_line(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_arguments(args, parser)  # everything that can be checked before MPI starts

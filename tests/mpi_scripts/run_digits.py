@@ -17,6 +17,12 @@ from jaxdp.stopping import RunStopped, exit_status
 
 
 def main() -> int:
+    status = train()
+    mpi.finalize(status)
+    return status
+
+
+def train() -> int:
     parser = mpi.build_parser()
     parser.add_argument("--dump-params", action="store_true")
     parser.add_argument("--count-steps", action="store_true")
