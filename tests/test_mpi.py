@@ -35,11 +35,12 @@ SMALL = ["--batch-size", "16", "--hidden", "16"]  # the equivalence checks: a sm
 MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
 
 
-def mpirun_command(num_processes: int, *args: str) -> list[str]:
+def mpirun_command(num_processes: int, *command: str) -> list[str]:
+    """``mpirun`` with the flags above, running ``command`` on ``num_processes`` ranks."""
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     return [
         MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", str(num_processes),
-        sys.executable, str(SCRIPT), *args,
+        *command,
     ]  # fmt: skip
 
 
@@ -47,7 +48,7 @@ def start(num_processes: int, logdir: Path, *args: str) -> subprocess.Popen:
     logdir.mkdir(parents=True, exist_ok=True)
     output = open(logdir / "output.txt", "w")
     return subprocess.Popen(
-        mpirun_command(num_processes, "--logdir", str(logdir), *args),
+        mpirun_command(num_processes, sys.executable, str(SCRIPT), "--logdir", str(logdir), *args),
         stdout=output,
         stderr=subprocess.STDOUT,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
@@ -230,10 +231,8 @@ def test_finalize_ends_a_rank_whose_mpi_finalize_hangs_after_a_failure(exit_stat
     in one line, and mpirun exits with a non-zero status of its ranks instead of hanging. When the rank that left exited
     0, MPI_Finalize returns at once on the others."""
     script = Path(__file__).parent / "mpi_scripts" / "finalize_after_exit.py"
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    cmd = [MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", "3", sys.executable,
-           str(script), "--exiting-rank", "1", "--exit-status", str(exit_status), "--timeout", "5",
-           *(["--at-exit"] if at_exit else [])]  # fmt: skip
+    cmd = mpirun_command(3, sys.executable, str(script), "--exiting-rank", "1", "--exit-status", str(exit_status),
+                         "--timeout", "5", *(["--at-exit"] if at_exit else []))
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     output = done.stdout + done.stderr
@@ -407,9 +406,7 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
             "--logdir", str(logdir), "--no-progress"]
 
     def job(ranks: int, *args: str) -> subprocess.CompletedProcess:
-        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        return subprocess.run([MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n",
-                               str(ranks), *base, *args], capture_output=True, text=True, timeout=300)
+        return subprocess.run(mpirun_command(ranks, *base, *args), capture_output=True, text=True, timeout=300)
 
     first = job(3, "--total-steps", "20000")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -449,11 +446,9 @@ def dqn_job_resumed(tmp_path, strategy: str, ranks: int) -> tuple[list[dict], li
     """`mpirun -n RANKS jaxdp train --runtime mpi --strategy S --algo dqn` for 16k env steps, then `--resume` to 32k
     (ε decays over half of the run, learning starts at 2k): the records of the first run, and those after it."""
     logdir = tmp_path / "dqn"
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    base = [MPIRUN, *root, "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm", "-n", str(ranks),
-            sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", strategy, "--algo", "dqn",
-            "--num-envs", "4", "--learning-starts", "2000", "--eps-fraction", "0.5", "--eval-episodes", "0",
-            "--no-progress", "--no-tensorboard", "--logdir", str(logdir)]
+    base = mpirun_command(ranks, sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy",
+                          strategy, "--algo", "dqn", "--num-envs", "4", "--learning-starts", "2000", "--eps-fraction",
+                          "0.5", "--eval-episodes", "0", "--no-progress", "--no-tensorboard", "--logdir", str(logdir))
     first = subprocess.run([*base, "--total-steps", "16000"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     before = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
