@@ -217,15 +217,15 @@ def plot_learning_curves(path: str, groups: dict[str, list[list[tuple[int, float
     """Learning curves as a PNG: for each group (a sweep's grid point; one group for a seed sweep), the mean over
     its runs. A single group also draws each run and a 95% confidence band (Student t); several groups draw each
     one's range over its runs (min to max)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: no backend to select, nothing global touched (a notebook that trains keeps
+    # its inline backend), nothing to close.
+    from matplotlib.figure import Figure
 
     grid = sorted({s for curves in groups.values() for c in curves for s, _ in c})
     if not grid:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for label, curves in groups.items():
         ys = []
         for c in curves:
@@ -254,10 +254,7 @@ def plot_learning_curves(path: str, groups: dict[str, list[list[tuple[int, float
     ax.legend(fontsize="small", title=None if len(groups) == 1 else "band: min to max over seeds",
               title_fontsize="small")
     fig.tight_layout()
-    try:
-        atomic.replace_file(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    atomic.replace_file(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
 
 
 def point_label(point: dict[str, float]) -> str:

@@ -1,5 +1,5 @@
 """The MPI runtime with real processes under mpirun: sync all-reduce, async (Downpour) and dpsgd masters,
-a SIGKILLed worker, a SIGKILLed sync peer, checkpoint/resume, and the command line.
+a SIGKILLed worker, a SIGKILLed master, a SIGKILLed sync peer, checkpoint/resume, and the command line.
 
 Every job runs ``tests/mpi_scripts/run_digits.py`` (the runtime's own command line plus ``--dump-params``)
 under ``mpirun --with-ft ulfm`` (Open MPI's fault tolerance, so that survivors outlive a dead process),
@@ -221,6 +221,35 @@ def test_async_master_survives_a_killed_worker(tmp_path):
     assert summary["final"]["accuracy"] > 0.85
     assert "worker rank 2 lost" in output
     assert metrics(tmp_path)[-1]["live_workers"] == 1
+
+
+def test_a_killed_master_ends_the_job_and_its_last_checkpoint_resumes(tmp_path):
+    """SIGKILL to the parameter server (rank 0) of an async job: each worker learns of the failure from MPI
+    (ULFM) while it waits for the reply, says so in one line and exits 1 instead of waiting out its timeout, so
+    mpirun ends, non-zero. The crash loses only the updates since the master's last checkpoint: --resume
+    continues from it."""
+    common = ["--mode", "async", "--lr", "0.05", "--log-every", "50", "--checkpoint-every", "50", *SMALL]
+    process = start(3, tmp_path, *common, "--total-updates", "100000000")
+    wait_for_step(tmp_path, process, 100)
+    killed_at = time.monotonic()
+    os.kill(int((tmp_path / "rank0.pid").read_text()), signal.SIGKILL)
+    returncode, output = finish(process, tmp_path, timeout=120)
+    # Well inside the workers' reply timeout (2 × 60 s + 120 s of start-up grace): they did not wait it out.
+    assert returncode != 0 and time.monotonic() - killed_at < 60, output[-3000:]
+    for rank in (1, 2):
+        assert f"worker rank {rank}: lost contact with the master (rank 0)" in output, output[-3000:]
+    assert not (tmp_path / "summary.json").exists()
+    checkpointed = int(protocol.load_checkpoint(str(tmp_path / "checkpoint.npz"))["step"])
+    logged = metrics(tmp_path)[-1]["step"]
+    # The master logs, then checkpoints, every 50 updates (the kill may fall between the two): at most 50 are lost.
+    assert 50 <= checkpointed <= logged <= checkpointed + 50, (checkpointed, logged, output[-3000:])
+
+    total = checkpointed + 20
+    summary = run(3, tmp_path, *common, "--total-updates", str(total), "--resume")
+    assert summary["completed"] and summary["start_step"] == checkpointed and summary["total_updates"] == total
+    steps = [m["step"] for m in metrics(tmp_path)]
+    assert steps == sorted(set(steps)) and checkpointed in steps and steps[-1] == total
+    assert sum(summary["arrivals_per_worker"].values()) == total == sum(summary["staleness_histogram"])
 
 
 @pytest.mark.parametrize("exit_status, at_exit", [(0, False), (3, False), (3, True)])

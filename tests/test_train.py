@@ -495,6 +495,26 @@ def test_seed_sweep_writes_per_seed_outputs_and_aggregates(tmp_path):
     assert single["total_steps"] == summary["total_steps"]
 
 
+def test_learning_curves_leave_the_callers_matplotlib_alone(tmp_path):
+    """The plot is a Figure of its own: a notebook that trains keeps its backend and its open figures."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    original = matplotlib.get_backend()
+    plt.switch_backend("pdf")  # the caller's own choice, not Agg
+    mine = plt.figure()
+    try:
+        curves = {"": [[(0, 1.0), (100, 3.0)], [(0, 2.0), (100, 5.0)]]}
+        loop.plot_learning_curves(str(tmp_path / "curves.png"), curves, "two seeds")
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == [mine.number]
+    finally:
+        plt.close(mine)
+        plt.switch_backend(original)
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. make_train / train.
 # ---------------------------------------------------------------------------------------------------------------
