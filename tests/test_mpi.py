@@ -119,6 +119,11 @@ def metrics(logdir: Path) -> list[dict]:
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def checkpoint_step(logdir: Path) -> int:
+    """The update at which rank 0 last saved ``checkpoint.npz``."""
+    return int(protocol.load_checkpoint(str(logdir / "checkpoint.npz"))["step"])
+
+
 def executed_local_steps(logdir: Path, rank: int) -> int:
     """Local steps rank ``rank`` executed (``--count-steps``): a warm-up run that was thrown away would count."""
     path = logdir / f"local_steps_rank{rank}.txt"
@@ -239,7 +244,7 @@ def test_a_killed_master_ends_the_job_and_its_last_checkpoint_resumes(tmp_path):
     for rank in (1, 2):
         assert f"worker rank {rank}: lost contact with the master (rank 0)" in output, output[-3000:]
     assert not (tmp_path / "summary.json").exists()
-    checkpointed = int(protocol.load_checkpoint(str(tmp_path / "checkpoint.npz"))["step"])
+    checkpointed = checkpoint_step(tmp_path)
     logged = metrics(tmp_path)[-1]["step"]
     # The master logs, then checkpoints, every 50 updates (the kill may fall between the two): at most 50 are lost.
     assert 50 <= checkpointed <= logged <= checkpointed + 50, (checkpointed, logged, output[-3000:])
@@ -332,7 +337,7 @@ def test_a_signal_to_one_rank_stops_the_job_with_a_checkpoint_that_resumes(mode,
     assert output.count(f"stopped by {name} at step") == 1 and "--resume" in output, output[-3000:]
     stopped_at = metrics(tmp_path)[-1]["step"]
     assert 100 <= stopped_at < 100_000_000
-    assert int(protocol.load_checkpoint(str(tmp_path / "checkpoint.npz"))["step"]) == stopped_at
+    assert checkpoint_step(tmp_path) == stopped_at
     assert not (tmp_path / "summary.json").exists()
 
     total = stopped_at + 20
