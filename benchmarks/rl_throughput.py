@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true", help="no sweep timing")
     parser.add_argument("--cleanrl-json", default=None,
                         help="CleanRL measured on this machine (benchmarks/cleanrl_peer.py --json); default: CleanRL's "
-                             "reported numbers from other hardware")
+                             "reported numbers from other hardware%(default).0s")
     args = parser.parse_args()
     reference, reference_source = cleanrl_reference(args.cleanrl_json)
     q = args.quick

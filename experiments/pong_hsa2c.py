@@ -66,6 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--master-batch {args.master_batch} must be <= --workers {args.workers}")
     if not args.lr > 0 or not args.global_lr > 0 or not args.comm >= 0:
         parser.error("--lr and --global-lr must be > 0, --comm >= 0")
+    from jaxdp.envs import make_spec  # the static spec: no pool, no JAX
+
+    try:
+        atari = make_spec(args.env, 1).is_atari
+    except ValueError as error:
+        parser.error(str(error))
+    if not atari:  # the A3C CNN reads Atari frames
+        parser.error(f"--env {args.env!r} is not an envpool Atari id (Pong-v5, Breakout-v5, ...)")
     outputs.resolve(args, "pong_hsa2c")  # after the checks: a bad command line leaves no folder behind
     return args
 

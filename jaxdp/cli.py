@@ -25,7 +25,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--algo", "algo", str, f"agent: {', '.join(config_lib.ALGOS)}"),
     ("--env", "env", str, "environment id: envpool (Pong-v5, Breakout-v5, CartPole-v1, Acrobot-v1, ...) "
                           "or gymnasium"),
-    ("--total-steps", "total_steps", int, "environment steps per seed, all workers and envs together"),
+    ("--total-steps", "total_steps", int, "environment steps per seed, all workers and envs together, rounded "
+                                          "down to whole iterations (A2C: envs x rollout length)"),
     ("--num-envs", "num_envs", int, "environments per worker (0 = algorithm default: dqn 4, a2c 16, reinforce 8)"),
     ("--optimizer", "optimizer", str, "inner optimizer: adam, rmsprop or sgd"),
     ("--lr", "lr", float, "learning rate (0 = algorithm default: dqn 2.5e-4, a2c/reinforce 2e-3)"),
@@ -69,10 +70,11 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--comm-time", "comm_time", float, "async_sim: one-way message time, in env steps of one env"),
     ("--overwrite-prob", "overwrite_prob", float, "hogwild: probability that a coordinate's write is lost"),
     ("--coordinator", "coordinator", str, "distributed: HOST:PORT of process 0 (with --num-processes and "
-                                          "--process-id; omit all three to auto-detect under srun)"),
+                                          "--process-id; empty = auto-detect under srun)"),
     ("--num-processes", "num_processes", int, "distributed: processes in the job (0 = auto-detect)"),
     ("--process-id", "process_id", int, "distributed: this process's index (-1 = auto-detect)"),
-    ("--logdir", "logdir", str, "output directory (metrics.jsonl, summary.json, TensorBoard, checkpoints)"),
+    ("--logdir", "logdir", str, "output directory (metrics.jsonl, summary.json, TensorBoard, checkpoints); "
+                                "empty = runs/<algo>_<env>_<strategy>_<time>"),
     ("--log-interval", "log_interval", float, "seconds between log points"),
     ("--checkpoint-interval", "checkpoint_interval", float, "seconds between checkpoints"),
     ("--resume", "resume", "flag", "continue from the latest checkpoint in --logdir"),
@@ -99,23 +101,27 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             shown = default if atari is None else f"{atari} on Atari DQN, else {default}"
             p.add_argument(flag, dest=field, type=kind, nargs="+", default=None,
                            help=f"{help_text}; several values sweep it (default: {shown})%(default).0s")
-        elif kind == "flag":
-            p.add_argument(flag, dest=field, action="store_true", help=help_text)
-        elif kind == "noflag":
-            p.add_argument(flag, dest=field, action="store_false", help=help_text)
+        elif kind in ("flag", "noflag"):
+            # A flag is off until given; "(default: True)" beside --no-replay would read as the ablation being on.
+            action = "store_true" if kind == "flag" else "store_false"
+            p.add_argument(flag, dest=field, action=action, help=f"{help_text}%(default).0s")
         elif field in config_lib.ATARI_DQN_DEFAULTS:
             # Unset (None) until the env is known: Atari DQN takes the Nature-DQN value (config_from_args).
             atari = config_lib.ATARI_DQN_DEFAULTS[field]
             p.add_argument(flag, dest=field, type=kind, default=None,
                            help=f"{help_text} (default: {default}; DQN on Atari: {atari})%(default).0s")
         else:
-            p.add_argument(flag, dest=field, type=kind, default=default, help=help_text)
+            # An empty default means "decided at run time", which the help text says; "(default: )" would not.
+            p.add_argument(flag, dest=field, type=kind, default=default,
+                           help=help_text + ("%(default).0s" if default == "" else ""))
     p.add_argument("--hidden", type=int, nargs="+", default=list(_D.hidden), help="MLP hidden sizes")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    # Unset (None) until config_from_args picks the one given; %(default).0s keeps "(default: None)" out of --help.
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (default: 0)%(default).0s")
     seeds.add_argument("--seeds", type=int, nargs="+", default=None,
-                       help="several seeds trained as one vmapped program")
-    seeds.add_argument("--num-seeds", type=int, default=None, help="seeds 0..S-1 as one vmapped program")
+                       help="several seeds trained as one vmapped program%(default).0s")
+    seeds.add_argument("--num-seeds", type=int, default=None,
+                       help="seeds 0..S-1 as one vmapped program%(default).0s")
     return p
 
 
@@ -203,6 +209,8 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     import time
 
     logdir = cfg.logdir
+    if cfg.resume and not logdir:  # a fresh runs/<...>_<time> name never holds a checkpoint
+        raise config_lib.ConfigError("--resume needs --logdir, the folder of the run to continue")
     if not logdir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         env = cfg.env.replace("/", "_")
@@ -289,6 +297,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if backend_of(cfg.env) != "envpool":
             raise config_lib.ConfigError(f"--env {cfg.env!r} is a gymnasium-only id: jaxdp train steps envpool "
                                          f"environments inside the compiled loop (use an envpool id)")
+        from jaxdp.envs import make_spec  # envpool's static spec: no pool, no environment
+
+        config_lib.check_torso_fits(cfg, make_spec(cfg.env, 1).obs_shape)
         if cfg.runtime == "devices":
             check_devices(cfg.workers)
         cfg = resolve_logdir(cfg)

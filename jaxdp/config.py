@@ -219,6 +219,17 @@ def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
+def check_torso_fits(cfg: TrainConfig, obs_shape: tuple[int, ...]) -> None:
+    """Raises ConfigError if ``cfg.torso`` cannot read ``cfg.env``'s observations of ``obs_shape`` (one env's).
+
+    The CNN torsos read frames (C, H, W); given a vector they would fail inside the first trace, after the run
+    had started. The CLI calls this with the env's static spec, before any work; ``make_network`` calls it too.
+    """
+    if cfg.torso in ("nature", "a3c") and len(obs_shape) != 3:
+        _fail(f"--torso {cfg.torso} is a CNN over frames (C, H, W), but --env {cfg.env} observations have shape "
+              f"{tuple(obs_shape)}: use --torso mlp (or auto)")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks every option and combination; raises ConfigError naming the first bad one. Creates nothing."""
     if cfg.algo not in ALGOS:

@@ -37,7 +37,7 @@ import jaxdp
 from jaxdp import envs as envs_lib
 from jaxdp import nets as nets_lib
 from jaxdp.agents import a2c, dqn, reinforce, replay as replay_lib
-from jaxdp.config import TrainConfig
+from jaxdp.config import TrainConfig, check_torso_fits
 
 PyTree = Any
 WORKERS = "workers"
@@ -277,6 +277,7 @@ class Trainer(NamedTuple):
 # Networks.
 # ---------------------------------------------------------------------------------------------------------------
 def make_network(cfg: TrainConfig, spec) -> Any:
+    check_torso_fits(cfg, spec.obs_shape)
     torso_name = cfg.torso
     if torso_name == "auto":
         torso_name = "nature" if spec.is_atari else "mlp"

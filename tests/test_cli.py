@@ -50,6 +50,18 @@ def test_train_help_exits_0_and_documents_every_option(capsys):
     assert f"(default: {TrainConfig().total_steps})" in out
 
 
+def test_train_help_shows_no_default_a_reader_would_misread(capsys):
+    # argparse would print "(default: True)" beside --no-replay (a store_false flag: the ablation reads as on),
+    # "(default: None)" beside --seed and "(default: )" beside --logdir, whose empty value means "decided at run time".
+    assert run_main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: True)", "(default: False)", "(default: None)", "(default: )"):
+        assert shown not in out, shown
+    assert "--no-replay DQN ablation: learn from the latest transitions only --no-target-network" in out
+    assert "--seed SEED one seed (default: 0) --seeds" in out
+    assert "empty = runs/<algo>_<env>_<strategy>_<time> --log-interval" in out
+
+
 def test_no_command_prints_help_and_exits_2(capsys):
     assert run_main([]) == 2
     assert "train" in capsys.readouterr().out
@@ -80,6 +92,10 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--total-steps", "5000"], "--learning-starts"),  # learning_starts 10k >= total
     (["--algo", "dqn", "--env", "Pong-v5", "--total-steps", "50000"], "--learning-starts"),  # Atari: 80k
     (["--runtime", "devices", "--strategy", "single"], "--runtime devices"),
+    # A CNN torso on vector observations failed inside the first trace, after --logdir was made (traceback, exit 1).
+    (["--torso", "nature"], "--torso nature"),
+    (["--algo", "dqn", "--torso", "a3c"], "--torso a3c"),
+    (["--env", "FrozenLake-v1", "--torso", "nature"], "--torso nature"),  # one-hot states are vectors too
     # Hyperparameter sweeps: every value is checked as the option's own value, before any work.
     (["--lr", "1e-3", "-1"], "--lr"),
     (["--lr", "1e-3", "1e-3"], "--lr"),  # duplicates
@@ -151,6 +167,15 @@ def test_resume_without_a_run_exits_2_and_creates_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--resume" in err[0]
     assert not logdir.exists()
+
+
+def test_resume_without_a_logdir_asks_for_one(tmp_path, monkeypatch, capsys):
+    # It used to name the fresh runs/<algo>_<env>_<strategy>_<time> it had made up: "no checkpoints in" that.
+    monkeypatch.chdir(tmp_path)
+    rc = run_main(["train", "--resume", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["jaxdp train: error: --resume needs --logdir, the folder of the run to continue"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_resume_with_an_empty_checkpoints_dir_exits_2(tmp_path, capsys):

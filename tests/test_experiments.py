@@ -65,6 +65,8 @@ def test_quick_run_writes_its_csvs_and_png(script: str, tmp_path: pathlib.Path) 
     ("data_rate", ["--events", "0"]),
     ("workers_scaling", ["--num-envs", "0"]),
     ("pong_hsa2c", ["--lr", "-1"]),
+    ("pong_hsa2c", ["--env", "Foo-v5"]),  # an unknown id, then a non-Atari one: each was a traceback
+    ("pong_hsa2c", ["--env", "CartPole-v1"]),
 ])
 def test_bad_value_is_one_line_exit_2_and_no_folder(script: str, bad: list[str], tmp_path: pathlib.Path) -> None:
     out = tmp_path / "results"

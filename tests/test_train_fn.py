@@ -165,3 +165,12 @@ def test_a_config_with_a_sweep_grid_is_refused():
     cfg = validate(TrainConfig(algo="a2c", total_steps=16 * 8 * 4, num_envs=16, sweep=(("lr", (1e-3, 2e-3)),)))
     with pytest.raises(ValueError, match="vmap over Hyperparams"):
         train_lib.make_train_fn(cfg)
+
+
+def test_a_cnn_torso_on_vector_observations_is_refused_before_any_trace():
+    """The Python API meets the CLI's check: one ConfigError naming --torso, not a shape error inside the trace."""
+    from jaxdp.config import ConfigError
+
+    cfg = validate(TrainConfig(algo="a2c", torso="nature", total_steps=16 * 8 * 4, num_envs=16))
+    with pytest.raises(ConfigError, match=r"--torso nature is a CNN over frames .* shape \(4,\)"):
+        train_lib.make_train_fn(cfg)
