@@ -25,8 +25,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--algo", "algo", str, f"agent: {', '.join(config_lib.ALGOS)}"),
     ("--env", "env", str, "environment id: envpool (Pong-v5, Breakout-v5, CartPole-v1, Acrobot-v1, ...) "
                           "or gymnasium"),
-    ("--total-steps", "total_steps", int, "environment steps per seed, all workers and envs together, rounded "
-                                          "down to whole iterations (A2C: envs x rollout length)"),
+    ("--total-steps", "total_steps", int, "environment steps per seed, all workers and envs together; rounded "
+                                          "down to whole iterations (A2C: envs x rollout length), up to whole "
+                                          "chunks on --runtime async_sim"),
     ("--num-envs", "num_envs", int, "environments per worker (0 = algorithm default: dqn 4, a2c 16, reinforce 8)"),
     ("--optimizer", "optimizer", str, "inner optimizer: adam, rmsprop or sgd"),
     ("--lr", "lr", float, "learning rate (0 = algorithm default: dqn 2.5e-4, a2c/reinforce 2e-3)"),
@@ -82,6 +83,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--no-progress", "progress", "noflag", "no progress bar"),
     ("--no-tensorboard", "tensorboard", "noflag", "no TensorBoard events"),
 ]
+
+
+_FLAG_OF = {field: flag for flag, field, _, _ in _OPTIONS}
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -289,6 +293,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     try:
         cfg = config_lib.validate(config_from_args(args))
+        for field, owner in config_lib.options_not_read(cfg):
+            raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
         from jaxdp.envs import validate_env_id  # cheap: creates no environment
 
         validate_env_id(cfg.env)

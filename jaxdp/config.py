@@ -219,6 +219,24 @@ def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
+# The options only some agents read: (fields, the agents that read them, who they are in a message).
+AGENT_OPTIONS = (
+    (("buffer_size", "batch_size", "learning_starts", "train_frequency", "target_update", "tau", "eps_start",
+      "eps_end", "eps_fraction", "n_step", "loss", "replay", "target_network"), ("dqn", "double_dqn"), "DQN"),
+    (("rollout_len", "ent_coef", "vf_coef"), ("a2c", "reinforce"), "A2C / REINFORCE"),
+    (("baseline",), ("reinforce",), "REINFORCE"),
+)
+
+
+def options_not_read(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(field, owner) of each option set away from its default that ``cfg.algo`` does not read (``--eps-start``
+    for A2C, ``--rollout-len`` for DQN). The CLI refuses them, as each of CleanRL's scripts takes only its own
+    flags; ``validate`` does not, so that Python code may build every agent's config from one dict."""
+    defaults = TrainConfig()
+    return [(field, owner) for fields, algos, owner in AGENT_OPTIONS if cfg.algo not in algos
+            for field in fields if getattr(cfg, field) != getattr(defaults, field)]
+
+
 def check_torso_fits(cfg: TrainConfig, obs_shape: tuple[int, ...]) -> None:
     """Raises ConfigError if ``cfg.torso`` cannot read ``cfg.env``'s observations of ``obs_shape`` (one env's).
 

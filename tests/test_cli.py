@@ -92,6 +92,13 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--total-steps", "5000"], "--learning-starts"),  # learning_starts 10k >= total
     (["--algo", "dqn", "--env", "Pong-v5", "--total-steps", "50000"], "--learning-starts"),  # Atari: 80k
     (["--runtime", "devices", "--strategy", "single"], "--runtime devices"),
+    # An option the agent does not read was ignored in silence (CleanRL's scripts take only their own flags).
+    (["--algo", "a2c", "--eps-start", "0.5"], "--eps-start"),
+    (["--algo", "reinforce", "--no-replay"], "--no-replay"),
+    (["--algo", "a2c", "--batch-size", "64"], "--batch-size"),
+    (["--algo", "dqn", "--rollout-len", "16"], "--rollout-len"),
+    (["--algo", "double_dqn", "--ent-coef", "0.1"], "--ent-coef"),
+    (["--algo", "a2c", "--baseline", "mean"], "--baseline"),
     # A CNN torso on vector observations failed inside the first trace, after --logdir was made (traceback, exit 1).
     (["--torso", "nature"], "--torso nature"),
     (["--algo", "dqn", "--torso", "a3c"], "--torso a3c"),
@@ -214,7 +221,7 @@ def _saved_run(logdir, argv: list[str]):
     (["--seeds", "0", "1"], "--seeds"),  # another lane layout: the checkpoint would not restore
     (["--lr", "1e-3", "3e-3"], "--lr / --gamma"),  # a sweep where there was none
     (["--algo", "reinforce"], "--algo"),
-    (["--no-replay"], "--no-replay"),
+    (["--ent-coef", "0.02"], "--ent-coef"),
 ])
 def test_resume_with_other_settings_exits_2_naming_the_option(change, option, tmp_path, capsys):
     """--resume continues THE run in --logdir: a setting that differs (but for its length and reporting) is
