@@ -326,7 +326,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if cfg.sweep:
         print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} seeds) of "
-              f"{summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s; outputs in {cfg.logdir}")
+              f"{summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; "
+              f"outputs in {cfg.logdir}")
         for point in summary["grid"]:
             label = " ".join(f"{config_lib.SWEEPABLE[k]} {v:g}" for k, v in point["hyperparams"].items())
             mark = "  (best)" if point["hyperparams"] == summary["best"] else ""
@@ -335,8 +336,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     print(f"jaxdp train: {summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s; "
           f"final return {_rounded(summary.get('final_return'))}, "
-          f"greedy eval {_rounded(summary.get('eval_return'))}; outputs in {cfg.logdir}")
+          f"greedy eval {_rounded(summary.get('eval_return'))}{_eval_time(summary)}; outputs in {cfg.logdir}")
     return 0
+
+
+def _eval_time(summary: dict) -> str:
+    """The greedy evaluation's own time, when it took one: training's seconds above leave it out."""
+    seconds = summary.get("eval_seconds") or 0.0
+    return f" (evaluation {seconds:.1f} s)" if seconds >= 0.05 else ""
 
 
 def _rounded(value: float | None) -> float | str:

@@ -6,7 +6,8 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
   return of the episodes finished since the last point, or null), ``episodes``, ``sps`` (env steps per second, all
   seeds and workers), learner metrics. With several seeds: ``seed_<s>/metrics.jsonl`` for each seed, and the
   top-level file holds the mean over seeds.
-* ``summary.json`` -- ``total_steps``, ``wall_seconds``, ``final_return`` (mean return of the last 10% of finished
+* ``summary.json`` -- ``total_steps``, ``wall_seconds`` (training, compilation included) and ``sps``,
+  ``eval_seconds`` (the greedy evaluation's, apart), ``final_return`` (mean return of the last 10% of finished
   episodes), ``eval_return``, ``config``; with several seeds also per-seed values and the mean, std and a 95%
   confidence interval over seeds (Student t), and ``learning_curves.png``.
 * A hyperparameter sweep (``--lr 1e-3 3e-3``, see ``TrainConfig.sweep``) adds a level: each grid point writes
@@ -152,37 +153,53 @@ def restore_checkpoint(manager, lanes_template):
 # ---------------------------------------------------------------------------------------------------------------
 # Steps a batch of greedy games may take in a game without a time limit (CliffWalking-v0): Atari's 108k frames.
 EVAL_STEPS_WITHOUT_TIME_LIMIT = 27_000
+# Greedy games played at once, one per env; more episodes are played in further batches.
+EVAL_ENVS = 32
 
 
-def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int) -> list[float]:
-    """The returns of ``episodes`` greedy games (at most 8 played at once), fewer if some do not end: each batch
-    of games gets the game's time limit, or ``EVAL_STEPS_WITHOUT_TIME_LIMIT`` for a game without one, so a greedy
-    policy that never reaches a terminal state cannot hang the run."""
+def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=None) -> list[float]:
+    """The returns of ``episodes`` greedy games of the real game (no episodic life), fewer if some do not end.
+
+    Each env plays one game, the first it finishes, and up to ``EVAL_ENVS`` play at once: counting whichever
+    games end first, as a pool that replays its finished envs would, favours short games. A batch of games gets
+    the game's time limit, or ``EVAL_STEPS_WITHOUT_TIME_LIMIT`` steps in a game without one, so a greedy policy
+    that never ends a game (Breakout without FIRE after a lost life, CliffWalking into a wall) cannot hang the run;
+    such a game reports no return. ``bar``: an optional tqdm-like bar, told each step and each finished game.
+    """
     from jaxdp import envs as envs_lib
 
     if episodes <= 0:
         return []
-    n = min(episodes, 8)
-    env = envs_lib.make_host(cfg.env, n, seed=10_000 + seed, episodic_life=False)
-    apply = jax.jit(network.apply)
-    obs = env.reset()
-    ret = np.zeros(n)
+    @jax.jit
+    def greedy(params, obs):  # one program per step: the network and the argmax
+        y = network.apply(params, obs)
+        return jnp.argmax(y if cfg.is_dqn else y[0], axis=-1).astype(jnp.int32)
+
     out: list[float] = []
-    max_steps = (env.spec.max_episode_steps or EVAL_STEPS_WITHOUT_TIME_LIMIT) + 10
-    for _ in range(max_steps * math.ceil(episodes / n)):
-        y = apply(params, jnp.asarray(obs))
-        logits = y if cfg.is_dqn else y[0]
-        actions = np.asarray(jnp.argmax(logits, axis=-1), dtype=np.int32)
-        st = env.step(actions)
-        ret += np.asarray(st.reward) * ~np.asarray(st.first)
-        for i in np.nonzero(np.asarray(st.game_over))[0]:
-            out.append(float(ret[i]))
-            ret[i] = 0.0
-        obs = st.obs
-        if len(out) >= episodes:
-            break
-    env.close()
-    return out[:episodes]
+    for first in range(0, episodes, EVAL_ENVS):
+        n = min(EVAL_ENVS, episodes - first)
+        # The first batch keeps the seeds of earlier versions (10,000 + seed); later ones must not repeat its envs.
+        env = envs_lib.make_host(cfg.env, n, seed=10_000 + seed + 1_000_003 * (first // EVAL_ENVS),
+                                 episodic_life=False)
+        obs = env.reset()
+        running = np.zeros(n)
+        returns = np.full(n, np.nan)  # the first game of each env
+        max_steps = (env.spec.max_episode_steps or EVAL_STEPS_WITHOUT_TIME_LIMIT) + 10
+        for _ in range(max_steps):
+            st = env.step(np.asarray(greedy(params, obs)))
+            running += np.asarray(st.reward) * ~np.asarray(st.first)
+            ended = np.asarray(st.game_over) & np.isnan(returns)
+            returns[ended] = running[ended]
+            obs = st.obs
+            if bar is not None:
+                bar.update(1)
+                if ended.any():
+                    bar.set_postfix(games=f"{len(out) + int((~np.isnan(returns)).sum())}/{episodes}")
+            if not np.isnan(returns).any():
+                break
+        env.close()
+        out.extend(float(r) for r in returns if not np.isnan(r))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,12 +222,31 @@ def _lane_params(lanes, seed_index: int):
     return jax.tree.map(lambda x: x[seed_index, 0], lanes.params)
 
 
-def _progress(cfg: TrainConfig, total: int):
+def _progress(cfg: TrainConfig, total: int, desc: str | None = None):
     if not cfg.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, desc=f"{cfg.algo} {cfg.env}")
+    return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, desc=desc or f"{cfg.algo} {cfg.env}")
+
+
+def evaluate_runs(cfg: TrainConfig, network, params_of_runs: list, seeds: list[int]
+                  ) -> tuple[list[list[float]], float]:
+    """:func:`evaluate` of each run's parameters, with a progress bar when ``cfg.progress``; also the seconds taken,
+    which the summary keeps apart from training (a stuck greedy Atari policy can play 27,000 steps a batch)."""
+    start = time.time()
+    returns: list[list[float]] = []
+    for params, seed in zip(params_of_runs, seeds):
+        if cfg.eval_episodes <= 0:
+            returns.append([])
+            continue
+        bar = _progress(cfg, None, f"greedy eval {cfg.env}" + (f" seed {seed}" if len(seeds) > 1 else ""))
+        try:
+            returns.append(evaluate(cfg, network, params, cfg.eval_episodes, seed, bar))
+        finally:
+            if bar is not None:
+                bar.close()
+    return returns, time.time() - start
 
 
 def plot_learning_curves(path: str, groups: dict[str, list[list[tuple[int, float]]]], title: str) -> None:
@@ -441,10 +477,10 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
             w.close()
         raise RunStopped(requested[0], iteration * steps_per_iter, total_iters * steps_per_iter, cfg.logdir)
 
+    wall = time.time() - t_start  # training (compilation included); the evaluation is timed apart
     # Greedy evaluation of each run's (worker 0) parameters on the real game.
-    eval_returns = [evaluate(cfg, trainer.network, _lane_params(lanes, r), cfg.eval_episodes, seed)
-                    for r, (_, seed) in enumerate(cfg.runs)]
-    wall = time.time() - t_start
+    params_of_runs = [_lane_params(lanes, r) for r in range(len(cfg.runs))]
+    eval_returns, eval_seconds = evaluate_runs(cfg, trainer.network, params_of_runs, [s for _, s in cfg.runs])
     per_run = []
     for r, (point, seed) in enumerate(cfg.runs):
         rets = [ret for _, ret, _ in episodes[r]]
@@ -462,6 +498,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
         "total_steps": iteration * steps_per_iter,
         "wall_seconds": wall,
         "compile_seconds": compile_seconds,
+        "eval_seconds": eval_seconds,
         "sps": iteration * steps_per_iter * S / wall,
         # A sweep reports its best point (by the mean final return over seeds) here, and every point in "grid".
         "final_return": best["final_return"] if best else per_run[0]["final_return"] if S == 1 else

@@ -971,14 +971,15 @@ def run(
             checkpoint(latest, force=True)
         if requested:
             raise RunStopped(requested[0], _steps_at(trainer, latest) if latest else 0, total, cfg.logdir)
-    eval_returns = loop_lib.evaluate(cfg, result.network, result.params, cfg.eval_episodes, cfg.seeds[0])
-    wall = time.time() - t_start
+    wall = time.time() - t_start  # training (compilation included); the evaluation is timed apart
+    (eval_returns,), eval_seconds = loop_lib.evaluate_runs(cfg, result.network, [result.params], [cfg.seeds[0]])
     returns = [r for _, r, _ in result.episodes]
     summary = {
         "total_steps": total,
         "wall_seconds": wall,
         "compile_seconds": result.compile_seconds,
         "run_seconds": result.run_seconds,
+        "eval_seconds": eval_seconds,
         "sps": total / wall,
         "final_return": loop_lib.final_return(returns),
         "eval_return": float(np.mean(eval_returns)) if eval_returns else None,

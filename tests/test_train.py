@@ -184,6 +184,48 @@ def test_greedy_evaluation_ends_in_a_game_without_a_time_limit(tmp_path, monkeyp
     assert time.perf_counter() - start < 60
 
 
+def test_greedy_evaluation_counts_the_first_game_of_each_env(monkeypatch):
+    """A pool that replays its finished envs counts whichever games end first, which favours short games: each env
+    must play one game. Checked against the host API stepped by hand with the same seeds and the same greedy policy,
+    over two batches (EVAL_ENVS = 4, 6 games)."""
+    monkeypatch.setattr(loop, "EVAL_ENVS", 4)
+    cfg = validate(TrainConfig(algo="a2c", env="CartPole-v1"))
+    network = train_lib.make_network(cfg, envs_lib.make_spec("CartPole-v1", 1))
+    params = network.init(jax.random.key(3), jnp.zeros((1, 4)))
+    expected = []
+    for seed, n in ((10_007, 4), (10_007 + 1_000_003, 2)):
+        env = envs_lib.make_host("CartPole-v1", n, seed=seed, episodic_life=False)
+        obs, total, first_game = env.reset(), np.zeros(n), [None] * n
+        while any(r is None for r in first_game):
+            st = env.step(np.asarray(jnp.argmax(network.apply(params, obs)[0], axis=-1), dtype=np.int32))
+            total += np.asarray(st.reward)
+            for i in np.nonzero(np.asarray(st.game_over))[0]:
+                first_game[i] = total[i] if first_game[i] is None else first_game[i]
+            obs = st.obs
+        env.close()
+        expected += first_game
+    assert loop.evaluate(cfg, network, params, episodes=6, seed=7) == pytest.approx(expected)
+    assert len(set(expected)) > 1  # the games differ: the order of the envs is checked too
+
+
+def test_the_summary_times_training_and_evaluation_apart(tmp_path, monkeypatch):
+    """A stuck greedy Atari policy plays up to 27,000 steps per batch of games: minutes, after a smoke run of seconds.
+    wall_seconds and sps are the training's; eval_seconds is the evaluation's."""
+    started = time.time()
+    evaluation_started = []
+
+    def slow_evaluate(cfg, network, params, episodes, seed, bar=None):
+        evaluation_started.append(time.time())
+        time.sleep(1.5)
+        return [1.0] * episodes
+
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    summary = loop.run(make_cfg(tmp_path, total_steps=16 * 8 * 4))
+    assert summary["eval_return"] == 1.0 and summary["eval_seconds"] >= 1.5
+    assert summary["wall_seconds"] <= evaluation_started[0] - started
+    assert summary["sps"] == pytest.approx(summary["total_steps"] / summary["wall_seconds"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Resume.
 # ---------------------------------------------------------------------------------------------------------------
