@@ -42,7 +42,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
                                           "1M for Atari)"),
     ("--batch-size", "batch_size", int, "DQN minibatch size"),
     ("--learning-starts", "learning_starts", int, "DQN: env steps of random play before learning"),
-    ("--train-frequency", "train_frequency", int, "DQN: env steps (all envs) per gradient update"),
+    ("--train-frequency", "train_frequency", int, "DQN: env steps (all envs) per gradient update, "
+                                                  "rounded to whole steps of the env pool (10 with 4 envs: 8)"),
     ("--target-update", "target_update", int, "DQN: env steps between hard target-network copies"),
     ("--tau", "tau", float, "DQN: Polyak rate of the target network per update (1 = hard copies)"),
     ("--eps-start", "eps_start", float, "DQN: initial epsilon"),
