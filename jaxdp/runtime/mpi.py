@@ -41,7 +41,8 @@ Faults.
   ``worker_timeout`` seconds is declared lost too, so the master never waits forever on a hung
   worker. ``summary.json`` lists ``lost_workers``. When all updates are done, the master answers every
   live worker's next push with "stop" (so no push is left unreceived), and the job exits 0. A worker
-  that loses the master exits 1 with one line.
+  that loses the master, or waits ``2 × worker_timeout`` for its answer (a master alive but hung; 120 s more
+  before the first reply), exits 1 with one line.
 * sync: collectives cannot finish without every rank, so a lost peer ends the job, with one clear
   line and a non-zero exit status, never a hang: under ULFM an error handler on the communicator
   catches the failed all-reduce; otherwise Open MPI kills the job itself; and a watchdog thread exits
@@ -254,7 +255,9 @@ def run_mpi(
       checkpoint_every: updates between checkpoints; 0 disables them.
       resume: continue from ``logdir/checkpoint.npz`` (the step count continues); needs ``logdir``.
       comm: an mpi4py intracommunicator; it is duplicated, never modified.
-      worker_timeout: seconds without a push after which the master declares a computing worker lost.
+      worker_timeout: seconds without a push after which the master declares a computing worker lost. A worker
+        gives up on a master that leaves it without an answer for twice that (plus ``STARTUP_GRACE_SECONDS``
+        until its first reply): it says so and exits 1.
       step_timeout: sync mode: seconds without a completed step after which a rank gives up (exit 1).
       config: extra entries recorded under ``summary["config"]`` (e.g. the command line).
       record_hook: ``record_hook(record, steps)`` maps each log record (``step`` = updates, ``sps`` = updates/s,
@@ -1038,8 +1041,14 @@ def _run_worker(
         )
         return ravel_pytree(delta)[0], inner_state, worker_state, metrics
 
-    # The master may wait for M pushes, each up to worker_timeout, before it answers: be patient.
-    reply_timeout = 2 * worker_timeout + STARTUP_GRACE_SECONDS
+    # The master may wait for M pushes, each up to worker_timeout, before it answers: be patient. Until this worker's
+    # first reply, also through the start-up (compilation); past it, a master silent for longer is hung (stopped,
+    # deadlocked, stuck in I/O) though alive, so MPI reports nothing: give up on it rather than wait for ever.
+    reply_timeout = 2 * worker_timeout
+
+    def deadline() -> float:
+        return time.monotonic() + reply_timeout + (STARTUP_GRACE_SECONDS if rounds == 0 else 0.0)
+
     params_buffer = protocol.message_buffer(num_params)
     push_buffer = protocol.message_buffer(num_params)
     rounds = 0
@@ -1050,7 +1059,7 @@ def _run_worker(
         local_round.lower(anchor, inner_state, worker_state, jnp.asarray(0, jnp.int32)).compile()
         comm.Barrier()
         request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
-        _wait(request, time.monotonic() + reply_timeout, "parameters", MPI)
+        _wait(request, deadline(), "parameters", MPI)
         header = protocol.header_of(params_buffer)
         counter = int(header[2])  # the rounds this worker pushed before (the master's statistics, on a resume)
         if resume and header[protocol.STOP] == 0.0:
@@ -1077,8 +1086,8 @@ def _run_worker(
             # Post the receive for the reply before pushing, so the master's answer always has a home.
             request = comm.Irecv(params_buffer, source=0, tag=protocol.TAG_PARAMS)
             push = comm.Isend(push_buffer, dest=0, tag=protocol.TAG_DELTA)
-            _wait(push, time.monotonic() + reply_timeout, "acceptance of a push", MPI)
-            _wait(request, time.monotonic() + reply_timeout, "reply", MPI)
+            _wait(push, deadline(), "acceptance of a push", MPI)
+            _wait(request, deadline(), "reply", MPI)
             header = protocol.header_of(params_buffer)
             counter += 1
             rounds += 1
