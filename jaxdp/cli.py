@@ -317,12 +317,20 @@ def _main(argv: Sequence[str] | None) -> int:
 
     from jaxdp.stopping import RunStopped, exit_status
 
+    workers_lost: tuple[type[Exception], ...] = ()  # `except ()` catches nothing
+    if cfg.runtime == "mpi":
+        from jaxdp.runtime.mpi import WorkersLost  # mpi4py itself is imported only when MPI starts
+
+        workers_lost = (WorkersLost,)
     try:
         summary = train_lib.run(cfg)
     except config_lib.ConfigError as e:  # what only a started multi-process job knows: its size, on --resume
         return _report(e, job_started=True)
     except RunStopped as stop:  # a signal: the run logged and saved a checkpoint, then stopped
         return exit_status(stop, "jaxdp train")
+    except workers_lost as lost:  # the parameter server, alone: it saved a checkpoint where it stopped
+        sys.stderr.write(f"jaxdp train: {lost}; --resume continues from its checkpoint\n")
+        return 1
     if summary is None:  # a non-zero MPI rank: rank 0 reports
         return 0
     if cfg.sweep:

@@ -257,6 +257,28 @@ def test_a_killed_master_ends_the_job_and_its_last_checkpoint_resumes(tmp_path):
     assert sum(summary["arrivals_per_worker"].values()) == total == sum(summary["staleness_histogram"])
 
 
+def test_a_master_that_loses_every_worker_checkpoints_and_says_so_in_one_line(tmp_path):
+    """SIGKILL to both workers of an async job: under ULFM the master learns of each failure, and with none left it
+    saves a checkpoint at the update it reached, writes summary.json (completed: false) and ends with one line,
+    exit 1, no traceback. --resume with new workers continues from that update."""
+    common = ["--mode", "async", "--lr", "0.05", "--log-every", "50", "--checkpoint-every", "1000", *SMALL]
+    process = start(3, tmp_path, *common, "--total-updates", "100000000")
+    wait_for_step(tmp_path, process, 100)
+    for rank in (1, 2):
+        os.kill(int((tmp_path / f"rank{rank}.pid").read_text()), signal.SIGKILL)
+    returncode, output = finish(process, tmp_path, timeout=120)
+    assert returncode == 1, output[-3000:]
+    assert "master: every worker is lost at update" in output and "Traceback" not in output, output[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["completed"] and sorted(w["rank"] for w in summary["lost_workers"]) == [1, 2]
+    stopped = summary["total_updates"]
+    assert f"run_digits.py: every worker was lost; stopped at update {stopped}/100000000" in output, output[-3000:]
+    assert checkpoint_step(tmp_path) == stopped > 100  # not the last periodic one (none before update 1000)
+
+    resumed = run(3, tmp_path, *common, "--total-updates", str(stopped + 20), "--resume")
+    assert resumed["completed"] and resumed["start_step"] == stopped
+
+
 def running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (a zombie has)."""
     try:

@@ -127,6 +127,12 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_NAME = "checkpoint.npz"
 
 
+class WorkersLost(RuntimeError):
+    """The parameter server lost every worker before its last update (async / dpsgd, rank 0). It has saved
+    ``checkpoint.npz`` at that update (given a ``logdir``) and written ``summary.json`` with ``completed: false``;
+    ``--resume`` with new workers continues from there. The command lines print it as one line and exit 1."""
+
+
 def _import_mpi():
     # Imported lazily: ``from mpi4py import MPI`` initialises MPI, which --help and bad arguments must not do.
     from mpi4py import MPI
@@ -278,6 +284,7 @@ def run_mpi(
     Raises:
       jaxdp.stopping.RunStopped: on SIGINT, SIGTERM or SIGUSR1 (see "Stopping" in the module docstring), after the
         checkpoint: on every rank in sync mode, on rank 0 in the async modes.
+      WorkersLost: on rank 0 in the async modes, when every worker is lost before the last update.
 
     Example (run under ``mpirun -n 3``)::
 
@@ -946,6 +953,8 @@ def _run_master(
             if finished:
                 break
             _say(f"master: every worker is lost at update {version}/{total_updates}; stopping")
+            if logdir is not None:
+                checkpoint()  # θ_version is whole: a --resume with new workers loses nothing
             break
         # Back off while nothing happens, so that the master leaves the cores to the workers.
         idle_sleep = 0.0 if progressed else min(0.002, idle_sleep + 0.0001)
@@ -1001,7 +1010,7 @@ def _run_master(
     if logdir is not None:
         protocol.write_json(os.path.join(logdir, SUMMARY_NAME), summary)
     if not completed:
-        raise RuntimeError(f"run_mpi: every worker was lost; stopped at update {version}/{total_updates}")
+        raise WorkersLost(f"every worker was lost; stopped at update {version}/{total_updates}")
     return {**summary, "params": params}
 
 
@@ -1211,6 +1220,9 @@ def _train_from_command_line(argv: Sequence[str] | None) -> int:
         return 2
     except RunStopped as stop:
         return exit_status(stop, parser.prog)
+    except WorkersLost as error:  # rank 0; the workers are gone
+        print(f"{parser.prog}: {error}", file=sys.stderr, flush=True)
+        return 1
     if rank == 0:
         final = " ".join(f"{k} {v:.4g}" for k, v in summary["final"].items())
         lost = f", lost workers {[w['rank'] for w in summary['lost_workers']]}" if summary["lost_workers"] else ""

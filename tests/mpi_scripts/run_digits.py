@@ -41,6 +41,9 @@ def train() -> int:
         result = mpi.run_mpi(workload, inner=inner, outer=outer, **mpi.run_options(args))
     except RunStopped as stop:
         return exit_status(stop, "run_digits.py")
+    except mpi.WorkersLost as error:  # as python -m jaxdp.runtime.mpi reports it
+        print(f"run_digits.py: {error}", file=sys.stderr, flush=True)
+        return 1
     if args.dump_params and "params" in result:
         np.save(os.path.join(args.logdir, f"params_rank{rank}.npy"), np.asarray(ravel_pytree(result["params"])[0]))
     return 0
