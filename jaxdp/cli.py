@@ -296,16 +296,12 @@ def _main(argv: Sequence[str] | None) -> int:
         cfg = config_lib.validate(config_from_args(args))
         for field, owner in config_lib.options_not_read(cfg):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
-        from jaxdp.envs import validate_env_id  # cheap: creates no environment
+        from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment
 
-        validate_env_id(cfg.env)
-        from jaxdp.envs import backend_of
-
-        if backend_of(cfg.env) != "envpool":
+        if backend_of(cfg.env) != "envpool":  # raises on an unknown id
             raise config_lib.ConfigError(f"--env {cfg.env!r} is a gymnasium-only id: jaxdp train steps envpool "
                                          f"environments inside the compiled loop (use an envpool id)")
-        from jaxdp.envs import make_spec  # envpool's static spec: no pool, no environment
-
+        # make_spec also refuses continuous actions.
         config_lib.check_torso_fits(cfg, make_spec(cfg.env, 1).obs_shape)
         if cfg.runtime == "devices":
             check_devices(cfg.workers)
@@ -315,20 +311,16 @@ def _main(argv: Sequence[str] | None) -> int:
 
     from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
 
+    from jaxdp.runtime.mpi import WorkersLost  # starts no MPI: mpi4py is imported when a run_mpi starts it
     from jaxdp.stopping import RunStopped, exit_status
 
-    workers_lost: tuple[type[Exception], ...] = ()  # `except ()` catches nothing
-    if cfg.runtime == "mpi":
-        from jaxdp.runtime.mpi import WorkersLost  # mpi4py itself is imported only when MPI starts
-
-        workers_lost = (WorkersLost,)
     try:
         summary = train_lib.run(cfg)
     except config_lib.ConfigError as e:  # what only a started multi-process job knows: its size, on --resume
         return _report(e, job_started=True)
     except RunStopped as stop:  # a signal: the run logged and saved a checkpoint, then stopped
         return exit_status(stop, "jaxdp train")
-    except workers_lost as lost:  # the parameter server, alone: it saved a checkpoint where it stopped
+    except WorkersLost as lost:  # the parameter server of --runtime mpi, alone: it saved a checkpoint where it stopped
         sys.stderr.write(f"jaxdp train: {lost}; --resume continues from its checkpoint\n")
         return 1
     if summary is None:  # a non-zero MPI rank: rank 0 reports

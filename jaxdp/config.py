@@ -17,6 +17,7 @@ ALGOS = ("dqn", "double_dqn", "a2c", "reinforce")
 STRATEGIES = ("single", "sync", "async", "dpsgd", "hogwild")
 RUNTIMES = ("vmap", "devices", "async_sim", "mpi", "distributed")
 TORSOS = ("auto", "mlp", "nature", "a3c")
+CNN_TORSOS = ("nature", "a3c")  # read frames (C, H, W)
 DELAY_KINDS = ("fixed", "uniform", "geometric", "zipf")
 LOSSES = ("auto", "mse", "huber")
 PIPELINES = ("fused", "overlap")
@@ -243,7 +244,7 @@ def check_torso_fits(cfg: TrainConfig, obs_shape: tuple[int, ...]) -> None:
     The CNN torsos read frames (C, H, W); given a vector they would fail inside the first trace, after the run
     had started. The CLI calls this with the env's static spec, before any work; ``make_network`` calls it too.
     """
-    if cfg.torso in ("nature", "a3c") and len(obs_shape) != 3:
+    if cfg.torso in CNN_TORSOS and len(obs_shape) != 3:
         _fail(f"--torso {cfg.torso} is a CNN over frames (C, H, W), but --env {cfg.env} observations have shape "
               f"{tuple(obs_shape)}: use --torso mlp (or auto)")
 

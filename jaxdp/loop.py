@@ -222,7 +222,7 @@ def _lane_params(lanes, seed_index: int):
     return jax.tree.map(lambda x: x[seed_index, 0], lanes.params)
 
 
-def _progress(cfg: TrainConfig, total: int, desc: str | None = None):
+def _progress(cfg: TrainConfig, total: int | None, desc: str | None = None):
     if not cfg.progress:
         return None
     from tqdm import tqdm
@@ -234,12 +234,11 @@ def evaluate_runs(cfg: TrainConfig, network, params_of_runs: list, seeds: list[i
                   ) -> tuple[list[list[float]], float]:
     """:func:`evaluate` of each run's parameters, with a progress bar when ``cfg.progress``; also the seconds taken,
     which the summary keeps apart from training (a stuck greedy Atari policy can play 27,000 steps a batch)."""
+    if cfg.eval_episodes <= 0:
+        return [[] for _ in params_of_runs], 0.0
     start = time.time()
     returns: list[list[float]] = []
     for params, seed in zip(params_of_runs, seeds):
-        if cfg.eval_episodes <= 0:
-            returns.append([])
-            continue
         bar = _progress(cfg, None, f"greedy eval {cfg.env}" + (f" seed {seed}" if len(seeds) > 1 else ""))
         try:
             returns.append(evaluate(cfg, network, params, cfg.eval_episodes, seed, bar))

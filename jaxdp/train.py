@@ -37,7 +37,7 @@ import jaxdp
 from jaxdp import envs as envs_lib
 from jaxdp import nets as nets_lib
 from jaxdp.agents import a2c, dqn, reinforce, replay as replay_lib
-from jaxdp.config import TrainConfig, check_torso_fits
+from jaxdp.config import CNN_TORSOS, TrainConfig, check_torso_fits
 
 PyTree = Any
 WORKERS = "workers"
@@ -294,7 +294,7 @@ CPU_CNN_MICROBATCH = 32
 
 def cnn_on_cpu(cfg: TrainConfig, spec) -> bool:
     """Whether the network is a CNN running on XLA:CPU, whose convolutions want small batches and no loops."""
-    return spec.is_atari and cfg.torso in ("auto", "nature", "a3c") and jax.default_backend() == "cpu"
+    return spec.is_atari and cfg.torso in ("auto", *CNN_TORSOS) and jax.default_backend() == "cpu"
 
 
 def network_apply(cfg: TrainConfig, network, spec) -> Callable:

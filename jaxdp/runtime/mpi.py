@@ -1054,13 +1054,13 @@ def _run_worker(
     # first reply, also through the start-up (compilation); past it, a master silent for longer is hung (stopped,
     # deadlocked, stuck in I/O) though alive, so MPI reports nothing: give up on it rather than wait for ever.
     reply_timeout = 2 * worker_timeout
+    rounds = 0  # replies received
 
     def deadline() -> float:
         return time.monotonic() + reply_timeout + (STARTUP_GRACE_SECONDS if rounds == 0 else 0.0)
 
     params_buffer = protocol.message_buffer(num_params)
     push_buffer = protocol.message_buffer(num_params)
-    rounds = 0
     try:
         # Warm-up (see the master): compile the round ahead of time, then meet. Compile only: running it
         # would advance an RL worker's env pool behind its state's back (see _run_sync).
