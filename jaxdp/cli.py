@@ -326,19 +326,41 @@ def _main(argv: Sequence[str] | None) -> int:
     if summary is None:  # a non-zero MPI rank: rank 0 reports
         return 0
     if cfg.sweep:
-        print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} seeds) of "
+        print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} "
+              f"seed{'s' if len(cfg.seeds) > 1 else ''}) of "
               f"{summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; "
               f"outputs in {cfg.logdir}")
         for point in summary["grid"]:
             label = " ".join(f"{config_lib.SWEEPABLE[k]} {v:g}" for k, v in point["hyperparams"].items())
             mark = "  (best)" if point["hyperparams"] == summary["best"] else ""
-            print(f"  {label}: final return {_rounded(point['final_return'])}, "
-                  f"greedy eval {_rounded(point['eval_return'])}{mark}")
+            print(f"  {label}: {_returns(point, 'final_return_over_seeds', 'eval_return_over_seeds')}{mark}")
+        if len(cfg.seeds) > 1:
+            print(f"  (mean ± std over {len(cfg.seeds)} seeds; 95% confidence intervals in summary.json)")
+        return 0
+    if len(cfg.seeds) > 1:
+        print(f"jaxdp train: {len(cfg.seeds)} seeds of {summary.get('total_steps')} steps in "
+              f"{summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; outputs in {cfg.logdir}")
+        print(f"  mean ± std over seeds: {_returns(summary, 'final_return_over_seeds', 'eval_return_over_seeds')}"
+              f" (95% confidence intervals in summary.json)")
+        for run in summary["seeds"]:
+            print(f"  seed {run['seed']}: {_returns(run)}")
         return 0
     print(f"jaxdp train: {summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s; "
-          f"final return {_rounded(summary.get('final_return'))}, "
-          f"greedy eval {_rounded(summary.get('eval_return'))}{_eval_time(summary)}; outputs in {cfg.logdir}")
+          f"{_returns(summary)}{_eval_time(summary)}; outputs in {cfg.logdir}")
     return 0
+
+
+def _returns(record: dict, final_over_seeds: str = "", eval_over_seeds: str = "") -> str:
+    """"final return R, greedy eval E" of a run, or of several seeds as "mean ± std" where ``record`` holds their
+    statistics (under the two keys given) over more than one seed."""
+    def one(value_key: str, stats_key: str) -> str:
+        stats = record.get(stats_key) if stats_key else None
+        if stats and stats.get("n", 0) > 1:
+            return f"{_rounded(stats['mean'])} ± {_rounded(stats['std'])}"
+        return str(_rounded(record.get(value_key)))
+
+    return (f"final return {one('final_return', final_over_seeds)}, "
+            f"greedy eval {one('eval_return', eval_over_seeds)}")
 
 
 def _eval_time(summary: dict) -> str:

@@ -463,8 +463,17 @@ def check_resumable(cfg: TrainConfig, logdir: str, *, job_started: bool = True) 
                   f"start it with the same number of processes")
         changeable = [f for f in RESUMABLE_CHANGES if f not in ("resume", "logdir")
                       and not (f == "total_steps" and cfg.runtime == "async_sim")]
+        if field == "sweep":
+            _fail(f"--resume: the run being resumed swept {_sweep_shown(saved[field])}, this command sweeps "
+                  f"{_sweep_shown(value)}; a sweep's values cannot change")
         _fail(f"--resume: {flag_of(field)} is {value!r} here but {saved[field]!r} in the run being resumed; only "
               f"{', '.join(flag_of(f) for f in changeable)} may change")
+
+
+def _sweep_shown(sweep: list) -> str:
+    """A sweep as its options, ``--lr 0.001 0.002 --gamma 0.9 0.99``, or ``nothing``."""
+    return " ".join(f"{SWEEPABLE.get(name, name)} {' '.join(f'{v:g}' for v in values)}"
+                    for name, values in sweep) or "nothing"
 
 
 def save_run_config(cfg: TrainConfig, logdir: str) -> None:

@@ -219,7 +219,7 @@ def _saved_run(logdir, argv: list[str]):
 @pytest.mark.parametrize("change,option", [
     (["--lr", "3e-3"], "--lr"),
     (["--seeds", "0", "1"], "--seeds"),  # another lane layout: the checkpoint would not restore
-    (["--lr", "1e-3", "3e-3"], "--lr / --gamma"),  # a sweep where there was none
+    (["--lr", "1e-3", "3e-3"], "the run being resumed swept nothing, this command sweeps --lr 0.001 0.003"),
     (["--algo", "reinforce"], "--algo"),
     (["--ent-coef", "0.02"], "--ent-coef"),
 ])

@@ -127,10 +127,14 @@ def test_cli_sweep_writes_every_point_and_its_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout.strip().splitlines()
     assert out[0].startswith("jaxdp train: 4 runs (2 points x 2 seeds) of 12800 steps")
-    assert [line.split(":")[0].strip() for line in out[1:]] == ["--lr 0.001", "--lr 0.004"]
+    assert [line.split(":")[0].strip() for line in out[1:3]] == ["--lr 0.001", "--lr 0.004"]
     assert sum("(best)" in line for line in out[1:]) == 1
+    assert out[3].strip() == "(mean ± std over 2 seeds; 95% confidence intervals in summary.json)"
 
     summary = json.loads((logdir / "summary.json").read_text())
+    for line, point in zip(out[1:3], summary["grid"]):  # each point's line states its statistics over the seeds
+        stats = point["final_return_over_seeds"]
+        assert f"final return {round(stats['mean'], 1)} ± {round(stats['std'], 1)}," in line
     assert [p["hyperparams"] for p in summary["grid"]] == [{"lr": 1e-3}, {"lr": 4e-3}]
     assert [(r["hyperparams"]["lr"], r["seed"]) for r in summary["runs"]] == [
         (1e-3, 0), (1e-3, 1), (4e-3, 0), (4e-3, 1)]
@@ -174,3 +178,23 @@ def test_a_killed_sweep_resumes_with_each_runs_values(tmp_path):
     for label in ("eps_end_0.05", "eps_end_0.5"):
         steps = [r["step"] for r in read_jsonl(tmp_path / "sweep" / label / "metrics.jsonl")]
         assert steps == sorted(set(steps)) and steps[-1] == 4000
+
+
+def test_cli_seeds_report_the_mean_and_std_and_each_seed(tmp_path):
+    """Several seeds without a sweep: the closing lines give the mean ± std over seeds, then each seed's run."""
+    logdir = tmp_path / "seeds"
+    done = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--no-progress", "--no-tensorboard",
+                           "--algo", "a2c", "--total-steps", str(128 * 60), "--eval-episodes", "1",
+                           "--seeds", "0", "1", "--logdir", str(logdir)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.strip().splitlines()
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert out[0].startswith("jaxdp train: 2 seeds of 7680 steps in ")
+    final, greedy = summary["final_return_over_seeds"], summary["eval_return_over_seeds"]
+    assert out[1].strip() == (f"mean ± std over seeds: final return {round(final['mean'], 1)} ± "
+                              f"{round(final['std'], 1)}, greedy eval {round(greedy['mean'], 1)} ± "
+                              f"{round(greedy['std'], 1)} (95% confidence intervals in summary.json)")
+    assert [line.strip() for line in out[2:]] == [
+        f"seed {r['seed']}: final return {round(r['final_return'], 1)}, greedy eval {round(r['eval_return'], 1)}"
+        for r in summary["seeds"]]
+    assert [r["seed"] for r in summary["seeds"]] == [0, 1]
