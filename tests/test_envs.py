@@ -79,6 +79,14 @@ def test_validate_env_id_is_fast_and_creates_no_pool(monkeypatch):
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.parametrize("gym_id,envpool_id", [("PongNoFrameskip-v4", "Pong-v5"), ("ALE/Breakout-v5", "Breakout-v5"),
+                                                 ("SpaceInvadersDeterministic-v4", "SpaceInvaders-v5")])
+def test_an_atari_id_spelled_the_gym_way_names_envpools(gym_id, envpool_id):
+    """CleanRL's and SB3's Atari ids are not envpool's: the one line names the envpool game, not a near spelling."""
+    with pytest.raises(ValueError, match=rf"^unknown --env '{gym_id}': .* \(did you mean '{envpool_id}'\?\)$"):
+        envs.validate_env_id(gym_id)
+
+
 def test_make_spec_atari_and_classic_control():
     pong = envs.make_spec("Pong-v5", 8)
     assert pong == envs.EnvSpec("Pong-v5", 8, (4, 84, 84), np.dtype(np.uint8), 6, True, 27000)

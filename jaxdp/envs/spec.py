@@ -134,10 +134,22 @@ def backend_of(env_id: str, backend: str = "auto") -> str:
         return "gymnasium"
     if backend == "auto":
         known = list(_envpool_registry().specs) + list(_gymnasium_registry())
-        close = difflib.get_close_matches(env_id, known, n=3)
+        alias = _envpool_atari_id(env_id)
+        close = [alias] if alias else difflib.get_close_matches(env_id, known, n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"unknown --env {env_id!r}: not an envpool or gymnasium id{hint}")
     raise ValueError(f"unknown --env {env_id!r}: not a {backend} id")
+
+
+def _envpool_atari_id(env_id: str) -> str | None:
+    """envpool's id of a game named the gym / ALE way (``PongNoFrameskip-v4``, ``Pong-v4``, ``ALE/Pong-v5``, as
+    CleanRL's and SB3's scripts spell it), or None. envpool's ``Pong-v5`` steps with the DQN preprocessing itself."""
+    name = env_id.removeprefix("ALE/")
+    for suffix in ("NoFrameskip-v4", "NoFrameskip-v0", "Deterministic-v4", "-v4", "-v0", "-v5"):
+        if name.endswith(suffix):
+            candidate = name[: -len(suffix)] + "-v5"
+            return candidate if candidate != env_id and candidate in _envpool_registry().specs else None
+    return None
 
 
 def one_hot_observations(spec: EnvSpec, obs: Any) -> Any:
