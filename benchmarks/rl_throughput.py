@@ -280,6 +280,7 @@ def dqn_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -
     params = network.init(jax.random.PRNGKey(1), jnp.zeros((1, *spec.obs_shape), spec.obs_dtype))
     opt_state = tx.init(params)
     huber = 1.0 if (cfg.loss == "huber" or (cfg.loss == "auto" and spec.is_atari)) else None
+    apply = train_lib.network_apply(cfg, network, spec)  # as training applies it
     target_every = max(1, round(cfg.target_update / (cfg.env_steps_per_update * E)))
 
     def update(carry, buf):
@@ -287,7 +288,7 @@ def dqn_learner_steps_per_second(cfg: TrainConfig, updates: int, repeats: int) -
         key, k = jax.random.split(key)
         batch = replay_lib.sample(buf, k, cfg.batch_size, n_step=cfg.n_step, gamma=cfg.gamma)
         grads, _ = jax.grad(
-            lambda q: dqn.loss(q, target, network.apply, batch, double=cfg.algo == "double_dqn",
+            lambda q: dqn.loss(q, target, apply, batch, double=cfg.algo == "double_dqn",
                                huber_delta=huber), has_aux=True)(p)
         upd, s = tx.update(grads, s, p)
         p = optax.apply_updates(p, upd)
