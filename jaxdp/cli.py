@@ -328,7 +328,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if cfg.sweep:
         print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} "
               f"seed{'s' if len(cfg.seeds) > 1 else ''}) of "
-              f"{summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; "
+              f"{_steps(summary)} in {summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; "
               f"outputs in {cfg.logdir}")
         for point in summary["grid"]:
             label = " ".join(f"{config_lib.SWEEPABLE[k]} {v:g}" for k, v in point["hyperparams"].items())
@@ -338,16 +338,22 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"  (mean ± std over {len(cfg.seeds)} seeds; 95% confidence intervals in summary.json)")
         return 0
     if len(cfg.seeds) > 1:
-        print(f"jaxdp train: {len(cfg.seeds)} seeds of {summary.get('total_steps')} steps in "
+        print(f"jaxdp train: {len(cfg.seeds)} seeds of {_steps(summary)} in "
               f"{summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; outputs in {cfg.logdir}")
         print(f"  mean ± std over seeds: {_returns(summary, 'final_return_over_seeds', 'eval_return_over_seeds')}"
               f" (95% confidence intervals in summary.json)")
         for run in summary["seeds"]:
             print(f"  seed {run['seed']}: {_returns(run)}")
         return 0
-    print(f"jaxdp train: {summary.get('total_steps')} steps in {summary.get('wall_seconds', 0):.1f} s; "
+    print(f"jaxdp train: {_steps(summary)} in {summary.get('wall_seconds', 0):.1f} s; "
           f"{_returns(summary)}{_eval_time(summary)}; outputs in {cfg.logdir}")
     return 0
+
+
+def _steps(summary: dict) -> str:
+    """"N steps", and where a --resume began ("N steps (resumed at step M)"): the seconds that follow are its own."""
+    start = summary.get("start_step") or 0
+    return f"{summary.get('total_steps')} steps" + (f" (resumed at step {start})" if start else "")
 
 
 def _returns(record: dict, final_over_seeds: str = "", eval_over_seeds: str = "") -> str:

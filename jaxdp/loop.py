@@ -357,6 +357,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
         lanes = saved._replace(obs=lanes.obs, first=lanes.first, stats=lanes.stats)
         iteration = int(host["iteration"])
         episodes = [[tuple(e) for e in per_seed] for per_seed in host["episodes"]]
+    start_iteration = iteration  # a resumed run's rates count the steps this process trains, in its wall time
 
     per_run_dirs = run_dirs(cfg)
     groups = mean_groups(cfg)
@@ -493,12 +494,14 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
     per_point = _sweep_points(cfg, per_run) if cfg.sweep else []
     best = max(per_point, key=lambda q: -math.inf if q["final_return"] is None else q["final_return"],
                default=None)
+    trained_here = (iteration - start_iteration) * steps_per_iter * S  # env steps, all runs
     summary = {
         "total_steps": iteration * steps_per_iter,
+        "start_step": start_iteration * steps_per_iter,
         "wall_seconds": wall,
         "compile_seconds": compile_seconds,
         "eval_seconds": eval_seconds,
-        "sps": iteration * steps_per_iter * S / wall,
+        "sps": trained_here / wall,
         # A sweep reports its best point (by the mean final return over seeds) here, and every point in "grid".
         "final_return": best["final_return"] if best else per_run[0]["final_return"] if S == 1 else
         (confidence_interval([p["final_return"] for p in per_run]) or {}).get("mean"),
@@ -506,7 +509,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
         (confidence_interval([p["eval_return"] for p in per_run]) or {}).get("mean"),
         "config": dataclasses.asdict(cfg),
         "updates": max(0, iteration - trainer.warmup_iterations),
-        "data_points_per_second": iteration * steps_per_iter * S / wall,
+        "data_points_per_second": trained_here / wall,
         "param_bytes": param_bytes,
         "comm_rounds": max(0, iteration - trainer.warmup_iterations) * comm_per_update,
         "bytes_sent": max(0, iteration - trainer.warmup_iterations) * comm_per_update * bytes_per_round,

@@ -1192,7 +1192,8 @@ def _stops_in_env_steps(per_update: int) -> Iterator[None]:
 def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     """Process 0 of a multi-process run: adds RL's summary fields and writes summary.json.
 
-    ``total_steps`` and ``sps`` count env steps (``per_update`` per update). The final return is the mean episodic
+    ``total_steps``, ``start_step`` (where a ``--resume`` began) and ``sps`` count env steps (``per_update`` per
+    update); ``total_updates`` and ``start_update`` count updates. The final return is the mean episodic
     return of the last 10% of log points, read back from metrics.jsonl (the master sees the workers' episodes only
     as per-step sums). There is no greedy evaluation. The runtime's ``params`` stay out: they are the checkpoint's
     (as JSON, a Nature CNN's would be 60 MB).
@@ -1206,9 +1207,11 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
     summary = {k: v for k, v in summary.items() if k != "params"}
-    updates = int(summary["total_updates"])
-    summary.update(total_steps=updates * per_update, final_return=final_return(returns), eval_return=None,
-                   sps=(updates - summary["start_step"]) * per_update / max(summary["wall_seconds"], 1e-9))
+    updates, start_update = int(summary["total_updates"]), int(summary["start_step"])
+    # Steps in env steps, as in every jaxdp train summary; the runtime's update counts stand beside them.
+    summary.update(total_steps=updates * per_update, start_step=start_update * per_update, start_update=start_update,
+                   final_return=final_return(returns), eval_return=None,
+                   sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9))
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 

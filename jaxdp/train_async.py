@@ -906,8 +906,8 @@ def run(
     Writes to ``cfg.logdir`` in the format of :func:`jaxdp.loop.run`: ``config.json`` (what a ``--resume`` must
     match), ``metrics.jsonl`` (one record per chunk, see :func:`train`; TensorBoard events in ``tb/`` unless
     ``cfg.tensorboard`` is off), orbax checkpoints in ``checkpoints/`` (every ``cfg.checkpoint_interval`` seconds,
-    checked after each chunk, and at the end) and ``summary.json`` with ``total_steps``, ``wall_seconds``,
-    ``compile_seconds``, ``sps``, ``final_return`` (mean of the last 10% of finished episodes), ``eval_return``
+    checked after each chunk, and at the end) and ``summary.json`` with ``total_steps``, ``start_step`` (where a
+    ``--resume`` began), ``wall_seconds``, ``compile_seconds``, ``sps`` (the steps from ``start_step``), ``final_return`` (mean of the last 10% of finished episodes), ``eval_return``
     (greedy episodes of the master's final θ), ``episodes``, ``runtime``, ``accounting`` (see the module
     docstring) and ``config``.
 
@@ -974,13 +974,15 @@ def run(
     wall = time.time() - t_start  # training (compilation included); the evaluation is timed apart
     (eval_returns,), eval_seconds = loop_lib.evaluate_runs(cfg, result.network, [result.params], [cfg.seeds[0]])
     returns = [r for _, r, _ in result.episodes]
+    start_step = _steps_at(trainer, start) if start is not None else 0
     summary = {
         "total_steps": total,
+        "start_step": start_step,
         "wall_seconds": wall,
         "compile_seconds": result.compile_seconds,
         "run_seconds": result.run_seconds,
         "eval_seconds": eval_seconds,
-        "sps": total / wall,
+        "sps": (total - start_step) / wall,  # a resumed run: the steps this process trained, in its wall time
         "final_return": loop_lib.final_return(returns),
         "eval_return": float(np.mean(eval_returns)) if eval_returns else None,
         "episodes": len(returns),

@@ -284,7 +284,8 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
 
     job(500_000, "--resume")  # another coordinator port than the first job's: allowed
     resumed = json.loads((logdir / "summary.json").read_text())
-    assert resumed["start_step"] == 400_000 // per_update  # continued from the final checkpoint
+    assert resumed["start_update"] == 400_000 // per_update  # continued from the final checkpoint
+    assert resumed["start_step"] == resumed["start_update"] * per_update  # env steps, as total_steps
     assert resumed["total_steps"] == (500_000 // per_update) * per_update
     steps = [json.loads(line)["step"] for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == resumed["total_steps"]

@@ -531,7 +531,8 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     resumed = job(3, "--total-steps", "30000", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((logdir / "summary.json").read_text())
-    assert summary["start_step"] == 156 and summary["total_steps"] >= 29_000  # 20k steps: 156 updates of 128
+    assert summary["start_update"] == 156 and summary["total_steps"] >= 29_000  # 20k steps: 156 updates of 128
+    assert summary["start_step"] == 156 * 128  # env steps, as total_steps
     updates = [json.loads(line)["updates"] for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert updates == sorted(set(updates)) and updates[-1] == summary["total_updates"], updates
 

@@ -376,7 +376,10 @@ def test_killed_run_resumes_and_keeps_learning(algo, tmp_path):
     assert all("loss" in r and math.isfinite(r["loss"]) for r in after)  # the learner runs after the resume
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["total_steps"] == total
+    assert summary["total_steps"] == total and summary["start_step"] == ckpt_step
+    # The resumed process's rate: the steps it trained, in its own wall time (not the whole run's steps).
+    assert summary["sps"] == pytest.approx((total - ckpt_step) / summary["wall_seconds"])
+    assert f"jaxdp train: {total} steps (resumed at step {ckpt_step}) in " in resumed.stdout
     first_after = next(r["episodic_return"] for r in after if r["episodic_return"] is not None)
     if algo == "a2c":
         # A restart from scratch would play like a random policy (~22) right after the resume.

@@ -334,6 +334,9 @@ def test_a_signal_stops_an_async_sim_run_with_a_checkpoint_that_resumes(tmp_path
     summary = json.loads((logdir / "summary.json").read_text())
     acc = summary["accounting"]
     assert summary["total_steps"] == total == acc["event_env_steps"] and acc["pushes"] == total // (2 * 8 * 16)
+    assert summary["start_step"] == stopped_at  # and the rate is the resumed process's own
+    assert summary["sps"] == pytest.approx((total - stopped_at) / summary["wall_seconds"])
+    assert f"{total} steps (resumed at step {stopped_at}) in " in done.stdout
     assert acc["master_updates"] * 2 == acc["pushes"] == sum(acc["pushes_per_worker"])
     steps = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == total and stopped_at in steps and len(steps) == 50
