@@ -907,9 +907,9 @@ def run(
     match), ``metrics.jsonl`` (one record per chunk, see :func:`train`; TensorBoard events in ``tb/`` unless
     ``cfg.tensorboard`` is off), orbax checkpoints in ``checkpoints/`` (every ``cfg.checkpoint_interval`` seconds,
     checked after each chunk, and at the end) and ``summary.json`` with ``total_steps``, ``start_step`` (where a
-    ``--resume`` began), ``wall_seconds``, ``compile_seconds``, ``sps`` (the steps from ``start_step``), ``final_return`` (mean of the last 10% of finished episodes), ``eval_return``
-    (greedy episodes of the master's final θ), ``episodes``, ``runtime``, ``accounting`` (see the module
-    docstring) and ``config``.
+    ``--resume`` began), ``wall_seconds``, ``compile_seconds``, ``sps`` (the steps from ``start_step``),
+    ``final_return`` (mean of the last 10% of finished episodes), ``eval_return`` (greedy episodes of the master's
+    final θ), ``episodes``, ``runtime``, ``accounting`` (see the module docstring) and ``config``.
 
     A checkpoint holds the whole simulated state (θ, the master's optimizer and pending Δ's, every worker's anchor,
     inner optimizer, replay and target network) and the event count; the schedule is a function of the config, so
