@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--comm must be >= 0, got {args.comm}")
     if not args.sigma >= 0:
         parser.error(f"--sigma must be >= 0, got {args.sigma}")
-    outputs.resolve(args, "data_rate")  # after the checks: a bad command line leaves no folder behind
+    outputs.resolve(args, "data_rate", parser)  # after the checks: a bad command line leaves no folder behind
     return args
 
 

@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(error))
     if not atari:  # the A3C CNN reads Atari frames
         parser.error(f"--env {args.env!r} is not an envpool Atari id (Pong-v5, Breakout-v5, ...)")
-    outputs.resolve(args, "pong_hsa2c")  # after the checks: a bad command line leaves no folder behind
+    outputs.resolve(args, "pong_hsa2c", parser)  # after the checks: a bad command line leaves no folder behind
     return args
 
 

@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers must all be >= 1, got {args.workers}")
     if 1 not in args.workers:
         parser.error("--workers must include 1 (the baseline of the speed-up)")
-    outputs.resolve(args, "speedup")  # after the checks: a bad command line leaves no folder behind
+    outputs.resolve(args, "speedup", parser)  # after the checks: a bad command line leaves no folder behind
     return args
 
 

@@ -73,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not args.comm >= 0 or not args.sigma >= 0:
         parser.error("--comm and --sigma must be >= 0")
-    outputs.resolve(args, "workers_scaling")  # after the checks: a bad command line leaves no folder behind
+    if not 1 < args.target <= 500:  # a CartPole-v1 episode returns 1 to 500: the first episode would reach 1
+        parser.error(f"--target must be in (1, 500], CartPole-v1's returns, got {args.target}")
+    outputs.resolve(args, "workers_scaling", parser)  # after the checks: a bad command line leaves no folder behind
     return args
 
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from jaxdp import config as config_lib
 from jaxdp.cli_args import OneLineParser as _OneLineParser
+from jaxdp.cli_args import folder_problem
 
 EXIT_USAGE = 2
 
@@ -241,20 +242,11 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
 
 
 def _check_can_write(logdir: str) -> None:
-    """``logdir`` is a folder this process may write in, or one it may create (its nearest existing ancestor is
-    a writable folder): a run must not fail on its first write, after the work has started."""
-    import os
-
-    path = os.path.abspath(logdir)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        if existing == path:
-            raise config_lib.ConfigError(f"--logdir {logdir!r} is a file, not a folder")
-        raise config_lib.ConfigError(f"--logdir {logdir!r} cannot be created: {existing!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise config_lib.ConfigError(f"--logdir {logdir!r}: {existing!r} is not writable")
+    """``logdir`` is a folder this process may write in, or may create: a run must not fail on its first write,
+    after the work has started."""
+    problem = folder_problem(logdir, "--logdir")
+    if problem:
+        raise config_lib.ConfigError(problem)
 
 
 def check_devices(workers: int) -> None:

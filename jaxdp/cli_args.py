@@ -16,6 +16,24 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def folder_problem(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be a folder this process writes in, or None: it is one, or it can be made (its nearest
+    existing ancestor is a writable folder). Checked before any work, so a run does not fail at its first write."""
+    import os
+
+    full = os.path.abspath(path)
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        if existing == full:
+            return f"{flag} {path!r} is a file, not a folder"
+        return f"{flag} {path!r} cannot be created: {existing!r} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {path!r}: {existing!r} is not writable"
+    return None
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

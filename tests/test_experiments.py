@@ -67,6 +67,7 @@ def test_quick_run_writes_its_csvs_and_png(script: str, tmp_path: pathlib.Path) 
     ("pong_hsa2c", ["--lr", "-1"]),
     ("pong_hsa2c", ["--env", "Foo-v5"]),  # an unknown id, then a non-Atari one: each was a traceback
     ("pong_hsa2c", ["--env", "CartPole-v1"]),
+    ("workers_scaling", ["--target", "0"]),  # reached by the first episode: a run that measures nothing
 ])
 def test_bad_value_is_one_line_exit_2_and_no_folder(script: str, bad: list[str], tmp_path: pathlib.Path) -> None:
     out = tmp_path / "results"
@@ -75,3 +76,20 @@ def test_bad_value_is_one_line_exit_2_and_no_folder(script: str, bad: list[str],
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{script}.py: error: " in lines[0], result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", list(OUTPUTS))
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(script: str, tmp_path: pathlib.Path) -> None:
+    """--out or --plot under a file, or --plot naming a folder: one line, exit 2, before the run (each was a
+    traceback at the end, after the whole run, and workers_scaling's CSV was lost with it)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for args, needle in [(["--out", str(blocker / "results")], f"--out '{blocker / 'results'}' cannot be created"),
+                         (["--out", str(blocker)], "is a file, not a folder"),
+                         (["--plot", str(blocker / "fig.png")], f"'{blocker}' is a file, not a folder"),
+                         (["--plot", str(tmp_path)], "is a folder: give the PNG's path")]:
+        result = _run(script, *args, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        assert lines[0].startswith(f"{script}.py: error: ") and needle in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
