@@ -44,6 +44,19 @@ def test_cleanrl_peer_rejects_a_bad_command_line_in_one_line(args: list[str], na
     assert not workdir.exists()
 
 
+def test_cleanrl_peer_refuses_a_json_path_it_could_not_write_before_running(tmp_path) -> None:
+    """--json is written after ~12 minutes of runs: a path under a file is refused first, in one line."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cleanrl_peer.py"), "--python", sys.executable,
+                             "--json", str(blocker / "cleanrl.json"), "--workdir", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"--json '{blocker / 'cleanrl.json'}': '{blocker}' is a file, not a folder" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_rl_throughput_compares_with_the_committed_cleanrl_run(monkeypatch: pytest.MonkeyPatch) -> None:
     rl_throughput = _load("rl_throughput", monkeypatch)
     path = BENCHMARKS / "results" / "cleanrl-intel-xeon-2026-12-02.json"
