@@ -241,6 +241,22 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     return dataclasses.replace(cfg, logdir=logdir)
 
 
+def _check_target_options(args: argparse.Namespace, cfg: config_lib.TrainConfig) -> None:
+    """DQN's target-network options that this run would ignore, refused as options its agent does not read are."""
+    if not cfg.is_dqn:
+        return
+    given = [flag for flag, was_given in (("--target-update", args.target_update is not None),
+                                          ("--tau", cfg.tau != 1.0)) if was_given]
+    if given and not cfg.target_network:
+        raise config_lib.ConfigError(f"{given[0]} sets the target network, which --no-target-network turns off")
+    if len(given) == 2:
+        # CleanRL and SB3 average every target_network_frequency steps; a user of theirs would get another target.
+        raise config_lib.ConfigError(f"--target-update {cfg.target_update} is the period of hard target copies; "
+                                     f"with --tau {cfg.tau:g} the target moves toward the online network after "
+                                     f"every update instead (CleanRL and SB3 average every --target-update steps): "
+                                     f"give one of the two")
+
+
 def _check_can_write(logdir: str) -> None:
     """``logdir`` is a folder this process may write in, or may create: a run must not fail on its first write,
     after the work has started."""
@@ -288,6 +304,7 @@ def _main(argv: Sequence[str] | None) -> int:
         cfg = config_lib.validate(config_from_args(args))
         for field, owner in config_lib.options_not_read(cfg):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
+        _check_target_options(args, cfg)
         from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment
 
         if backend_of(cfg.env) != "envpool":  # raises on an unknown id

@@ -99,6 +99,10 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--rollout-len", "16"], "--rollout-len"),
     (["--algo", "double_dqn", "--ent-coef", "0.1"], "--ent-coef"),
     (["--algo", "a2c", "--baseline", "mean"], "--baseline"),
+    # DQN target options the run would ignore: Polyak averaging runs every update, not every --target-update steps.
+    (["--algo", "dqn", "--tau", "0.005", "--target-update", "1000"], "--target-update 1000 is the period"),
+    (["--algo", "double_dqn", "--no-target-network", "--tau", "0.5"], "--tau sets the target network"),
+    (["--algo", "dqn", "--no-target-network", "--target-update", "100"], "--target-update sets the target"),
     # A CNN torso on vector observations failed inside the first trace, after --logdir was made (traceback, exit 1).
     (["--torso", "nature"], "--torso nature"),
     (["--algo", "dqn", "--torso", "a3c"], "--torso a3c"),
