@@ -198,3 +198,25 @@ def test_cli_seeds_report_the_mean_and_std_and_each_seed(tmp_path):
         f"seed {r['seed']}: final return {round(r['final_return'], 1)}, greedy eval {round(r['eval_return'], 1)}"
         for r in summary["seeds"]]
     assert [r["seed"] for r in summary["seeds"]] == [0, 1]
+
+
+def test_atari_seeds_initialise_without_hanging_and_as_each_seed_alone(tmp_path):
+    """`jaxdp train --env Pong-v5 --seeds 0 1` hung in its init (2 of 2 tries): the orthogonal initialisers' QR
+    of a batch of seeds is LAPACK's batched geqrf, which jaxlib 0.10 on CPU splits over the thread pool running it,
+    and two at once waited for each other. Seeds are now initialised one at a time; each lane's parameters equal
+    the single-seed run's. In a subprocess, so that a hang fails this test instead of the session."""
+    script = """
+import jax, numpy as np
+from jaxdp import train
+from jaxdp.config import TrainConfig, validate
+cfg = validate(TrainConfig(algo="a2c", env="Pong-v5", total_steps=100_000, seeds=(0, 1)))
+lanes = train.make_train(cfg).init(train.seed_keys(cfg))
+for r, seed in enumerate(cfg.seeds):
+    one = validate(TrainConfig(algo="a2c", env="Pong-v5", total_steps=100_000, seeds=(seed,)))
+    alone = train.make_train(one).init(train.seed_keys(one))
+    for a, b in zip(jax.tree.leaves(lanes.params), jax.tree.leaves(alone.params)):
+        np.testing.assert_array_equal(np.asarray(a[r]), np.asarray(b[0]))
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
