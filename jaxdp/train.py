@@ -589,6 +589,12 @@ def _seed_strategy_keys(opt_state: PyTree, seed_key: jax.Array) -> PyTree:
     return jax.tree.map(reseed, opt_state, is_leaf=lambda x: isinstance(x, kinds))
 
 
+def initial_params_key(seed_key: jax.Array) -> jax.Array:
+    """The key of a seed's initial parameters θ_0. Every runtime derives it so, which makes a lane of a sweep, a
+    single-seed run and an async simulation with the same seed start from the same θ_0."""
+    return jax.random.split(seed_key)[0]
+
+
 def init_params_one_seed_at_a_time(network, keys: jax.Array, obs: jax.Array) -> Any:
     """The initial parameters of each seed key in ``keys`` [S, 2] (stacked), as ``_make_init_lane`` makes them.
 
@@ -597,7 +603,7 @@ def init_params_one_seed_at_a_time(network, keys: jax.Array, obs: jax.Array) -> 
     once (two layers) wait for each other forever: ``jaxdp train --env Pong-v5 --seeds 0 1`` hung, 2 of 2 tries.
     ``obs``: one lane's observations, for the shapes.
     """
-    return jax.lax.map(lambda k: network.init(jax.random.split(k)[0], obs), keys)
+    return jax.lax.map(lambda k: network.init(initial_params_key(k), obs), keys)
 
 
 def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
@@ -611,7 +617,7 @@ def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
         if obs is None:  # the lane's reset observations, from the pool (or given by the caller)
             obs = env.initial_observation(key)
         if params is None:
-            params = network.init(jax.random.split(seed_key)[0], obs)
+            params = network.init(initial_params_key(seed_key), obs)
         buf = ()
         if cfg.is_dqn:
             # Without replay (the lecture's ablation) the buffer holds just the latest steps of each env.

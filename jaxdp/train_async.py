@@ -522,9 +522,8 @@ def make_async_train(
             replay=buf, target_params=target)
 
     def init_fn(seed_key: jax.Array) -> async_sim.SimCarry:
-        # Every worker starts from θ_0 (the same split as jaxdp.train's lanes), its own pool's first observations.
-        k_params, _ = jax.random.split(seed_key)
-        params = network.init(k_params, jnp.asarray(pools[0].initial_obs))
+        # Every worker starts from θ_0 (the key jaxdp.train's lanes use), its own pool's first observations.
+        params = network.init(train_lib.initial_params_key(seed_key), jnp.asarray(pools[0].initial_obs))
         worker_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[one_worker(w, params) for w in range(N)])
         return async_sim.init_carry(params, inner, outer, N, worker_state)
 
