@@ -41,7 +41,7 @@ import time
 import zipfile
 
 from jaxdp import atomic
-from jaxdp.cli_args import OneLineParser, folder_problem
+from jaxdp.cli_args import OneLineParser, file_problem, folder_problem
 from machine import cpu_model
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -72,10 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not os.access(args.python, os.X_OK):
         parser.error(f"--python: {args.python} is not an executable")
-    for flag, folder in (("--workdir", args.workdir), (f"--json {str(args.json)!r}:", args.json and args.json.parent)):
-        problem = folder and folder_problem(str(folder), flag)  # before ~12 minutes of runs, not after
-        if problem:
-            parser.error(problem)
+    # Before ~12 minutes of runs, not after them.
+    problem = ((args.workdir and folder_problem(str(args.workdir), "--workdir"))
+               or (args.json and file_problem(str(args.json), "--json", "the JSON file")))
+    if problem:
+        parser.error(problem)
     if args.pong_seconds < 60 or (args.ppo_seconds and args.ppo_seconds < 200):
         parser.error("--pong-seconds must be >= 60 and --ppo-seconds 0 or >= 200 (warm-up and compilation come first)")
     missing = subprocess.run([str(args.python), "-c", f"import importlib.util as u; print(' '.join(m for m in "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxdp import atomic
-from jaxdp.cli_args import folder_problem
+from jaxdp.cli_args import file_problem, folder_problem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,12 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def resolve(args: argparse.Namespace, name: str, parser: argparse.ArgumentParser) -> None:
     """Fills in ``args.out`` and ``args.plot`` where the command line left them out (see the module docstring), and
     refuses, through ``parser.error``, paths the results could not be written to: before the work, not after it."""
-    for flag, folder in (("--out", args.out), ("--plot", args.plot and args.plot.parent)):
-        problem = folder and folder_problem(str(folder), flag if flag == "--out" else f"--plot {str(args.plot)!r}:")
-        if problem:
-            parser.error(problem)
-    if args.plot is not None and args.plot.is_dir():
-        parser.error(f"--plot {str(args.plot)!r} is a folder: give the PNG's path")
+    problem = ((args.out and folder_problem(str(args.out), "--out"))
+               or (args.plot and file_problem(str(args.plot), "--plot", "the PNG")))
+    if problem:
+        parser.error(problem)
     if args.quick:
         args.out = args.out or pathlib.Path(tempfile.mkdtemp(prefix=f"jaxdp_{name}_quick_"))
     args.out = args.out or ROOT / "experiments" / "results"

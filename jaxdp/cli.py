@@ -225,7 +225,9 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     # before MPI or jax.distributed starts (one that went on would wait forever for the others). None can see
     # another's outputs yet: process 0 writes only after MPI's start-up barrier (jaxdp.train.run_mpi) or
     # jax.distributed.initialize, which wait for every process to get there.
-    _check_can_write(logdir)
+    problem = folder_problem(logdir, "--logdir")  # a run must not fail at its first write, after work has started
+    if problem:
+        raise config_lib.ConfigError(problem)
     has_run = os.path.exists(os.path.join(logdir, "metrics.jsonl")) or os.path.isdir(
         os.path.join(logdir, "checkpoints"))
     ckpt_dir = os.path.join(logdir, "checkpoints")
@@ -255,14 +257,6 @@ def _check_target_options(args: argparse.Namespace, cfg: config_lib.TrainConfig)
                                      f"with --tau {cfg.tau:g} the target moves toward the online network after "
                                      f"every update instead (CleanRL and SB3 average every --target-update steps): "
                                      f"give one of the two")
-
-
-def _check_can_write(logdir: str) -> None:
-    """``logdir`` is a folder this process may write in, or may create: a run must not fail on its first write,
-    after the work has started."""
-    problem = folder_problem(logdir, "--logdir")
-    if problem:
-        raise config_lib.ConfigError(problem)
 
 
 def check_devices(workers: int) -> None:

@@ -34,6 +34,16 @@ def folder_problem(path: str, flag: str) -> str | None:
     return None
 
 
+def file_problem(path: str, flag: str, what: str = "file") -> str | None:
+    """Why ``path`` cannot be a file this process writes, or None: it is not a folder, and its folder is one this
+    process writes in or can make (``folder_problem``). ``what`` names the file in the message ("the PNG")."""
+    import os
+
+    if os.path.isdir(path):
+        return f"{flag} {path!r} is a folder: give {what}'s path"
+    return folder_problem(os.path.dirname(path) or ".", f"{flag} {path!r}:")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -45,7 +45,7 @@ def test_cleanrl_peer_rejects_a_bad_command_line_in_one_line(args: list[str], na
 
 
 def test_cleanrl_peer_refuses_a_json_path_it_could_not_write_before_running(tmp_path) -> None:
-    """--json is written after ~12 minutes of runs: a path under a file is refused first, in one line."""
+    """--json is written after ~12 minutes of runs: a path under a file, or a folder, is refused first, in one line."""
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     result = subprocess.run([sys.executable, str(BENCHMARKS / "cleanrl_peer.py"), "--python", sys.executable,
@@ -54,6 +54,13 @@ def test_cleanrl_peer_refuses_a_json_path_it_could_not_write_before_running(tmp_
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"--json '{blocker / 'cleanrl.json'}': '{blocker}' is a file, not a folder" in lines[0]
+    # A folder where the JSON file should go.
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cleanrl_peer.py"), "--python", sys.executable,
+                             "--json", str(tmp_path), "--workdir", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"--json '{tmp_path}' is a folder: give the JSON file's path" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
