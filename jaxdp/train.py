@@ -657,9 +657,15 @@ MAX_CHUNK_ENV_STEPS = 100_000
 
 
 def default_chunk_iterations(cfg: TrainConfig) -> int:
-    """~100 chunks over a run, each at most :data:`MAX_CHUNK_ENV_STEPS` env steps, never more than the run."""
+    """~100 chunks over a run, each at most :data:`MAX_CHUNK_ENV_STEPS` env steps, never more than the run.
+
+    Where one exists, a length that divides the learning iterations, at most halving the chunk: a shorter last
+    chunk is another program to compile (~1.5 s, a fifth of the default CartPole A2C run).
+    """
     longest = max(1, MAX_CHUNK_ENV_STEPS // cfg.steps_per_iteration)
-    return max(1, min(cfg.num_iterations, math.ceil(cfg.num_iterations / 100), longest))
+    target = max(1, min(cfg.num_iterations, math.ceil(cfg.num_iterations / 100), longest))
+    learn_iters = max(1, cfg.num_iterations - cfg.acting_only_iterations)
+    return next((c for c in range(target, (target - 1) // 2, -1) if learn_iters % c == 0), target)
 
 
 def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trainer:

@@ -284,9 +284,17 @@ def test_default_chunks_are_a_hundredth_of_the_run_but_short_enough_for_a_signal
     """The host honours a stop request only between chunks: a long run's chunk stays within MAX_CHUNK_ENV_STEPS."""
     short = validate(TrainConfig(algo="dqn", total_steps=500_000))
     assert train_lib.default_chunk_iterations(short) == math.ceil(short.num_iterations / 100)
+    # The chunks divide the learning iterations where a length of at least half the hundredth does: no shorter last
+    # chunk to compile. A2C's 3,906 iterations (2·3²·7·31): 31, not 40; 3,905 (5·11·71): none, 40 as before;
+    # REINFORCE's 125: 1, not 2.
+    for algo, total, iterations, chunk in (("a2c", 499_968, 3906, 31), ("a2c", 499_920, 3905, 40),
+                                           ("reinforce", 500_000, 125, 1)):
+        cfg = validate(TrainConfig(algo=algo, total_steps=total))
+        assert (cfg.num_iterations, train_lib.default_chunk_iterations(cfg)) == (iterations, chunk)
     long = validate(TrainConfig(algo="dqn", total_steps=50_000_000))
     chunk = train_lib.default_chunk_iterations(long)
-    assert chunk * long.steps_per_iteration <= train_lib.MAX_CHUNK_ENV_STEPS < 2 * chunk * long.steps_per_iteration
+    steps = long.steps_per_iteration
+    assert chunk * steps <= train_lib.MAX_CHUNK_ENV_STEPS <= 2 * (chunk + 1) * steps
 
 
 def test_stop_requests_records_a_signal_once_and_leaves_an_ignored_one_ignored():
