@@ -595,29 +595,16 @@ def initial_params_key(seed_key: jax.Array) -> jax.Array:
     return jax.random.split(seed_key)[0]
 
 
-def init_params_one_seed_at_a_time(network, keys: jax.Array, obs: jax.Array) -> Any:
-    """The initial parameters of each seed key in ``keys`` [S, 2] (stacked), as ``_make_init_lane`` makes them.
-
-    One seed at a time (``lax.map``), not vmapped: the orthogonal initialisers' QR of a batch of seeds is LAPACK's
-    batched ``geqrf``, which jaxlib 0.10 on CPU splits over the same thread pool that runs it. Two such calls at
-    once (two layers) wait for each other forever: ``jaxdp train --env Pong-v5 --seeds 0 1`` hung, 2 of 2 tries.
-    ``obs``: one lane's observations, for the shapes.
-    """
-    return jax.lax.map(lambda k: network.init(initial_params_key(k), obs), keys)
-
-
 def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
     spec, E = env.spec, cfg.envs_per_worker
 
-    def init_lane(seed_key: jax.Array, worker: jax.Array, obs: jax.Array | None = None,
-                  params: Any = None) -> Lane:
+    def init_lane(seed_key: jax.Array, worker: jax.Array, obs: jax.Array | None = None) -> Lane:
         # Every worker of a seed starts from the same parameters (the global model); keys differ per worker.
-        # ``params``: this seed's, made by init_params_one_seed_at_a_time (several seeds), else made here.
+        # Vmapped over seeds, the orthogonal initialisers draw one seed at a time (jaxdp.nets.initializers).
         key = jax.random.fold_in(seed_key, worker)
         if obs is None:  # the lane's reset observations, from the pool (or given by the caller)
             obs = env.initial_observation(key)
-        if params is None:
-            params = network.init(initial_params_key(seed_key), obs)
+        params = network.init(initial_params_key(seed_key), obs)
         buf = ()
         if cfg.is_dqn:
             # Without replay (the lecture's ablation) the buffer holds just the latest steps of each env.
@@ -702,13 +689,8 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
     base_init_lane = _make_init_lane(cfg, env, network, tx)  # tx.init's state does not depend on the values
     hparams = run_hyperparams(cfg)  # [S] per swept field
 
-    def init_lane(key: jax.Array, worker: jax.Array, hp: Hyperparams, obs: jax.Array | None = None,
-                  params: Any = None) -> Lane:
-        return base_init_lane(key, worker, obs, params)._replace(hparams=hp)
-
-    def seed_params(keys: jax.Array) -> Any:
-        obs = envs_lib.one_hot_observations(spec, jnp.zeros((E, *spec.obs_shape), spec.obs_dtype))  # as the net sees
-        return init_params_one_seed_at_a_time(network, keys, obs)
+    def init_lane(key: jax.Array, worker: jax.Array, hp: Hyperparams, obs: jax.Array | None = None) -> Lane:
+        return base_init_lane(key, worker, obs)._replace(hparams=hp)
 
     workers = jnp.arange(N)
     # The env handle: the pool token is shared by every lane; each lane has its own pending-reset flags.
@@ -730,8 +712,8 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
         lane_sharding = jax.sharding.NamedSharding(mesh, _P(None, WORKERS))
 
         def init_replicas(keys: jax.Array) -> Lane:
-            return jax.vmap(lambda k, hp, o, p: jax.vmap(lambda w, ow: init_lane(k, w, hp, ow, p))(workers, o))(
-                keys, hparams, reset_obs, seed_params(keys))
+            return jax.vmap(lambda k, hp, o: jax.vmap(lambda w, ow: init_lane(k, w, hp, ow))(workers, o))(
+                keys, hparams, reset_obs)
 
         init_replicas = jax.jit(init_replicas)  # on one device, then laid out over the mesh
 
@@ -745,8 +727,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
 
         def init(keys: jax.Array) -> Lane:
             chex.assert_shape(keys, (S, 2))
-            return jax.vmap(lambda k, hp, p: jax.vmap(lambda w: init_lane(k, w, hp, params=p))(workers))(
-                keys, hparams, seed_params(keys))
+            return jax.vmap(lambda k, hp: jax.vmap(lambda w: init_lane(k, w, hp))(workers))(keys, hparams)
 
     # XLA:CPU runs convolution gradients 10-60x slower inside a loop (jax-ml/jax#12868; measured here: a batch-32
     # Nature-CNN gradient 30 ms alone, ~300 ms in a scan, even of length 1). For CNNs on CPU each chunk is one

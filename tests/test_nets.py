@@ -172,3 +172,42 @@ def test_microbatched_small_batches_pass_through_and_bad_size_is_refused():
     assert calls == [32, 32, 32, 32]
     with pytest.raises(ValueError, match="size must be >= 1"):
         nets.microbatched(apply, 0)
+
+
+def test_orthogonal_init_vmapped_is_flax_s_draw_per_key_without_a_batched_qr():
+    """jax.vmap(net.init) over keys hung on CPU (jaxlib 0.10's batched LAPACK QR deadlocks its thread pool; the
+    Nature CNN's two large QRs at once, 3 of 3 tries). jaxdp's orthogonal initialiser loops over the keys instead:
+    the vmapped (and doubly vmapped) draws equal flax's, key by key, and no batched QR is in the program. In a
+    subprocess, so that a hang fails this test instead of the session."""
+    import subprocess
+    import sys
+
+    from flax import linen as nn
+
+    from jaxdp.nets.initializers import orthogonal
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    draw = orthogonal(2.0)
+    batched = jax.jit(jax.vmap(lambda k: draw(k, (64, 16))))(keys)
+    nested = jax.jit(jax.vmap(jax.vmap(lambda k: draw(k, (64, 16)))))(keys.reshape(2, 2))
+    for i, key in enumerate(keys):
+        expected = nn.initializers.orthogonal(2.0)(key, (64, 16))
+        np.testing.assert_array_equal(batched[i], expected)
+        np.testing.assert_array_equal(nested.reshape(4, 64, 16)[i], expected)
+    # The QR in the vmapped program is unbatched (flax's own, vmapped, is one call with num_batch_dims = "1").
+    qr_calls = [line for line in jax.jit(jax.vmap(lambda k: draw(k, (64, 16)))).lower(keys).as_text().splitlines()
+                if "geqrf" in line]
+    assert qr_calls and all('num_batch_dims = "0"' in line for line in qr_calls), qr_calls
+    flax_vmapped = jax.jit(jax.vmap(lambda k: nn.initializers.orthogonal(2.0)(k, (64, 16)))).lower(keys).as_text()
+    assert any('num_batch_dims = "1"' in line for line in flax_vmapped.splitlines() if "geqrf" in line)
+    script = """
+import jax, jax.numpy as jnp
+from jaxdp import nets
+net = nets.make_actor_critic("nature", 6)
+params = jax.jit(jax.vmap(lambda k: net.init(k, jnp.zeros((2, 4, 84, 84), jnp.uint8))))(
+    jax.random.split(jax.random.key(0), 2))
+jax.block_until_ready(params)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

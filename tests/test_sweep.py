@@ -203,8 +203,9 @@ def test_cli_seeds_report_the_mean_and_std_and_each_seed(tmp_path):
 def test_atari_seeds_initialise_without_hanging_and_as_each_seed_alone(tmp_path):
     """`jaxdp train --env Pong-v5 --seeds 0 1` hung in its init (2 of 2 tries): the orthogonal initialisers' QR
     of a batch of seeds is LAPACK's batched geqrf, which jaxlib 0.10 on CPU splits over the thread pool running it,
-    and two at once waited for each other. Seeds are now initialised one at a time; each lane's parameters equal
-    the single-seed run's. In a subprocess, so that a hang fails this test instead of the session."""
+    and two at once waited for each other. jaxdp's orthogonal initialiser draws one seed at a time under vmap; each
+    lane's parameters equal the single-seed run's. In a subprocess, so that a hang fails this test instead of the
+    session."""
     script = """
 import jax, numpy as np
 from jaxdp import train

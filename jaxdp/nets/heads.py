@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxdp.nets.initializers import orthogonal
 from jaxdp.nets.torsos import make_torso
 
 _ZEROS = nn.initializers.zeros
@@ -41,7 +42,7 @@ class QNetwork(nn.Module):
     def __call__(self, obs: jax.Array) -> jax.Array:
         features = self.torso(obs)
         return nn.Dense(
-            self.num_actions, kernel_init=nn.initializers.orthogonal(1.0), bias_init=_ZEROS, name="q"
+            self.num_actions, kernel_init=orthogonal(1.0), bias_init=_ZEROS, name="q"
         )(features)
 
 
@@ -68,10 +69,10 @@ class ActorCritic(nn.Module):
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         features = self.torso(obs)
         logits = nn.Dense(
-            self.num_actions, kernel_init=nn.initializers.orthogonal(0.01), bias_init=_ZEROS, name="policy"
+            self.num_actions, kernel_init=orthogonal(0.01), bias_init=_ZEROS, name="policy"
         )(features)
         value = nn.Dense(
-            1, kernel_init=nn.initializers.orthogonal(1.0), bias_init=_ZEROS, name="value"
+            1, kernel_init=orthogonal(1.0), bias_init=_ZEROS, name="value"
         )(features)
         return logits, value[..., 0]
 

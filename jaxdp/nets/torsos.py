@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_HIDDEN_INIT = nn.initializers.orthogonal(np.sqrt(2.0))
+from jaxdp.nets.initializers import orthogonal
+
+_HIDDEN_INIT = orthogonal(np.sqrt(2.0))
 _ZEROS = nn.initializers.zeros
 
 
