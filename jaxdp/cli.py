@@ -111,6 +111,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             # A flag is off until given; "(default: True)" beside --no-replay would read as the ablation being on.
             action = "store_true" if kind == "flag" else "store_false"
             p.add_argument(flag, dest=field, action=action, help=f"{help_text}%(default).0s")
+        elif field == "workers":
+            # Unset (None) until known: under mpi and distributed the job's size decides, and a --workers given must
+            # match it (_check_job_size).
+            p.add_argument(flag, dest=field, type=kind, default=None,
+                           help=f"{help_text} (default: {default}; --runtime mpi / distributed: the job's "
+                                f"size)%(default).0s")
         elif field in config_lib.ATARI_DQN_DEFAULTS:
             # Unset (None) until the env is known: Atari DQN takes the Nature-DQN value (config_from_args).
             atari = config_lib.ATARI_DQN_DEFAULTS[field]
@@ -179,14 +185,50 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     return config_lib.TrainConfig(**kw)
 
 
-def _launcher_rank() -> int:
-    """This process's rank as mpirun (or srun) numbers it, from the environment (0 when not launched by one)."""
+# What mpirun (Open MPI, MPICH / Intel MPI's hydra) and srun set in each process they start.
+_LAUNCHER_RANK = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+_LAUNCHER_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def _from_launcher(names: Sequence[str]) -> int | None:
     import os
 
-    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
+    return next((int(os.environ[name]) for name in names if os.environ.get(name, "").isdigit()), None)
+
+
+def _launcher_rank() -> int:
+    """This process's rank as mpirun (or srun) numbers it, from the environment (0 when not launched by one)."""
+    rank = _from_launcher(_LAUNCHER_RANK)
+    return 0 if rank is None else rank
+
+
+def _launcher_size() -> int | None:
+    """How many processes mpirun (or srun) started, from the environment: 1 when none started this one (a process
+    run alone is a job of one), None when one did without saying how many."""
+    return 1 if _from_launcher(_LAUNCHER_RANK) is None else _from_launcher(_LAUNCHER_SIZE)
+
+
+def _check_job_size(args: argparse.Namespace, cfg: config_lib.TrainConfig) -> None:
+    """``--workers``, where given to a job whose size sets the workers (``--runtime mpi`` / ``distributed``), must be
+    what the job has: a run forgotten outside mpirun is a job of one process, and would train one worker, not N."""
+    if args.workers is None or cfg.runtime not in ("mpi", "distributed"):
+        return
+    if cfg.runtime == "mpi":
+        servers = 0 if cfg.strategy == "sync" else 1  # async and dpsgd: rank 0 is the parameter server
+        size = _launcher_size()
+        if size is not None and size != cfg.workers + servers:
+            role = "" if not servers else " (rank 0 serves the parameters)"
+            raise config_lib.ConfigError(
+                f"--runtime mpi --strategy {cfg.strategy} --workers {cfg.workers} needs {cfg.workers + servers} MPI "
+                f"processes{role}, this job has {size}: start it with mpirun -n {cfg.workers + servers}, or leave "
+                f"--workers out (the job's size decides)")
+    else:
+        # Without --num-processes, srun's size; a process run alone finds no cluster to join (run_distributed).
+        size = cfg.num_processes or (_launcher_size() if _from_launcher(_LAUNCHER_RANK) is not None else None)
+        if size is not None and size != cfg.workers:
+            raise config_lib.ConfigError(
+                f"--runtime distributed --workers {cfg.workers}: the job has {size} process{'es' * (size != 1)}, one "
+                f"worker each; leave --workers out (the job's size decides)")
 
 
 # Before MPI starts, the launcher ends the whole job as soon as one rank exits non-zero, and a rank it ends has its
@@ -299,6 +341,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for field, owner in config_lib.options_not_read(cfg):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
         _check_target_options(args, cfg)
+        _check_job_size(args, cfg)
         from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment
 
         if backend_of(cfg.env) != "envpool":  # raises on an unknown id

@@ -37,7 +37,7 @@ import jaxdp
 from jaxdp import envs as envs_lib
 from jaxdp import nets as nets_lib
 from jaxdp.agents import a2c, dqn, reinforce, replay as replay_lib
-from jaxdp.config import CNN_TORSOS, TrainConfig, check_torso_fits
+from jaxdp.config import CNN_TORSOS, ConfigError, TrainConfig, check_torso_fits
 
 PyTree = Any
 WORKERS = "workers"
@@ -1124,7 +1124,8 @@ def run_mpi(cfg: TrainConfig):
 
     sync: all K ranks are workers that all-reduce every gradient; async (Downpour, B = 1) and dpsgd (B local
     steps): rank 0 is the parameter server, ranks 1..K-1 are workers, each with its own envs. ``--total-steps``
-    counts env steps of all workers together; ``--workers`` is ignored (the world size decides).
+    counts env steps of all workers together; the world size decides the workers (``jaxdp train`` refuses a
+    ``--workers`` that differs).
     """
     from mpi4py import MPI
 
@@ -1235,7 +1236,8 @@ def run_distributed(cfg: TrainConfig):
     runtime), all-reducing gradients over every device of every process each step
     (:func:`jaxdp.runtime.distributed.run_distributed`, gloo on CPU, NCCL on GPUs). One local device per process:
     a process's envpool pool belongs to one worker. ``--total-steps`` counts env steps of all workers;
-    ``--workers`` is ignored (the job's device count decides). Process 0 writes the outputs.
+    the job's device count decides the workers (``jaxdp train`` refuses a ``--workers`` that differs). Process 0
+    writes the outputs.
     """
     import jax
 
@@ -1243,8 +1245,14 @@ def run_distributed(cfg: TrainConfig):
     from jaxdp.workloads.rl import rl_workload
 
     given = cfg.num_processes > 0
-    dist.initialize(cfg.coordinator if given else None, cfg.num_processes if given else None,
-                    cfg.process_id if given else None)
+    try:
+        dist.initialize(cfg.coordinator if given else None, cfg.num_processes if given else None,
+                        cfg.process_id if given else None)
+    except ValueError as e:  # auto-detection found no cluster: nothing has started, and nothing was written
+        if given:
+            raise
+        raise ConfigError(f"--runtime distributed found no cluster to join ({e}): give --coordinator "
+                          f"HOST:PORT, --num-processes and --process-id, or launch it under srun") from e
     if jax.local_device_count() != 1:
         raise SystemExit(f"jaxdp train: error: --runtime distributed runs one worker per process, but this process "
                          f"has {jax.local_device_count()} devices: restrict each process to one (e.g. "

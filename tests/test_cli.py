@@ -118,12 +118,21 @@ BAD_INPUTS = [
     (["--strategy", "async", "--max-delay", "1", "2"], "--max-delay"),  # a uniform delay: not each run's alone
     (["--strategy", "sync", "--workers", "2", "--delay", "fixed", "--max-delay", "1", "2"], "--max-delay"),
     (["--lr", "1e-3", "2e-3", "--runtime", "async_sim", "--strategy", "async", "--workers", "2"], "--runtime"),
+    # A job whose size sets the workers: a --workers given must be its size. Run outside mpirun, `--workers 2`
+    # trained one worker in silence (a job of one process).
+    (["--runtime", "mpi", "--strategy", "sync", "--workers", "2"], "needs 2 MPI processes, this job has 1"),
+    (["--runtime", "mpi", "--strategy", "dpsgd", "--workers", "2"], "needs 3 MPI processes (rank 0 serves"),
+    (["--runtime", "distributed", "--strategy", "sync", "--workers", "3", "--coordinator", "localhost:1234",
+      "--num-processes", "2", "--process-id", "0"], "--workers 3: the job has 2 processes"),
 ]
 
 
 @pytest.mark.parametrize("argv,option", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_exits_2_with_one_line_naming_the_option(argv, option, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a default --logdir would land in tmp_path/runs
+    for name in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "SLURM_NTASKS",
+                 "SLURM_PROCID"):  # not a rank of a launcher's job, whatever ran the tests
+        monkeypatch.delenv(name, raising=False)
     logdir = tmp_path / "run"
     rc = run_main(["train", *argv, "--logdir", str(logdir), "--no-progress"])
     captured = capsys.readouterr()
@@ -346,6 +355,16 @@ def test_real_process_bad_input_and_help(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--help"], capture_output=True, text=True,
                         timeout=120)
     assert ok.returncode == 0 and "--total-steps" in ok.stdout and ok.stderr == ""
+    # --runtime distributed with nothing to join (no --coordinator, no srun) was jax's traceback; in a process of
+    # its own, since it reaches jax.distributed.initialize.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
+    lone = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "distributed", "--strategy", "sync",
+                           "--logdir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    lines = lone.stderr.strip().splitlines()
+    assert lone.returncode == 2 and len(lines) == 1, lone.stderr[-2000:]
+    assert lines[0].startswith("jaxdp train: error: --runtime distributed found no cluster to join")
+    assert os.listdir(tmp_path) == []
 
 
 def test_dqn_on_atari_takes_the_nature_dqn_defaults_for_options_not_given():

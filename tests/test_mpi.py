@@ -519,6 +519,7 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
         (3, ["--total-steps", "30000"], "already holds a run"),
         (3, ["--total-steps", "30000", "--resume", "--lr", "1e-3"], "--resume: --lr is 0.001"),
         (2, ["--total-steps", "30000", "--resume"], "--resume: the run being resumed had 2 workers, this job has 1"),
+        (2, ["--total-steps", "30000", "--resume", "--workers", "2"], "--workers 2 needs 3 MPI processes"),
     ]:
         refused = job(ranks, *args)
         lines = refused.stderr.strip().splitlines()
