@@ -377,7 +377,7 @@ def _main(argv: Sequence[str] | None) -> int:
               f"{_steps(summary)} in {summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; "
               f"outputs in {cfg.logdir}")
         for point in summary["grid"]:
-            label = " ".join(f"{config_lib.SWEEPABLE[k]} {v:g}" for k, v in point["hyperparams"].items())
+            label = config_lib.point_shown(point["hyperparams"])
             mark = "  (best)" if point["hyperparams"] == summary["best"] else ""
             print(f"  {label}: {_returns(point, 'final_return_over_seeds', 'eval_return_over_seeds')}{mark}")
         if len(cfg.seeds) > 1:

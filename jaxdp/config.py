@@ -423,6 +423,11 @@ _FLAG_OF_FIELD = {"seeds": "--seeds", "sweep": "--lr / --gamma / ... (a sweep's 
                   "tensorboard": "--no-tensorboard"}
 
 
+def point_shown(point: dict[str, float]) -> str:
+    """A sweep's grid point as the options that give it: ``--lr 0.001 --gamma 0.99``."""
+    return " ".join(f"{SWEEPABLE[name]} {value:g}" for name, value in point.items())
+
+
 def flag_of(field: str) -> str:
     """The command-line option of a TrainConfig field."""
     return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp import atomic
-from jaxdp.config import TrainConfig, save_run_config
+from jaxdp.config import TrainConfig, point_shown, save_run_config
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 from jaxdp.stopping import RunStopped, stop_requests
 
@@ -535,7 +535,8 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
             atomic.write_json(os.path.join(d, "summary.json"), {**per_run[r], "config": summary["config"]})
         by_point: dict[str, list] = {}
         for r, (point, _) in enumerate(cfg.runs):
-            by_point.setdefault(point_label(cfg.grid[point]), []).append(_curve(episodes[r]))
+            # Labelled as the closing lines name the points: by their options.
+            by_point.setdefault(point_shown(cfg.grid[point]), []).append(_curve(episodes[r]))
         plot_learning_curves(os.path.join(cfg.logdir, "learning_curves.png"), by_point, f"{cfg.algo} on {cfg.env}")
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     for w in writers:

@@ -117,6 +117,16 @@ def test_each_run_of_a_sweep_is_its_own_single_run(name, tmp_path):
     assert max(float(np.max(np.abs(leaf[0] - leaf[other]))) for leaf in jax.tree.leaves(lanes.params)) > 1e-3
 
 
+def test_a_point_is_shown_as_its_options_and_named_as_its_folder():
+    """The closing lines and the learning curves' legend show a point as the options that give it; its folder has a
+    name without spaces or dashes."""
+    from jaxdp.config import point_shown
+
+    point = {"lr": 1e-3, "eps_fraction": 0.25}
+    assert point_shown(point) == "--lr 0.001 --eps-fraction 0.25"
+    assert loop.point_label(point) == "lr_0.001-eps_fraction_0.25"
+
+
 def test_cli_sweep_writes_every_point_and_its_runs(tmp_path):
     logdir = tmp_path / "sweep"
     common = ["--algo", "a2c", "--total-steps", str(128 * 100), "--eval-episodes", "1", "--no-tensorboard",
