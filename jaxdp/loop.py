@@ -35,6 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxdp import atomic
 from jaxdp.config import TrainConfig, point_shown, save_run_config
@@ -324,23 +325,26 @@ def mean_groups(cfg: TrainConfig) -> list[tuple[str, list[int]]]:
     return groups
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, *, inner: optax.GradientTransformation | None = None) -> dict:
     """Trains ``cfg`` with logging and checkpoints; returns the summary dict (also written to summary.json).
+
+    ``inner``: the learner's own optax chain (see :func:`jaxdp.train.make_train`). It is not saved with the run:
+    a ``--resume`` must pass the same one again.
 
     SIGINT (Ctrl-C), SIGTERM or SIGUSR1 stops the run after the current chunk: it logs, saves a checkpoint and raises
     :class:`RunStopped`; ``--resume`` continues it. A second signal stops it at once.
     """
     with contextlib.ExitStack() as signals:
-        return _run(cfg, signals)
+        return _run(cfg, signals, inner)
 
 
-def _run(cfg: TrainConfig, signals: contextlib.ExitStack) -> dict:
+def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientTransformation | None) -> dict:
     from jaxdp import train as train_lib
 
     t_start = time.time()
     S = len(cfg.runs)  # lanes: grid points x seeds
     save_run_config(cfg, cfg.logdir)  # what a --resume must match; checks this one (a script may skip the CLI)
-    trainer = train_lib.make_train(cfg)
+    trainer = train_lib.make_train(cfg, inner=inner)
     keys = train_lib.seed_keys(cfg)
     handle = trainer.initial_handle()
     lanes = trainer.init(keys)

@@ -180,11 +180,13 @@ def delay_distribution(cfg: TrainConfig, delay: Any = None):
     }[cfg.delay]()
 
 
-def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None, *,
-                   delay: Any = None) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = None, *, delay: Any = None,
+                   inner: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
     """The per-worker update rule for ``cfg.strategy`` (run under ``vmap(axis_name="workers")``).
 
     ``learning_rate`` and ``delay`` override the config (see :class:`Hyperparams`); both may be traced arrays.
+    ``inner``: the learner's own optax chain, in place of :func:`make_inner_optimizer`'s (``cfg.optimizer``,
+    ``lr``, ``anneal_lr`` and ``max_grad_norm`` are then not read, nor is ``learning_rate``).
 
     * single: the inner optimizer.
     * sync: ``allreduce`` then inner -- every worker applies the mean gradient (synchronous data parallelism).
@@ -194,7 +196,7 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float | jax.Array | None = N
     * dpsgd: ``local_steps(inner, sgd(global_lr), B, "workers")`` -- B local steps, then the mean update vector.
     * hogwild: ``hogwild(inner)`` per worker (stale reads, lost writes), gradients all-reduced across workers.
     """
-    inner = make_inner_optimizer(cfg, learning_rate)
+    inner = make_inner_optimizer(cfg, learning_rate) if inner is None else inner
     many = cfg.workers > 1
     if cfg.strategy == "single":
         return inner
@@ -546,7 +548,8 @@ def run_hyperparams(cfg: TrainConfig) -> Hyperparams:
     return Hyperparams(**values)
 
 
-def swept_lane_functions(cfg: TrainConfig, env, network) -> LaneFunctions:
+def swept_lane_functions(cfg: TrainConfig, env, network,
+                         inner: optax.GradientTransformation | None = None) -> LaneFunctions:
     """:class:`LaneFunctions` that learn with each lane's own hyperparameters (``Lane.hparams``, see
     :func:`run_hyperparams`): the optimizer and the ε schedule are built inside the lane's trace from its values,
     so one compiled program trains every point of a sweep, and a lane computes what :func:`lane_functions` of its
@@ -557,12 +560,12 @@ def swept_lane_functions(cfg: TrainConfig, env, network) -> LaneFunctions:
     def per_lane(name: str, lane_position: int) -> Callable:
         def fn(*args):
             hp = args[lane_position].hparams
-            tx = make_optimizer(cfg, hp.learning_rate, delay=hp.delay)
+            tx = make_optimizer(cfg, hp.learning_rate, delay=hp.delay, inner=inner)
             return getattr(lane_functions(cfg, env, network, tx, hp), name)(*args)
 
         return fn
 
-    one = lane_functions(cfg, env, network, make_optimizer(cfg))  # which functions exist
+    one = lane_functions(cfg, env, network, make_optimizer(cfg, inner=inner))  # which functions exist
     return LaneFunctions(
         warmup_iteration=None if one.warmup_iteration is None else per_lane("warmup_iteration", 1),
         iteration=per_lane("iteration", 1), gradient_step=per_lane("gradient_step", 1), act=per_lane("act", 1),
@@ -655,16 +658,32 @@ def default_chunk_iterations(cfg: TrainConfig) -> int:
     return next((c for c in range(target, (target - 1) // 2, -1) if learn_iters % c == 0), target)
 
 
-def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trainer:
+def _check_inner(inner: Any, *, swept_lr: bool) -> None:
+    if inner is None:
+        return
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"inner must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+                        f"{type(inner).__name__}")
+    if swept_lr:  # each lane's rate is built into make_inner_optimizer's chain; a given chain has its own
+        raise ValueError("inner: a given optimizer has its own learning rate, so it cannot be swept over lr; sweep "
+                         "by building one chain per rate, or leave inner out")
+
+
+def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
+               inner: optax.GradientTransformation | None = None) -> Trainer:
     """Builds the environments, network, optimizer and jitted loop pieces for ``cfg``.
 
     Args:
       cfg: a validated :class:`TrainConfig`.
       chunk_iterations: loop iterations per jitted chunk (the host logs and checkpoints between chunks).
+      inner: the learner's optax chain, e.g. ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4))``,
+        in place of the one ``cfg`` names (``optimizer``, ``lr``, ``anneal_lr``, ``max_grad_norm``); the strategy
+        wraps it as it wraps that one. Not with a sweep of ``lr``.
 
     Returns:
       A :class:`Trainer`.
     """
+    _check_inner(inner, swept_lr=any(field == "lr" for field, _ in cfg.sweep))
     S, N, E = len(cfg.runs), cfg.workers, cfg.envs_per_worker
     run_seeds = [seed for _, seed in cfg.runs]  # the seed of each run: S = grid points x seeds
     on_devices = cfg.runtime == "devices"
@@ -682,8 +701,8 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None) -> Trai
         env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
     network = make_network(cfg, spec)
-    tx = make_optimizer(cfg.build_config)  # its state's structure is every lane's
-    fns = swept_lane_functions(cfg, env, network) if cfg.sweep else lane_functions(cfg, env, network, tx)
+    tx = make_optimizer(cfg.build_config, inner=inner)  # its state's structure is every lane's
+    fns = swept_lane_functions(cfg, env, network, inner) if cfg.sweep else lane_functions(cfg, env, network, tx)
     warmup_iteration, iteration = fns.warmup_iteration, fns.iteration
 
     base_init_lane = _make_init_lane(cfg, env, network, tx)  # tx.init's state does not depend on the values
@@ -1025,7 +1044,8 @@ def _batched_like(key: jax.Array, hparams: Hyperparams) -> jax.Array:
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
 
 
-def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., TrainOutput], Any]:
+def make_train_fn(cfg: TrainConfig, *, lanes: int = 1,
+                  inner: optax.GradientTransformation | None = None) -> tuple[Callable[..., TrainOutput], Any]:
     """The whole run of ONE seed as a pure function ``train(key, hparams=None) -> TrainOutput``.
 
     PureJaxRL's ``make_train``: ``jax.jit(train)(key)`` is one program (warmup and learning scans, no host loop);
@@ -1038,7 +1058,8 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
     Every vmapped call is a lane of the env pool, which holds ``lanes`` × workers × E envs and whose step is batched
     by ``custom_vmap``: exactly ``lanes`` vmapped calls must share it (nested vmaps multiply). Lane ``l`` plays the
     envs of a single-seed run with seed ``cfg.seeds[0] + l`` (see :func:`env_seed`). The pool is stateful C++: build
-    a new function (``make_train_fn`` again) to replay a run.
+    a new function (``make_train_fn`` again) to replay a run. ``inner``: the learner's own optax chain, as for
+    :func:`make_train` (then ``Hyperparams.learning_rate`` cannot be given).
 
     Returns:
       ``(train, env)``.
@@ -1058,7 +1079,8 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1) -> tuple[Callable[..., Tr
 
     def train(key: jax.Array, hparams: Hyperparams | None = None) -> TrainOutput:
         hp = check_hyperparams(cfg, Hyperparams() if hparams is None else hparams)
-        tx = make_optimizer(cfg, hp.learning_rate, delay=hp.delay)
+        _check_inner(inner, swept_lr=hp.learning_rate is not None)
+        tx = make_optimizer(cfg, hp.learning_rate, delay=hp.delay, inner=inner)
         fns = lane_functions(cfg, env, network, tx, hp)
         warmup_iteration, iteration = fns.warmup_iteration, fns.iteration
         init_lane = _make_init_lane(cfg, env, network, tx)

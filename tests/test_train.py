@@ -706,3 +706,49 @@ def test_vmap_lanes_single_lane_equals_the_lane_vmap():
     jaxpr = jax.make_jaxpr(train_lib.vmap_lanes(fn, in_axes, out_axes, single=True))(handle, lane, 0.5)
     tanh = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "tanh"]
     assert [e.invars[0].aval.shape for e in tanh] == [(3,)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The learner's optimizer: any optax chain.
+# ---------------------------------------------------------------------------------------------------------------
+def test_the_learner_takes_any_optax_chain(tmp_path):
+    """make_train(cfg, inner=chain) learns with the given chain, wrapped by the strategy as the configured one is:
+    the configured chain given as ``inner`` is the default run bit for bit; a zero-rate chain leaves θ_0 in place
+    (under sync all-reduce too) while the default run moves it; loop.run and make_train_fn take it as well. A sweep
+    of lr cannot go with a chain that has its own rate."""
+    import optax
+
+    def final_params(cfg, inner=None):
+        trainer = train_lib.make_train(cfg, chunk_iterations=4, inner=inner)
+        lanes, _, _ = train_lib.train(trainer, train_lib.seed_keys(cfg))
+        return jax.device_get(lanes.params)
+
+    for kw in (dict(algo="a2c"), dict(algo="dqn", learning_starts=400, strategy="sync", workers=2)):
+        cfg = make_cfg(tmp_path, total_steps=128 * 8 if kw["algo"] == "a2c" else 8 * 2 * 100, **kw)
+        start = jax.device_get(train_lib.make_train(cfg).init(train_lib.seed_keys(cfg)).params)
+        default = final_params(cfg)
+        same = final_params(cfg, inner=train_lib.make_inner_optimizer(cfg))
+        frozen = final_params(cfg, inner=optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.0)))
+        for d, s, f, s0 in zip(*map(jax.tree.leaves, (default, same, frozen, start))):
+            np.testing.assert_array_equal(d, s)
+            np.testing.assert_array_equal(f, s0)
+        assert any(not np.array_equal(d, s0) for d, s0 in zip(jax.tree.leaves(default), jax.tree.leaves(start)))
+
+    cfg = make_cfg(tmp_path, "logged", algo="a2c", total_steps=128 * 8, eval_episodes=0)
+    summary = loop.run(cfg, inner=optax.adamw(1e-3, weight_decay=1e-2))
+    assert summary["total_steps"] == 128 * 8
+    train_fn, _ = train_lib.make_train_fn(validate(TrainConfig(algo="a2c", total_steps=128 * 4)),
+                                          inner=optax.sgd(0.0))
+    out = jax.jit(train_fn)(jax.random.PRNGKey(0))
+    alone = train_lib.make_train(validate(TrainConfig(algo="a2c", total_steps=128 * 4)))
+    start = alone.init(train_lib.seed_keys(alone.cfg)).params
+    for a, b in zip(jax.tree.leaves(out.lanes.params), jax.tree.leaves(start)):
+        np.testing.assert_array_equal(a[0], b[0, 0])
+
+    with pytest.raises(ValueError, match="cannot be swept over lr"):
+        train_lib.make_train(make_cfg(tmp_path, "sweep", algo="a2c", sweep=(("lr", (1e-3, 2e-3)),)),
+                             inner=optax.adam(1e-3))
+    with pytest.raises(ValueError, match="cannot be swept over lr"):
+        jax.eval_shape(train_fn, jax.random.PRNGKey(0), train_lib.Hyperparams(learning_rate=1e-3))
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        train_lib.make_train(cfg, inner="adam")
