@@ -215,6 +215,11 @@ class TrainConfig:
         warmup = self.learning_starts // self.steps_per_iteration if self.is_dqn else 0
         return warmup + (1 if self.pipeline == "overlap" else 0)
 
+    @property
+    def learning_iterations(self) -> int:
+        """Loop iterations that learn (at least one): those after :attr:`acting_only_iterations`."""
+        return max(1, self.num_iterations - self.acting_only_iterations)
+
 
 def _fail(msg: str) -> None:
     raise ConfigError(msg)

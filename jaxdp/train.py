@@ -654,8 +654,7 @@ def default_chunk_iterations(cfg: TrainConfig) -> int:
     """
     longest = max(1, MAX_CHUNK_ENV_STEPS // cfg.steps_per_iteration)
     target = max(1, min(cfg.num_iterations, math.ceil(cfg.num_iterations / 100), longest))
-    learn_iters = max(1, cfg.num_iterations - cfg.acting_only_iterations)
-    return next((c for c in range(target, (target - 1) // 2, -1) if learn_iters % c == 0), target)
+    return next((c for c in range(target, (target - 1) // 2, -1) if cfg.learning_iterations % c == 0), target)
 
 
 def _check_inner(inner: Any, *, swept_lr: bool) -> None:
@@ -795,8 +794,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
     chunk = jax.jit(chunk_fn, static_argnums=3, donate_argnums=1)
     if cfg.pipeline == "overlap":
         init, warmup, chunk = _overlap(cfg, fns, S * N == 1, init, warmup_fn, random_play, initial_handle)
-    warmup_iters = cfg.acting_only_iterations
-    learn_iters = max(1, cfg.num_iterations - warmup_iters)
+    warmup_iters, learn_iters = cfg.acting_only_iterations, cfg.learning_iterations
     num_chunks = max(1, math.ceil(learn_iters / chunk_iterations))
     total_iterations = warmup_iters + learn_iters
     return Trainer(cfg=cfg, env=env, initial_handle=initial_handle, init=init if on_devices else jax.jit(init),
