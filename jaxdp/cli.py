@@ -224,7 +224,7 @@ def _check_job_size(args: argparse.Namespace, cfg: config_lib.TrainConfig) -> No
                 f"--workers out (the job's size decides)")
     else:
         # Without --num-processes, srun's size; a process run alone finds no cluster to join (run_distributed).
-        size = cfg.num_processes or (_launcher_size() if _from_launcher(_LAUNCHER_RANK) is not None else None)
+        size = cfg.num_processes or _from_launcher(_LAUNCHER_SIZE)
         if size is not None and size != cfg.workers:
             raise config_lib.ConfigError(
                 f"--runtime distributed --workers {cfg.workers}: the job has {size} process{'es' * (size != 1)}, one "

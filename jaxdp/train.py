@@ -682,7 +682,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
     Returns:
       A :class:`Trainer`.
     """
-    _check_inner(inner, swept_lr=any(field == "lr" for field, _ in cfg.sweep))
+    _check_inner(inner, swept_lr="lr" in dict(cfg.sweep))
     S, N, E = len(cfg.runs), cfg.workers, cfg.envs_per_worker
     run_seeds = [seed for _, seed in cfg.runs]  # the seed of each run: S = grid points x seeds
     on_devices = cfg.runtime == "devices"
