@@ -176,7 +176,7 @@ def test_microbatched_small_batches_pass_through_and_bad_size_is_refused():
 
 def test_orthogonal_init_vmapped_is_flax_s_draw_per_key_without_a_batched_qr():
     """jax.vmap(net.init) over keys hung on CPU (jaxlib 0.10's batched LAPACK QR deadlocks its thread pool; the
-    Nature CNN's two large QRs at once, 3 of 3 tries). jaxdp's orthogonal initialiser loops over the keys instead:
+    Nature CNN's two large QRs at once, every try). jaxdp's orthogonal initialiser loops over the keys instead:
     the vmapped (and doubly vmapped) draws equal flax's, key by key, and no batched QR is in the program. In a
     subprocess, so that a hang fails this test instead of the session."""
     import subprocess
