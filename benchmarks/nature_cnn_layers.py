@@ -15,7 +15,6 @@ Every timing is the best of 5 rounds of ``--calls`` jitted calls. Run: ``python 
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from typing import Callable
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxdp.cli_args import OneLineParser, positive_int
 from machine import cpu_model
 
 BATCH = 32
@@ -97,8 +97,8 @@ def weight_grad_slices(x, g, w, s):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=20, help="jitted calls per timing round")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=positive_int, default=20, help="jitted calls per timing round")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
 

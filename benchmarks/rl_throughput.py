@@ -67,7 +67,8 @@ from jaxdp import envs as envs_lib
 from jaxdp import loop
 from jaxdp import train as train_lib
 from jaxdp.agents import a2c, dqn, replay as replay_lib
-from jaxdp.config import ATARI_DQN_DEFAULTS, TrainConfig, validate
+from jaxdp.cli_args import OneLineParser, positive_int
+from jaxdp.config import ATARI_DQN_DEFAULTS, ConfigError, TrainConfig, validate
 from machine import cpu_model
 
 CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (other hardware; see the module docstring)
@@ -418,12 +419,11 @@ def versus(ours: float, theirs: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: fewer steps, one repeat (about 2 minutes on 2 idle cores)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
-    parser.add_argument("--dqn-buffer", type=int, default=50_000,
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per measurement (median reported)")
+    parser.add_argument("--dqn-buffer", type=positive_int, default=50_000,
                         help="Pong DQN replay capacity (the default 1M takes 7 GB; capacity does not change speed)")
     parser.add_argument("--skip-pong", action="store_true", help="CartPole and the seed sweep only")
     parser.add_argument("--skip-sweep", action="store_true", help="no sweep timing")
@@ -431,7 +431,23 @@ def main() -> None:
                         help="CleanRL measured on this machine (benchmarks/cleanrl_peer.py --json); default: CleanRL's "
                              "reported numbers from other hardware%(default).0s")
     args = parser.parse_args()
-    reference, reference_source = cleanrl_reference(args.cleanrl_json)
+    # Every input is checked before the first measurement: a bad one is one line and exit 2, not a traceback
+    # minutes into the run.
+    try:
+        reference, reference_source = cleanrl_reference(args.cleanrl_json)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--cleanrl-json {args.cleanrl_json!r}: not a file benchmarks/cleanrl_peer.py --json wrote "
+                     f"({type(error).__name__}: {error})")
+    try:
+        pong = {
+            "a2c": validate(TrainConfig(algo="a2c", env="Pong-v5", total_steps=10_000_000)),
+            # What `jaxdp train --algo dqn --env Pong-v5` runs: the Nature-DQN defaults (CleanRL's dqn_atari).
+            "dqn": validate(TrainConfig(algo="dqn", env="Pong-v5", total_steps=10_000_000,
+                                        **{**ATARI_DQN_DEFAULTS, "learning_starts": 2_000},
+                                        buffer_size=args.dqn_buffer)),
+        }
+    except ConfigError as error:
+        parser.error(f"--dqn-buffer {args.dqn_buffer}: {error}")
     q = args.quick
     repeats = 1 if q else args.repeats
 
@@ -446,13 +462,6 @@ def main() -> None:
               "cores busy: actor / learner / training / overlap | CPU-work bound | training / CPU-work bound | "
               "vs CleanRL |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        pong = {
-            "a2c": validate(TrainConfig(algo="a2c", env="Pong-v5", total_steps=10_000_000)),
-            # What `jaxdp train --algo dqn --env Pong-v5` runs: the Nature-DQN defaults (CleanRL's dqn_atari).
-            "dqn": validate(TrainConfig(algo="dqn", env="Pong-v5", total_steps=10_000_000,
-                                        **{**ATARI_DQN_DEFAULTS, "learning_starts": 2_000},
-                                        buffer_size=args.dqn_buffer)),
-        }
         cores = os.cpu_count() or 1
         for algo, cfg in pong.items():
             E = cfg.envs_per_worker

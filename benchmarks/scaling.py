@@ -27,7 +27,6 @@ bench`` arranges) or ``--quick``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import jax
 import optax
+
+from jaxdp.cli_args import OneLineParser, positive_int
 
 
 def mpirun_executable() -> str:
@@ -74,12 +75,12 @@ def versions() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[2, 3, 5], help="K values (default 2 3 5)")
-    parser.add_argument("--sync-updates", type=int, default=1000, help="sync steps per job")
-    parser.add_argument("--async-updates", type=int, default=2000, help="master updates per async job")
-    parser.add_argument("--local-steps", type=int, default=4, help="B for the local-steps rows")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sync-updates", type=positive_int, default=1000, help="sync steps per job")
+    parser.add_argument("--async-updates", type=positive_int, default=2000, help="master updates per async job")
+    parser.add_argument("--local-steps", type=positive_int, default=4, help="B for the local-steps rows")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--quick", action="store_true", help="smoke run: K in {2, 3}, fewer updates")
     args = parser.parse_args(argv)
     if args.quick:

@@ -30,7 +30,6 @@ Run: ``python benchmarks/strategies.py`` (a couple of minutes on 2 cores) or ``-
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -43,6 +42,7 @@ import numpy as np
 import optax
 
 import jaxdp
+from jaxdp.cli_args import OneLineParser, positive_int
 from jaxdp.runtime import async_sim
 from jaxdp.workloads import digits
 from machine import cpu_model
@@ -260,19 +260,16 @@ def report_memory(trees: dict[str, dict], results: dict[str, dict[str, dict]]) -
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per timed lax.scan")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (median taken)")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=50, help="optimizer steps per timed lax.scan")
+    parser.add_argument("--repeats", type=positive_int, default=9, help="interleaved timing rounds (median taken)")
     parser.add_argument("--trees", nargs="+", choices=["cnn", "mlp"], default=["cnn", "mlp"])
-    parser.add_argument("--async-updates", type=int, default=2000, help="master updates per async_sim run")
+    parser.add_argument("--async-updates", type=positive_int, default=2000, help="master updates per async_sim run")
     parser.add_argument("--skip-async", action="store_true", help="skip the async_sim throughput table")
     parser.add_argument("--quick", action="store_true", help="fewer steps, rounds and updates: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.async_updates = 20, 3, 300
-    for name in ("steps", "repeats", "async_updates"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     start = time.perf_counter()
     print("## jaxdp strategies benchmark\n\n| | |\n|---|---|")

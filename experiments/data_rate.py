@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxdp.cli_args import OneLineParser
+from jaxdp.cli_args import OneLineParser, non_negative_float
 
 import outputs  # experiments/outputs.py: where results go
 
@@ -52,9 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="values of B")
     parser.add_argument("--num-envs", type=int, default=16, help="E, actor envs per worker")
     parser.add_argument("--rollout-len", type=int, default=8, help="n, steps per rollout")
-    parser.add_argument("--comm", type=float, default=64.0,
+    parser.add_argument("--comm", type=non_negative_float, default=64.0,
                         help="one-way message time in units (one unit = one env step of one env)")
-    parser.add_argument("--sigma", type=float, default=0.25, help="log-normal jitter of the local-step time")
+    parser.add_argument("--sigma", type=non_negative_float, default=0.25,
+                        help="log-normal jitter of the local-step time")
     parser.add_argument("--events", type=int, default=200, help="arrival events (pushes) simulated per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, few events: a smoke run")
@@ -67,10 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.workers) < 1 or min(args.local_steps) < 1:
         parser.error("--workers and --local-steps must all be >= 1")
-    if not args.comm >= 0:
-        parser.error(f"--comm must be >= 0, got {args.comm}")
-    if not args.sigma >= 0:
-        parser.error(f"--sigma must be >= 0, got {args.sigma}")
     outputs.resolve(args, "data_rate", parser)  # after the checks: a bad command line leaves no folder behind
     return args
 

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from jaxdp.cli_args import OneLineParser
+from jaxdp.cli_args import OneLineParser, non_negative_float, positive_float
 
 import outputs  # experiments/outputs.py: where results go
 
@@ -47,10 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="HSA2C workers N")
     parser.add_argument("--local-steps", type=int, default=4, help="HSA2C local updates B")
     parser.add_argument("--master-batch", type=int, default=2, help="HSA2C master batch M")
-    parser.add_argument("--global-lr", type=float, default=1.0, help="HSA2C η_g on the mean Δ")
-    parser.add_argument("--lr", type=float, default=7e-4, help="RMSProp learning rate")
+    parser.add_argument("--global-lr", type=positive_float, default=1.0, help="HSA2C η_g on the mean Δ")
+    parser.add_argument("--lr", type=positive_float, default=7e-4, help="RMSProp learning rate")
     parser.add_argument("--rollout-len", type=int, default=5, help="n-step rollout length")
-    parser.add_argument("--comm", type=float, default=20.0, help="one-way message time in units")
+    parser.add_argument("--comm", type=non_negative_float, default=20.0, help="one-way message time in units")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few thousand steps: a smoke run")
     outputs.add_arguments(parser, "pong_hsa2c")
@@ -64,8 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--envs {args.envs} must be a multiple of --workers {args.workers}")
     if args.master_batch > args.workers:
         parser.error(f"--master-batch {args.master_batch} must be <= --workers {args.workers}")
-    if not args.lr > 0 or not args.global_lr > 0 or not args.comm >= 0:
-        parser.error("--lr and --global-lr must be > 0, --comm >= 0")
     from jaxdp.envs import make_spec  # the static spec: no pool, no JAX
 
     try:

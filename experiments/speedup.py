@@ -54,7 +54,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import jaxdp
-from jaxdp.cli_args import OneLineParser
+from jaxdp.cli_args import OneLineParser, positive_float
 from jaxdp.runtime import async_sim
 from jaxdp.workloads import digits
 
@@ -68,10 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=4, help="B, local steps per push")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per local step")
     parser.add_argument("--budget", type=int, default=1000, help="K, master updates per run (also in the lr rule)")
-    parser.add_argument("--target-loss", type=float, default=0.1, help="training loss that defines 'reached'")
+    parser.add_argument("--target-loss", type=positive_float, default=0.1, help="training loss that defines 'reached'")
     parser.add_argument("--eval-every", type=int, default=2, help="master updates between loss evaluations")
     parser.add_argument("--hidden", type=int, default=64, help="hidden width of the MLP")
-    parser.add_argument("--lr-scale", type=float, default=1.0,
+    parser.add_argument("--lr-scale", type=positive_float, default=1.0,
                         help="multiply the Corollary-1 rate (to see where staleness starts to hurt)")
     parser.add_argument("--quick", action="store_true", help="N in {1, 4}, 1 seed, K = 400: a smoke run")
     outputs.add_arguments(parser, "speedup")
@@ -81,8 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("seeds", "local_steps", "batch_size", "budget", "eval_every", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr_scale > 0:
-        parser.error(f"--lr-scale must be > 0, got {args.lr_scale}")
     if min(args.workers) < 1:
         parser.error(f"--workers must all be >= 1, got {args.workers}")
     if 1 not in args.workers:

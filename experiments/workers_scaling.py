@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from jaxdp.cli_args import OneLineParser
+from jaxdp.cli_args import OneLineParser, non_negative_float, positive_float
 
 import outputs  # experiments/outputs.py: where results go
 
@@ -52,10 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=600_000, help="env-step budget per run")
     parser.add_argument("--num-envs", type=int, default=8, help="E, envs per worker")
     parser.add_argument("--rollout-len", type=int, default=8, help="n, steps per rollout")
-    parser.add_argument("--lr", type=float, default=1e-3, help="local Adam learning rate")
-    parser.add_argument("--global-lr", type=float, default=1.0, help="η_g, the master's step on Δ")
-    parser.add_argument("--comm", type=float, default=16.0, help="one-way message time per worker, in units")
-    parser.add_argument("--sigma", type=float, default=0.25, help="log-normal jitter of the local-step time")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="local Adam learning rate")
+    parser.add_argument("--global-lr", type=positive_float, default=1.0, help="η_g, the master's step on Δ")
+    parser.add_argument("--comm", type=non_negative_float, default=16.0,
+                        help="one-way message time per worker, in units")
+    parser.add_argument("--sigma", type=non_negative_float, default=0.25,
+                        help="log-normal jitter of the local-step time")
     parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, a small budget: a smoke run")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the table and PNG from the CSV in --out without running anything")
@@ -68,11 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.workers) < 1 or min(args.local_steps) < 1:
         parser.error("--workers and --local-steps must all be >= 1")
-    for name in ("lr", "global_lr"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not args.comm >= 0 or not args.sigma >= 0:
-        parser.error("--comm and --sigma must be >= 0")
     if not 1 < args.target <= 500:  # a CartPole-v1 episode returns 1 to 500: the first episode would reach 1
         parser.error(f"--target must be in (1, 500], CartPole-v1's returns, got {args.target}")
     outputs.resolve(args, "workers_scaling", parser)  # after the checks: a bad command line leaves no folder behind

@@ -64,6 +64,30 @@ def test_cleanrl_peer_refuses_a_json_path_it_could_not_write_before_running(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.parametrize("script, args, names", [
+    # Each was a traceback: --repeats 0 after the first measurements (no median), a replay smaller than the batch
+    # after the Pong tables began, a --cleanrl-json that is missing or not cleanrl_peer.py's.
+    ("rl_throughput", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    ("rl_throughput", ["--dqn-buffer", "10"], "--dqn-buffer 10: --batch-size 32 is larger than --buffer-size 10"),
+    ("rl_throughput", ["--cleanrl-json", "/nonexistent/cleanrl.json"], "FileNotFoundError"),
+    ("rl_throughput", ["--cleanrl-json", str(BENCHMARKS / "README.md")], "JSONDecodeError"),
+    # A usage block before the error: two or more lines, where every other entry point prints one.
+    ("strategies", ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    ("nature_cnn_layers", ["--calls", "0"], "argument --calls: must be >= 1, got 0"),
+    # No check at all: a job of 0 updates went to mpirun.
+    ("scaling", ["--sync-updates", "0"], "argument --sync-updates: must be >= 1, got 0"),
+    ("scaling", ["--processes", "1"], "every K must be >= 2"),
+])
+def test_benchmark_rejects_a_bad_command_line_in_one_line_before_measuring(script: str, args: list[str],
+                                                                           names: str) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args],
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"{script}.py: error: ") and names in lines[0], lines[0]
+    assert result.stdout == ""  # stopped before the first table
+
+
 def test_rl_throughput_compares_with_the_committed_cleanrl_run(monkeypatch: pytest.MonkeyPatch) -> None:
     rl_throughput = _load("rl_throughput", monkeypatch)
     path = BENCHMARKS / "results" / "cleanrl-intel-xeon-2026-12-02.json"

@@ -68,6 +68,13 @@ def test_quick_run_writes_its_csvs_and_png(script: str, tmp_path: pathlib.Path) 
     ("pong_hsa2c", ["--env", "Foo-v5"]),  # an unknown id, then a non-Atari one: each was a traceback
     ("pong_hsa2c", ["--env", "CartPole-v1"]),
     ("workers_scaling", ["--target", "0"]),  # reached by the first episode: a run that measures nothing
+    # Each of these ran a whole experiment that measured nothing (a loss below 0 is never reached; an infinite
+    # rate diverges), or was a traceback from the simulator (an infinite message time or jitter).
+    ("speedup", ["--target-loss", "-1"]),
+    ("speedup", ["--lr-scale", "inf"]),
+    ("data_rate", ["--sigma", "inf"]),
+    ("pong_hsa2c", ["--comm", "inf"]),
+    ("workers_scaling", ["--global-lr", "nan"]),
 ])
 def test_bad_value_is_one_line_exit_2_and_no_folder(script: str, bad: list[str], tmp_path: pathlib.Path) -> None:
     out = tmp_path / "results"

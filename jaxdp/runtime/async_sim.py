@@ -141,7 +141,7 @@ def lognormal(mean: float, sigma: float) -> LogNormalTime:
     mean = _check_positive("lognormal", "mean", mean)
     sigma = float(sigma)
     if not np.isfinite(sigma) or sigma < 0.0:
-        raise ValueError(f"lognormal: sigma must be >= 0, got {sigma}")
+        raise ValueError(f"lognormal: sigma must be a finite number >= 0, got {sigma}")
     return LogNormalTime(mean, sigma)
 
 
@@ -283,7 +283,7 @@ def schedule(
     seed = _checks.check_int(caller, "seed", seed, 0)
     comm_time = float(comm_time)
     if not np.isfinite(comm_time) or comm_time < 0.0:
-        raise ValueError(f"{caller}: comm_time must be >= 0, got {comm_time}")
+        raise ValueError(f"{caller}: comm_time must be a finite number >= 0, got {comm_time}")
     if reply not in _REPLIES:
         raise ValueError(f"{caller}: reply must be one of {_REPLIES}, got {reply!r}")
     if isinstance(compute_time, (ConstantTime, ExponentialTime, LogNormalTime, StragglerTime)):
