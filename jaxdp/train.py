@@ -1163,7 +1163,8 @@ def run_mpi(cfg: TrainConfig):
     # The world size decides the workers (the epsilon schedule and learning-starts count all workers' env steps).
     cfg = dataclasses.replace(cfg, workers=size if mode == "sync" else max(1, size - 1))
     _save_run_config(cfg, rank)
-    # The master (rank 0) holds no envs of its own; it evaluates nothing (workers report their episodes).
+    # The master (rank 0) holds no envs of its own and evaluates nothing while the job runs (the workers report their
+    # episodes); the greedy games of the final θ follow the run (_write_rl_summary).
     workload = rl_workload(cfg, worker_id, eval_steps=0)
     per_local_step = cfg.envs_per_worker * (cfg.env_steps_per_update if cfg.is_dqn else cfg.rollout)
     if mode == "sync":
@@ -1228,22 +1229,30 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     ``total_steps``, ``start_step`` (where a ``--resume`` began) and ``sps`` count env steps (``per_update`` per
     update); ``total_updates`` and ``start_update`` count updates. The final return is the mean episodic
     return of the last 10% of log points, read back from metrics.jsonl (the master sees the workers' episodes only
-    as per-step sums). There is no greedy evaluation. The runtime's ``params`` stay out: they are the checkpoint's
-    (as JSON, a Nature CNN's would be 60 MB).
+    as per-step sums). ``eval_return`` is the mean of ``--eval-episodes`` greedy games of the final parameters (the
+    server's θ, or the all-reduced θ every worker holds), played here as a single-process run plays them, after the
+    other processes are done, and timed apart (``eval_seconds``). The runtime's ``params`` stay out: they are the
+    checkpoint's (as JSON, a Nature CNN's would be 60 MB).
     """
     import json
     import os
 
+    import numpy as np
+
     from jaxdp import atomic
-    from jaxdp.loop import final_return
+    from jaxdp import envs as envs_lib
+    from jaxdp.loop import evaluate_runs, final_return
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
+    network = make_network(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker))
+    (eval_returns,), eval_seconds = evaluate_runs(cfg, network, [summary["params"]], [cfg.seeds[0]])
     summary = {k: v for k, v in summary.items() if k != "params"}
     updates, start_update = int(summary["total_updates"]), int(summary["start_step"])
     # Steps in env steps, as in every jaxdp train summary; the runtime's update counts stand beside them.
     summary.update(total_steps=updates * per_update, start_step=start_update * per_update, start_update=start_update,
-                   final_return=final_return(returns), eval_return=None,
+                   final_return=final_return(returns),
+                   eval_return=float(np.mean(eval_returns)) if eval_returns else None, eval_seconds=eval_seconds,
                    sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9))
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary

@@ -270,6 +270,9 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     assert summary["config"]["runtime"] == "distributed"
     assert summary["sps"] > 0 and "params" not in summary  # the parameters are the checkpoint's
     assert summary["final_return"] >= 150, summary["final_return"]  # random play: ~22
+    # Process 0 plays --eval-episodes greedy games of the all-reduced θ after jax.distributed has shut down.
+    assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary
+    assert f"greedy eval {round(summary['eval_return'], 1)}" in outputs[0]
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["step"] % per_update == 0 for r in records)
     assert sum(r["episodes"] for r in records) > 100 and records[0]["step"] == 0

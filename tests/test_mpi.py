@@ -489,6 +489,10 @@ def test_rl_agent_trains_under_mpirun_with_a_parameter_server(tmp_path):
     # random policy scores ~22. Measured, 2026-11-22, same code: 300k steps, 20 runs: 111 to 500, 2 below 150;
     # 500k steps, 18 runs: 175 to 500, median 482.
     assert summary["final_return"] > 150, summary["final_return"]
+    # The server's final θ plays --eval-episodes (10) greedy games after the job, as a single-process run's does
+    # (before, a multi-process run had no greedy evaluation at all: "greedy eval n/a").
+    assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary
+    assert f"greedy eval {round(summary['eval_return'], 1)}" in done.stdout
 
 
 def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_the_run(tmp_path):
