@@ -71,6 +71,10 @@ def test_no_command_prints_help_and_exits_2(capsys):
 BAD_INPUTS = [
     (["--env", "NoSuchGame-v5"], "--env"),
     (["--env", "Pendulum-v1"], "--env"),  # continuous actions
+    # envpool ids jaxdp cannot play: each was a traceback after the log folder was made.
+    (["--env", "TicTacToe-v1"], "is a game of 2 players"),
+    (["--env", "MiniGrid-Empty-5x5-v0"], "its observation is several arrays (direction, image, mission)"),
+    (["--env", "VizdoomCustom-v1"], "envpool cannot make it here"),
     (["--algo", "ppo"], "--algo"),
     (["--strategy", "gossip"], "--strategy"),
     (["--num-envs", "-1"], "--num-envs"),

@@ -87,6 +87,32 @@ def test_an_atari_id_spelled_the_gym_way_names_envpools(gym_id, envpool_id):
         envs.validate_env_id(gym_id)
 
 
+@pytest.mark.parametrize("typed,named", [
+    ("cartpole-v1", "'CartPole-v1'"),  # was "'CartPole-v1', 'CartPole-v1', 'CartPole-v0'": both registries, twice
+    ("pong-v5", "'Pong-v5'"),  # was "'Pong-v5', 'Boxing-v5', 'UpNDown-v5'"
+    ("CartPole-v2", "'CartPole-v1', 'CartPole-v0', 'phys2d/CartPole-v1'"),  # near spellings, each once
+])
+def test_an_unknown_id_names_each_near_id_once_and_the_one_that_differs_only_in_case_alone(typed, named):
+    with pytest.raises(ValueError, match=rf"^unknown --env '{typed}': .* \(did you mean {named}\?\)$"):
+        envs.validate_env_id(typed)
+
+
+@pytest.mark.parametrize("env_id,reason", [
+    ("KuhnPoker-v1", "is a game of 2 players; jaxdp's agents play single-player games"),
+    ("Game2048-v1", "its observation is several arrays (board, action_mask); jaxdp's networks read one array"),
+    ("VizdoomCustom-v1", "envpool cannot make it here (File"),  # needs a scenario file: envpool's RuntimeError
+])
+def test_an_envpool_game_jaxdp_cannot_play_is_refused_by_its_static_spec(env_id, reason):
+    """envpool 1.2.5 registers 1,651 ids: board games for two players (the XLA interface refuses them), dict
+    observations (MiniGrid, Jumanji, DMC, robotics) and families that need more than the wheel (Procgen: Qt 5).
+    Each is one ValueError from the id, as a continuous action space is, before any pool exists; make_spec, which
+    the training code calls, says the same."""
+    for check in (envs.validate_env_id, lambda e: envs.make_spec(e, 2)):
+        with pytest.raises(ValueError) as raised:
+            check(env_id)
+        assert str(raised.value).startswith(f"--env '{env_id}'") and reason in str(raised.value)
+
+
 def test_make_spec_atari_and_classic_control():
     pong = envs.make_spec("Pong-v5", 8)
     assert pong == envs.EnvSpec("Pong-v5", 8, (4, 84, 84), np.dtype(np.uint8), 6, True, 27000)

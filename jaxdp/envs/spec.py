@@ -133,9 +133,12 @@ def backend_of(env_id: str, backend: str = "auto") -> str:
     if backend in ("auto", "gymnasium") and env_id in _gymnasium_registry():
         return "gymnasium"
     if backend == "auto":
-        known = list(_envpool_registry().specs) + list(_gymnasium_registry())
+        # Each id once: gymnasium registers the classic-control ids envpool has too.
+        known = list(dict.fromkeys([*_envpool_registry().specs, *_gymnasium_registry()]))
         alias = _envpool_atari_id(env_id)
-        close = [alias] if alias else difflib.get_close_matches(env_id, known, n=3)
+        # A wrong case ('cartpole-v1') names the id it spells, not three near spellings that differ in case.
+        same_letters = [k for k in known if k.lower() == env_id.lower()]
+        close = [alias] if alias else same_letters or difflib.get_close_matches(env_id, known, n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"unknown --env {env_id!r}: not an envpool or gymnasium id{hint}")
     raise ValueError(f"unknown --env {env_id!r}: not a {backend} id")
@@ -177,11 +180,37 @@ def _envpool_discrete_actions(env_id: str, raw_spec: Any) -> int:
     return int(action.maximum) + 1
 
 
+def _envpool_raw_spec(env_id: str, **kwargs: Any) -> Any:
+    """envpool's static spec of ``env_id``, or ValueError naming the id where envpool cannot make it here (Procgen
+    needs the system's Qt 5 libraries, VizdoomCustom-v1 a scenario file: a traceback from inside envpool otherwise)."""
+    import envpool
+
+    try:
+        return envpool.make_spec(env_id, **kwargs)
+    except (ImportError, RuntimeError) as error:  # RuntimeError: VizdoomCustom-v1 needs a scenario file
+        raise ValueError(f"--env {env_id!r}: envpool cannot make it here ({error})") from error
+
+
+def _envpool_single_agent_obs(env_id: str, raw_spec: Any) -> Any:
+    """The spec of the one observation array of a single-player game, or ValueError naming what jaxdp cannot play:
+    several players taking turns (TicTacToe, KuhnPoker: envpool's XLA interface refuses them), or an observation
+    of several arrays (MiniGrid's image and direction, Jumanji's board and action mask)."""
+    players = int(getattr(raw_spec.config, "max_num_players", 1))
+    if players > 1:
+        raise ValueError(f"--env {env_id!r} is a game of {players} players; jaxdp's agents play single-player games")
+    observations = [k.removeprefix("obs:") for k in raw_spec.state_array_spec if k == "obs" or k.startswith("obs:")]
+    if observations != ["obs"]:
+        raise ValueError(f"--env {env_id!r}: its observation is several arrays ({', '.join(observations)}); "
+                         "jaxdp's networks read one array")
+    return raw_spec.state_array_spec["obs"]
+
+
 def validate_env_id(env_id: str) -> None:
     """Raises ValueError unless ``env_id`` names an envpool or gymnasium environment.
 
     Fast and side-effect free: looks the id up in the registries, and for envpool ids reads the
-    static spec to reject continuous action spaces. Creates no pool and no environment
+    static spec to reject what jaxdp's agents cannot play: continuous or several actions, several players, an
+    observation of several arrays, a family envpool cannot load here. Creates no pool and no environment
     (the CLI calls this before any work).
 
     Example:
@@ -192,9 +221,9 @@ def validate_env_id(env_id: str) -> None:
       ValueError: unknown --env 'Foo-v9': not an envpool or gymnasium id
     """
     if backend_of(env_id) == "envpool":
-        import envpool
-
-        _envpool_discrete_actions(env_id, envpool.make_spec(env_id))
+        raw = _envpool_raw_spec(env_id)
+        _envpool_single_agent_obs(env_id, raw)
+        _envpool_discrete_actions(env_id, raw)
 
 
 def _is_atari(env_id: str) -> bool:
@@ -216,7 +245,8 @@ def make_spec(env_id: str, num_envs: int, *, backend: str = "auto") -> EnvSpec:
       The spec. Atari observations are ``(4, 84, 84)`` uint8, channels first.
 
     Raises:
-      ValueError: unknown id, continuous actions, or ``num_envs < 1``.
+      ValueError: unknown id, continuous or several actions, several players, several observation arrays, a
+        family envpool cannot load here, or ``num_envs < 1``.
 
     Example:
       >>> make_spec("CartPole-v1", 8).obs_shape
@@ -226,12 +256,10 @@ def make_spec(env_id: str, num_envs: int, *, backend: str = "auto") -> EnvSpec:
         raise ValueError(f"make_spec: num_envs must be an int >= 1, got {num_envs!r}")
     num_envs = int(num_envs)
     if backend_of(env_id, backend) == "envpool":
-        import envpool
-
         atari = _is_atari(env_id)
-        raw = envpool.make_spec(env_id, **(ATARI_SETTINGS if atari else {}))
+        raw = _envpool_raw_spec(env_id, **(ATARI_SETTINGS if atari else {}))
+        obs = _envpool_single_agent_obs(env_id, raw)
         num_actions = _envpool_discrete_actions(env_id, raw)
-        obs = raw.state_array_spec["obs"]
         obs_shape, obs_dtype, states = tuple(int(d) for d in obs.shape), np.dtype(obs.dtype), 0
         if obs_shape in ((), (-1,)) and np.issubdtype(obs_dtype, np.integer):  # one integer state per env
             states = int(obs.maximum) + 1
