@@ -301,6 +301,16 @@ def _check_target_options(args: argparse.Namespace, cfg: config_lib.TrainConfig)
                                      f"give one of the two")
 
 
+def _check_baseline_options(cfg: config_lib.TrainConfig) -> None:
+    """REINFORCE's --vf-coef weighs the loss of its learned value baseline: with --baseline mean or none there is no
+    such loss, and the run would ignore the option, as an agent ignores another agent's options (refused too)."""
+    if cfg.algo != "reinforce" or cfg.baseline == "value":
+        return
+    if cfg.vf_coef != config_lib.TrainConfig().vf_coef or "vf_coef" in dict(cfg.sweep):
+        raise config_lib.ConfigError(f"--vf-coef weighs the loss of REINFORCE's learned value baseline; --baseline "
+                                     f"{cfg.baseline} learns none (use --baseline value)")
+
+
 def check_devices(workers: int) -> None:
     """``--runtime devices`` puts one worker on each device: make sure N exist, before any work.
 
@@ -341,6 +351,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for field, owner in config_lib.options_not_read(cfg):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
         _check_target_options(args, cfg)
+        _check_baseline_options(cfg)
         _check_job_size(args, cfg)
         from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment
 
@@ -348,7 +359,9 @@ def _main(argv: Sequence[str] | None) -> int:
             raise config_lib.ConfigError(f"--env {cfg.env!r} is a gymnasium-only id: jaxdp train steps envpool "
                                          f"environments inside the compiled loop (use an envpool id)")
         # make_spec also refuses continuous actions.
-        config_lib.check_torso_fits(cfg, make_spec(cfg.env, 1).obs_shape)
+        spec = make_spec(cfg.env, 1)
+        config_lib.check_torso_fits(cfg, spec.obs_shape)
+        config_lib.check_replay_fits(cfg, spec.is_atari)
         if cfg.runtime == "devices":
             check_devices(cfg.workers)
         cfg = resolve_logdir(cfg)

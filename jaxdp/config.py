@@ -254,6 +254,22 @@ def check_torso_fits(cfg: TrainConfig, obs_shape: tuple[int, ...]) -> None:
               f"{tuple(obs_shape)}: use --torso mlp (or auto)")
 
 
+def check_replay_fits(cfg: TrainConfig, is_atari: bool) -> None:
+    """Raises ConfigError if DQN's replay, at the capacity it will have on ``cfg.env`` (``--buffer-size``, or its
+    default: 10k transitions, 1M on Atari), cannot give a minibatch or hold 8 steps of every env. ``validate`` checks
+    a given ``--buffer-size``; the default depends on the env, so the CLI calls this with the env's static spec,
+    before any work (a batch of 20,000 from the default 10k sampled repeats and ran), and ``make_network`` too."""
+    if not cfg.is_dqn or not cfg.replay:  # without replay the buffer is sized to the batch (the lecture's ablation)
+        return
+    capacity = cfg.replay_capacity(is_atari)
+    held = (f"--buffer-size {capacity}" if cfg.buffer_size else
+            f"the replay's default capacity {capacity} (--buffer-size)")
+    if cfg.batch_size > capacity:
+        _fail(f"--batch-size {cfg.batch_size} is larger than {held}")
+    if capacity < cfg.envs_per_worker * 8:
+        _fail(f"{held} must hold at least 8 steps of --num-envs {cfg.envs_per_worker} ({8 * cfg.envs_per_worker})")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks every option and combination; raises ConfigError naming the first bad one. Creates nothing."""
     if cfg.algo not in ALGOS:
@@ -321,11 +337,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     # Sizes that must fit together.
     if cfg.is_dqn:
-        if cfg.buffer_size and cfg.batch_size > cfg.buffer_size:
-            _fail(f"--batch-size {cfg.batch_size} is larger than --buffer-size {cfg.buffer_size}")
-        if cfg.buffer_size and cfg.buffer_size < cfg.envs_per_worker * 8:
-            _fail(f"--buffer-size {cfg.buffer_size} must hold at least 8 steps of --num-envs "
-                  f"{cfg.envs_per_worker}")
+        if cfg.buffer_size:  # a given capacity is the env's too; the default one is checked with the env's spec
+            check_replay_fits(cfg, is_atari=False)
         if cfg.learning_starts >= cfg.total_steps:
             _fail(f"--learning-starts {cfg.learning_starts} must be below --total-steps {cfg.total_steps}")
     if cfg.steps_per_iteration > cfg.total_steps:

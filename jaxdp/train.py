@@ -37,7 +37,7 @@ import jaxdp
 from jaxdp import envs as envs_lib
 from jaxdp import nets as nets_lib
 from jaxdp.agents import a2c, dqn, reinforce, replay as replay_lib
-from jaxdp.config import CNN_TORSOS, ConfigError, TrainConfig, check_torso_fits
+from jaxdp.config import CNN_TORSOS, ConfigError, TrainConfig, check_replay_fits, check_torso_fits
 
 PyTree = Any
 WORKERS = "workers"
@@ -280,6 +280,7 @@ class Trainer(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 def make_network(cfg: TrainConfig, spec) -> Any:
     check_torso_fits(cfg, spec.obs_shape)
+    check_replay_fits(cfg, spec.is_atari)
     torso_name = cfg.torso
     if torso_name == "auto":
         torso_name = "nature" if spec.is_atari else "mlp"

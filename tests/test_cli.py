@@ -72,6 +72,13 @@ BAD_INPUTS = [
     (["--env", "NoSuchGame-v5"], "--env"),
     (["--env", "Pendulum-v1"], "--env"),  # continuous actions
     # envpool ids jaxdp cannot play: each was a traceback after the log folder was made.
+    # A minibatch larger than the replay's default capacity (10k; 1M on Atari) ran, sampling repeats.
+    (["--algo", "dqn", "--batch-size", "20000"], "20000 is larger than the replay's default capacity 10000"),
+    (["--algo", "dqn", "--env", "Pong-v5", "--batch-size", "2000000"], "default capacity 1000000 (--buffer-size)"),
+    (["--algo", "dqn", "--num-envs", "2000"], "must hold at least 8 steps of --num-envs 2000 (16000)"),
+    # REINFORCE's value-loss weight beside a baseline that learns no value: ignored in silence before.
+    (["--algo", "reinforce", "--baseline", "mean", "--vf-coef", "0.3"], "--baseline mean learns none"),
+    (["--algo", "reinforce", "--baseline", "none", "--vf-coef", "0.5", "1.0"], "--baseline none learns none"),
     (["--env", "TicTacToe-v1"], "is a game of 2 players"),
     (["--env", "MiniGrid-Empty-5x5-v0"], "its observation is several arrays (direction, image, mission)"),
     (["--env", "VizdoomCustom-v1"], "envpool cannot make it here"),
