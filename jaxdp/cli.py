@@ -66,9 +66,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--workers", "workers", int, "number of workers N"),
     ("--local-steps", "local_steps", int, "DPSGD: local steps B between pushes"),
     ("--master-batch", "master_batch", int, "DPSGD: update vectors M aggregated per master update"),
-    ("--global-lr", "global_lr", float, "DPSGD: the master's step size on the update vectors"),
-    ("--delay", "delay", str, "async (vmap): delay distribution: fixed, uniform, geometric, zipf"),
-    ("--max-delay", "max_delay", int, "async (vmap): largest gradient delay in steps"),
+    ("--global-lr", "global_lr", float, "dpsgd, and async on async_sim / mpi: the master's step size on the arrivals"),
+    ("--delay", "delay", str, "async on vmap / devices: delay distribution: fixed, uniform, geometric, zipf"),
+    ("--max-delay", "max_delay", int, "async on vmap / devices: largest gradient delay in steps"),
     ("--threads", "threads", int, "hogwild: lock-free threads per worker"),
     ("--comm-time", "comm_time", float, "async_sim: one-way message time, in env steps of one env"),
     ("--overwrite-prob", "overwrite_prob", float, "hogwild: probability that a coordinate's write is lost"),
@@ -350,6 +350,9 @@ def _main(argv: Sequence[str] | None) -> int:
         cfg = config_lib.validate(config_from_args(args))
         for field, owner in config_lib.options_not_read(cfg):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
+        for field, owner in config_lib.strategy_options_not_read(cfg):
+            raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner}; --strategy {cfg.strategy} on --runtime "
+                                         f"{cfg.runtime} does not read it")
         _check_target_options(args, cfg)
         _check_baseline_options(cfg)
         _check_job_size(args, cfg)

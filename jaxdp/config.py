@@ -243,6 +243,30 @@ def options_not_read(cfg: TrainConfig) -> list[tuple[str, str]]:
             for field in fields if getattr(cfg, field) != getattr(defaults, field)]
 
 
+# The strategies' and runtimes' own options: (field, who reads it, whether this run does).
+STRATEGY_OPTIONS = (
+    ("global_lr", "--strategy dpsgd, and --strategy async on --runtime async_sim or mpi (the master's step size)",
+     lambda c: c.strategy == "dpsgd" or (c.strategy == "async" and c.runtime in ("async_sim", "mpi"))),
+    ("delay", "--strategy async on --runtime vmap or devices (simulated stale gradients; on async_sim and mpi the "
+     "staleness is the workers' own)", lambda c: c.strategy == "async" and c.runtime in ("vmap", "devices")),
+    ("max_delay", "--strategy async on --runtime vmap or devices (simulated stale gradients; on async_sim and mpi "
+     "the staleness is the workers' own)", lambda c: c.strategy == "async" and c.runtime in ("vmap", "devices")),
+    ("threads", "--strategy hogwild", lambda c: c.strategy == "hogwild"),
+    ("overwrite_prob", "--strategy hogwild", lambda c: c.strategy == "hogwild"),
+    ("comm_time", "--runtime async_sim", lambda c: c.runtime == "async_sim"),
+)
+
+
+def strategy_options_not_read(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(field, who reads it) of each strategy or runtime option set away from its default that this run's strategy
+    and runtime do not read (``--global-lr`` with ``--strategy sync``, ``--delay`` on ``--runtime async_sim``). The
+    CLI refuses them, as it refuses another agent's options: the run would ignore them in silence."""
+    defaults = TrainConfig()
+    swept = dict(cfg.sweep)
+    return [(field, owner) for field, owner, reads in STRATEGY_OPTIONS if not reads(cfg)
+            and (getattr(cfg, field) != getattr(defaults, field) or field in swept)]
+
+
 def check_torso_fits(cfg: TrainConfig, obs_shape: tuple[int, ...]) -> None:
     """Raises ConfigError if ``cfg.torso`` cannot read ``cfg.env``'s observations of ``obs_shape`` (one env's).
 

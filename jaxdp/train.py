@@ -1174,7 +1174,9 @@ def run_mpi(cfg: TrainConfig):
     else:
         b = cfg.local_steps if mode == "dpsgd" else 1
         per_update = per_local_step * b * cfg.master_batch
-        outer = optax.sgd(cfg.global_lr) if mode == "dpsgd" else None
+        # The master's step on the arrivals: η_g, for Downpour's gradients as for DPSGD's update vectors (async_sim's
+        # async master scales its steps by --global-lr too).
+        outer = optax.sgd(cfg.global_lr)
     total_updates = max(1, cfg.total_steps // per_update)
     # Each worker's own optimizer steps over the run (the annealing horizon): all env steps / its share.
     worker_steps = max(1, cfg.total_steps // (per_local_step * cfg.workers))

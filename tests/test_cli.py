@@ -79,6 +79,14 @@ BAD_INPUTS = [
     # REINFORCE's value-loss weight beside a baseline that learns no value: ignored in silence before.
     (["--algo", "reinforce", "--baseline", "mean", "--vf-coef", "0.3"], "--baseline mean learns none"),
     (["--algo", "reinforce", "--baseline", "none", "--vf-coef", "0.5", "1.0"], "--baseline none learns none"),
+    # A strategy's or runtime's option given to one that does not read it: each trained, ignoring it in silence.
+    (["--strategy", "sync", "--workers", "2", "--global-lr", "0.5"], "--global-lr is for --strategy dpsgd"),
+    (["--delay", "fixed"], "--delay is for --strategy async on --runtime vmap or devices"),
+    (["--runtime", "async_sim", "--strategy", "async", "--workers", "2", "--max-delay", "3"],
+     "--strategy async on --runtime async_sim does not read it"),
+    (["--strategy", "async", "--workers", "2", "--threads", "2"], "--threads is for --strategy hogwild"),
+    (["--overwrite-prob", "0.1"], "--overwrite-prob is for --strategy hogwild"),
+    (["--strategy", "dpsgd", "--workers", "2", "--comm-time", "3"], "--comm-time is for --runtime async_sim"),
     (["--env", "TicTacToe-v1"], "is a game of 2 players"),
     (["--env", "MiniGrid-Empty-5x5-v0"], "its observation is several arrays (direction, image, mission)"),
     (["--env", "VizdoomCustom-v1"], "envpool cannot make it here"),
