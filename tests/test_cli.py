@@ -87,6 +87,7 @@ BAD_INPUTS = [
     (["--strategy", "async", "--workers", "2", "--threads", "2"], "--threads is for --strategy hogwild"),
     (["--overwrite-prob", "0.1"], "--overwrite-prob is for --strategy hogwild"),
     (["--strategy", "dpsgd", "--workers", "2", "--comm-time", "3"], "--comm-time is for --runtime async_sim"),
+    (["--env", "Pong-v5", "--hidden", "32"], "this run's torso is the nature CNN"),  # was ignored in silence
     (["--env", "TicTacToe-v1"], "is a game of 2 players"),
     (["--env", "MiniGrid-Empty-5x5-v0"], "its observation is several arrays (direction, image, mission)"),
     (["--env", "VizdoomCustom-v1"], "envpool cannot make it here"),
