@@ -1185,7 +1185,10 @@ def run_mpi(cfg: TrainConfig):
             workload, mode=mode, inner=make_inner_optimizer(cfg, decay_steps=worker_steps), outer=outer,
             local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
             total_updates=total_updates, seed=cfg.seeds[0], logdir=cfg.logdir,
-            log_every=max(1, total_updates // 50), checkpoint_every=max(1, total_updates // 10),
+            # A point and a checkpoint every 2% and 10% of the run, and every --log-interval and --checkpoint-interval
+            # seconds (rank 0's clock), as in every jaxdp train run.
+            log_every=max(1, total_updates // 50), log_seconds=cfg.log_interval,
+            checkpoint_every=max(1, total_updates // 10), checkpoint_seconds=cfg.checkpoint_interval,
             resume=cfg.resume, config=dataclasses.asdict(cfg),
             record_hook=lambda record, steps: {**record, **_in_env_steps(record, per_update)})
     if rank != 0 or summary is None:
@@ -1310,8 +1313,9 @@ def run_distributed(cfg: TrainConfig):
     with _stops_in_env_steps(per_update):
         summary = dist.run_distributed(
             workload, inner=make_inner_optimizer(cfg, decay_steps=total_updates), total_updates=total_updates,
-            seed=cfg.seeds[0], logdir=cfg.logdir, log_every=max(1, total_updates // 100),
-            checkpoint_every=max(1, total_updates // 10), resume=cfg.resume, config=dataclasses.asdict(cfg),
+            seed=cfg.seeds[0], logdir=cfg.logdir, log_every=max(1, total_updates // 100), log_seconds=cfg.log_interval,
+            checkpoint_every=max(1, total_updates // 10), checkpoint_seconds=cfg.checkpoint_interval,
+            resume=cfg.resume, config=dataclasses.asdict(cfg),
             check_vma=False, record_hook=record_hook)
     if summary.get("process_id") != 0:
         return None

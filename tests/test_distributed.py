@@ -24,6 +24,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxdp.runtime import vmap
+from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime._mpi_protocol import worker_key
 from jaxdp.runtime.distributed import make_sync_step, worker_keys
 from jaxdp.workloads.supervised import digits_workload
@@ -134,6 +135,17 @@ def test_two_processes_match_the_vmap_runtime_and_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6]
     assert json.loads((tmp_path / "summary.json").read_text())["start_step"] == 4
+
+
+def test_log_points_and_checkpoints_also_follow_process_0s_clock(tmp_path):
+    """``jaxdp train --runtime distributed`` ignored --log-interval and --checkpoint-interval: points and checkpoints
+    fell at counted steps only. With a tiny ``log_seconds`` / ``checkpoint_seconds`` every step is a point and a
+    checkpoint, where the counts alone (a point at the end, no checkpoint) give neither."""
+    run_job(tmp_path, *SMALL, "--total-updates", "5", "--log-every", "1000", "--log-seconds", "1e-9",
+            "--checkpoint-seconds", "1e-9")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    assert int(protocol.load_checkpoint(str(tmp_path / "checkpoint.npz"))["step"]) == 5
 
 
 def test_a_signal_to_one_process_stops_the_job_at_one_step_with_a_checkpoint_that_resumes(tmp_path):

@@ -427,6 +427,18 @@ def test_async_resume_restores_the_master(tmp_path):
     assert [m["step"] for m in metrics(tmp_path)] == [0, 50, 100, 150]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_log_points_and_checkpoints_also_follow_rank_0s_clock(mode, tmp_path):
+    """``jaxdp train --runtime mpi`` ignored --log-interval and --checkpoint-interval (seconds): its points and
+    checkpoints fell every 2% and 10% of the run only, so a long run's crash could lose a tenth of it. With
+    ``log_seconds`` / ``checkpoint_seconds`` rank 0 (the master) also logs and saves once that much time has passed:
+    here a tiny interval makes every update a point and a checkpoint where the counts alone give neither."""
+    run(3, tmp_path, "--mode", mode, "--total-updates", "30", "--log-every", "1000", "--log-seconds", "1e-9",
+        "--checkpoint-every", "0", "--checkpoint-seconds", "1e-9")
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(31))
+    assert checkpoint_step(tmp_path) == 30  # --checkpoint-every 0 alone writes none
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -434,6 +446,10 @@ def test_async_resume_restores_the_master(tmp_path):
         (["--lr", "-1"], "--lr"),
         (["--mode", "bogus"], "--mode"),
         (["--resume"], "--resume"),
+        (["--checkpoint-seconds", "0", "--logdir", "x"], "--checkpoint-seconds: must be a finite number > 0"),
+        (["--checkpoint-seconds", "5"], "--checkpoint-seconds: needs --logdir"),
+        (["--checkpoint-seconds", "5", "--outer-lr", "1", "--logdir", "x"], "sync rounds (--outer-lr)"),
+        (["--log-seconds", "nan"], "--log-seconds: must be a finite number > 0"),
     ],
 )
 def test_command_line_rejects_bad_values_in_one_line(args, needle):
@@ -460,6 +476,13 @@ def test_run_mpi_validates_arguments_before_starting_mpi():
         run_mpi(workload, mode="sync", inner=optax.sgd(0.1), total_updates=0)
     with pytest.raises(ValueError, match="logdir"):
         run_mpi(workload, mode="sync", inner=optax.sgd(0.1), total_updates=1, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_seconds needs a logdir"):
+        run_mpi(workload, mode="async", inner=optax.sgd(0.1), total_updates=1, checkpoint_seconds=5.0)
+    with pytest.raises(ValueError, match="checkpoint_seconds cannot time the checkpoints of sync rounds"):
+        run_mpi(workload, mode="sync", inner=optax.sgd(0.1), outer=optax.sgd(1.0), total_updates=1, logdir="x",
+                checkpoint_seconds=5.0)
+    with pytest.raises(ValueError, match="log_seconds must be a finite number > 0"):
+        run_mpi(workload, mode="sync", inner=optax.sgd(0.1), total_updates=1, log_seconds=0.0)
 
 
 def test_rl_agent_trains_under_mpirun_with_a_parameter_server(tmp_path):

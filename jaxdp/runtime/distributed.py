@@ -193,7 +193,9 @@ def run_distributed(
     process_id: int | None = None,
     logdir: str | None = None,
     log_every: int = 100,
+    log_seconds: float | None = None,
     checkpoint_every: int = 0,
+    checkpoint_seconds: float | None = None,
     resume: bool = False,
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout: int = 300,
@@ -218,7 +220,11 @@ def run_distributed(
         JAX detect them (under SLURM ``srun``, on TPU pods; see :func:`initialize`).
       logdir: where process 0 writes metrics.jsonl, summary.json and checkpoint.npz.
       log_every: steps between two log points (each evaluates the workload in process 0).
+      log_seconds: also a log point after any step that ends this many seconds after the last point; process 0
+        decides alone. None: step counts only.
       checkpoint_every: steps between checkpoints; 0 disables them.
+      checkpoint_seconds: also a checkpoint after any step that ends this many seconds after the last one (or the
+        start); process 0 writes it alone and decides alone. None: step counts only.
       resume: continue from ``logdir/checkpoint.npz`` on process 0; the step count continues.
       local_device_ids: the local devices this process uses (default: all of them).
       initialization_timeout: seconds to wait for all processes to join.
@@ -250,8 +256,12 @@ def run_distributed(
     seed = _checks.check_int("run_distributed", "seed", seed, 0)
     log_every = _checks.check_int("run_distributed", "log_every", log_every, 1)
     checkpoint_every = _checks.check_int("run_distributed", "checkpoint_every", checkpoint_every, 0)
-    if (resume or checkpoint_every) and logdir is None:
-        raise ValueError("run_distributed: resume and checkpoint_every need a logdir")
+    if log_seconds is not None:
+        log_seconds = _checks.check_positive_float("run_distributed", "log_seconds", log_seconds)
+    if checkpoint_seconds is not None:
+        checkpoint_seconds = _checks.check_positive_float("run_distributed", "checkpoint_seconds", checkpoint_seconds)
+    if (resume or checkpoint_every or checkpoint_seconds) and logdir is None:
+        raise ValueError("run_distributed: resume, checkpoint_every and checkpoint_seconds need a logdir")
     if not isinstance(workload, Workload) and not callable(workload):
         raise TypeError(f"run_distributed: workload must be a Workload or a function returning one, got {workload!r}")
     initialize(
@@ -353,6 +363,7 @@ def run_distributed(
         log_point(0, None, [])
     history: list[dict] = []
     started = time.perf_counter()
+    last_checkpoint = time.monotonic()
     interval_start, interval_step = started, start_step
     step_count = start_step
     stopped_by = 0  # the signal every process agreed to stop on
@@ -368,16 +379,19 @@ def run_distributed(
             if process_id == 0:
                 history.append({k: float(np.mean(np.asarray(v.addressable_shards[0].data)))
                                 for k, v in metrics.items()})
-                if step_count % log_every == 0 or step_count == total_updates or stopped_by:
+                timed = log_seconds and time.perf_counter() - interval_start >= log_seconds
+                if step_count % log_every == 0 or step_count == total_updates or stopped_by or timed:
                     now = time.perf_counter()
                     log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
                     history, interval_start, interval_step = [], time.perf_counter(), step_count
             # Also at the end (a longer --resume continues exactly from here) and where the job stops.
             due = checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates)
+            due = due or (checkpoint_seconds and time.monotonic() - last_checkpoint >= checkpoint_seconds)
             if process_id == 0 and logdir is not None and (due or stopped_by):
                 arrays = {"step": np.array(step_count), "params": np.asarray(ravel_pytree(_local(global_params))[0])}
                 arrays.update(protocol.tree_to_arrays("opt_", _local(global_opt_state)))
                 protocol.save_checkpoint(os.path.join(logdir, CHECKPOINT_NAME), arrays)
+                last_checkpoint = time.monotonic()
     wall_seconds = time.perf_counter() - started
     if stopped_by:
         # The run has not ended: no summary. The barrier keeps every process alive until the checkpoint is written.
@@ -410,7 +424,9 @@ def run_distributed(
                     "total_updates": total_updates,
                     "seed": seed,
                     "log_every": log_every,
+                    "log_seconds": log_seconds,
                     "checkpoint_every": checkpoint_every,
+                    "checkpoint_seconds": checkpoint_seconds,
                     "num_processes": num_processes,
                     **(config or {}),
                 },
@@ -452,7 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--logdir", default=None)
     parser.add_argument("--log-every", type=_positive_int, default=50)
+    parser.add_argument("--log-seconds", type=_positive_float, default=None,
+                        help="also a log point once this many seconds have passed since the last (process 0's clock)")
     parser.add_argument("--checkpoint-every", type=_non_negative_int, default=0)
+    parser.add_argument("--checkpoint-seconds", type=_positive_float, default=None,
+                        help="also a checkpoint once this many seconds have passed since the last (process 0's clock)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--initialization-timeout", type=_positive_int, default=300, help="seconds")
     return parser
@@ -467,8 +487,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("arguments --coordinator, --num-processes, --process-id: give all three or none (auto-detect)")
     if all(given) and args.process_id >= args.num_processes:
         parser.error(f"argument --process-id: must be < --num-processes ({args.num_processes}), got {args.process_id}")
-    if (args.resume or args.checkpoint_every) and args.logdir is None:
-        parser.error("argument --resume/--checkpoint-every: needs --logdir")
+    if (args.resume or args.checkpoint_every or args.checkpoint_seconds) and args.logdir is None:
+        parser.error("argument --resume/--checkpoint-every/--checkpoint-seconds: needs --logdir")
     return args
 
 
@@ -477,7 +497,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     workload, the optimizer and ``config``."""
     return dict(total_updates=args.total_updates, seed=args.seed, coordinator_address=args.coordinator,
                 num_processes=args.num_processes, process_id=args.process_id, logdir=args.logdir,
-                log_every=args.log_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                log_every=args.log_every, log_seconds=args.log_seconds, checkpoint_every=args.checkpoint_every,
+                checkpoint_seconds=args.checkpoint_seconds, resume=args.resume,
                 initialization_timeout=args.initialization_timeout)
 
 

@@ -228,7 +228,9 @@ def run_mpi(
     seed: int = 0,
     logdir: str | None = None,
     log_every: int = 100,
+    log_seconds: float | None = None,
     checkpoint_every: int = 0,
+    checkpoint_seconds: float | None = None,
     resume: bool = False,
     comm: Any = None,
     worker_timeout: float = 60.0,
@@ -258,7 +260,13 @@ def run_mpi(
       logdir: where rank 0 writes metrics.jsonl, summary.json and checkpoint.npz; None writes nothing
         but the returned summary.
       log_every: updates between two log points (each evaluates the workload on rank 0).
+      log_seconds: also a log point after any update that ends this many seconds after the last point; rank 0 (the
+        master) decides alone. None: update counts only.
       checkpoint_every: updates between checkpoints; 0 disables them.
+      checkpoint_seconds: also a checkpoint after any update that ends this many seconds after the last one (or
+        the start), so that a crash loses at most that much work however long an update takes; rank 0 (the master)
+        decides alone. None: update counts only. Not in sync rounds (``outer`` given with ``mode="sync"``), whose
+        checkpoint gathers every rank's inner state and so must fall on a step all ranks know.
       resume: continue from ``logdir/checkpoint.npz`` (the step count continues); needs ``logdir``.
       comm: an mpi4py intracommunicator; it is duplicated, never modified.
       worker_timeout: seconds without a push after which the master declares a computing worker lost. A worker
@@ -310,6 +318,15 @@ def run_mpi(
     seed = _checks.check_int("run_mpi", "seed", seed, 0)
     log_every = _checks.check_int("run_mpi", "log_every", log_every, 1)
     checkpoint_every = _checks.check_int("run_mpi", "checkpoint_every", checkpoint_every, 0)
+    if log_seconds is not None:
+        log_seconds = _checks.check_positive_float("run_mpi", "log_seconds", log_seconds)
+    if checkpoint_seconds is not None:
+        checkpoint_seconds = _checks.check_positive_float("run_mpi", "checkpoint_seconds", checkpoint_seconds)
+        if logdir is None:
+            raise ValueError("run_mpi: checkpoint_seconds needs a logdir to write checkpoints to")
+        if mode == "sync" and outer is not None:
+            raise ValueError("run_mpi: checkpoint_seconds cannot time the checkpoints of sync rounds (outer given): "
+                             "each gathers every rank's inner state, at a step all ranks know; use checkpoint_every")
     worker_timeout = _checks.check_positive_float("run_mpi", "worker_timeout", worker_timeout)
     step_timeout = _checks.check_positive_float("run_mpi", "step_timeout", step_timeout)
     if mode == "async" and local_steps != 1:
@@ -367,7 +384,9 @@ def run_mpi(
         "total_updates": total_updates,
         "seed": seed,
         "log_every": log_every,
+        "log_seconds": log_seconds,
         "checkpoint_every": checkpoint_every,
+        "checkpoint_seconds": checkpoint_seconds,
         "outer": None if outer is None else "given",
         "worker_timeout": worker_timeout,
         "step_timeout": step_timeout,
@@ -382,7 +401,9 @@ def run_mpi(
         seed=seed,
         logdir=logdir,
         log_every=log_every,
+        log_seconds=log_seconds,
         checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
         resume=resume,
         comm=comm,
         MPI=MPI,
@@ -487,8 +508,10 @@ class _Watchdog:
 
 
 def _run_sync(
-    *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, requested, step_timeout,
+    *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
+    checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
+    record_hook, requested,
+    step_timeout,
 ) -> dict:
     import mpi4jax  # noqa: PLC0415 (imports mpi4py: only once MPI is wanted)
 
@@ -606,6 +629,7 @@ def _run_sync(
     startup_seconds = time.perf_counter() - launched
     history: list[dict] = []
     started = time.perf_counter()
+    last_checkpoint = time.monotonic()
     interval_start, interval_step = started, start_step
     step_count = start_step
     stopped_by = 0  # the signal every rank agreed to stop on
@@ -618,13 +642,17 @@ def _run_sync(
         watchdog.beat(step_count)
         if rank == 0:
             history.append(jax.device_get(metrics))
-            if step_count % log_every == 0 or step_count == total_updates or stopped_by:
+            timed = log_seconds and time.perf_counter() - interval_start >= log_seconds
+            if step_count % log_every == 0 or step_count == total_updates or stopped_by or timed:
                 now = time.perf_counter()
                 log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
                 history, interval_start, interval_step = [], time.perf_counter(), step_count
         due = checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates)
-        if logdir is not None and (due or stopped_by):
+        # Rank 0 alone writes a gradient-mode checkpoint (no collective), so its own clock may decide.
+        timed = rank == 0 and checkpoint_seconds and time.monotonic() - last_checkpoint >= checkpoint_seconds
+        if logdir is not None and (due or timed or stopped_by):
             checkpoint(step_count)  # also at the end and at a stop: --resume continues exactly from here
+            last_checkpoint = time.monotonic()
         watchdog.beat(step_count)
     wall_seconds = time.perf_counter() - started
     watchdog.stop()
@@ -668,9 +696,10 @@ def _run_sync(
 
 
 def _run_master(
-    *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, requested, master_batch,
-    aggregate, worker_timeout,
+    *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
+    checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
+    record_hook, requested,
+    master_batch, aggregate, worker_timeout,
 ) -> dict:
     del inner, worker_state, seed
     size = comm.Get_size()
@@ -850,6 +879,7 @@ def _run_master(
     delta_sum = np.zeros(num_params, np.float32)
     pending: list[tuple[int, int]] = []  # (worker, pulled version) of the Δ's in delta_sum
     started = time.perf_counter()
+    last_checkpoint = time.monotonic()
     interval_start, interval_version = started, version
     idle_sleep = 0.0
     finished = version >= total_updates
@@ -933,13 +963,16 @@ def _run_master(
             delta_sum[:] = 0.0
             progressed = True
             busy_since = time.monotonic()
-            if version % log_every == 0 or finished:
+            timed = log_seconds and time.perf_counter() - interval_start >= log_seconds
+            if version % log_every == 0 or finished or timed:
                 now_perf = time.perf_counter()
                 write_log(version, (version - interval_version) / max(now_perf - interval_start, 1e-9), interval)
                 interval = {"metrics": [], "staleness": []}
                 interval_start, interval_version = time.perf_counter(), version
-            if checkpoint_every and (version % checkpoint_every == 0 or finished):
+            timed = checkpoint_seconds and time.monotonic() - last_checkpoint >= checkpoint_seconds
+            if (checkpoint_every and (version % checkpoint_every == 0 or finished)) or timed:
                 checkpoint()  # also at the end: a longer --resume continues exactly from here
+                last_checkpoint = time.monotonic()
             # Time the master spent evaluating or checkpointing is not the workers' silence.
             busy = time.monotonic() - busy_since
             for w in workers:
@@ -1032,10 +1065,13 @@ def _wait(request: Any, deadline: float, what: str, MPI) -> Any:
 
 
 def _run_worker(
-    *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, checkpoint_every, resume,
-    comm, MPI, params, worker_state, unravel, run_config, launched, record_hook, requested, worker_timeout,
+    *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
+    checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
+    record_hook, requested,
+    worker_timeout,
 ) -> dict:
-    del outer, total_updates, logdir, log_every, checkpoint_every, run_config, launched, record_hook
+    del outer, total_updates, logdir, log_every, log_seconds, checkpoint_every, checkpoint_seconds, run_config
+    del launched, record_hook
     rank = comm.Get_rank()
     num_params = ravel_pytree(params)[0].size
     inner_state = inner.init(params)
@@ -1141,7 +1177,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--logdir", default=None, help="where rank 0 writes metrics.jsonl, summary.json, checkpoints")
     parser.add_argument("--log-every", type=_positive_int, default=50)
+    parser.add_argument("--log-seconds", type=_positive_float, default=None,
+                        help="also a log point once this many seconds have passed since the last (rank 0's clock)")
     parser.add_argument("--checkpoint-every", type=_non_negative_int, default=0, help="0: no checkpoints")
+    parser.add_argument("--checkpoint-seconds", type=_positive_float, default=None,
+                        help="also a checkpoint once this many seconds have passed since the last (rank 0's clock; "
+                             "not in sync rounds, --outer-lr with --mode sync)")
     parser.add_argument("--resume", action="store_true", help="continue from LOGDIR/checkpoint.npz")
     parser.add_argument("--worker-timeout", type=_positive_float, default=60.0, help="seconds; see run_mpi")
     parser.add_argument("--step-timeout", type=_positive_float, default=60.0, help="seconds; see run_mpi")
@@ -1157,6 +1198,11 @@ def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("argument --resume: needs --logdir")
     if args.checkpoint_every and args.logdir is None:
         parser.error("argument --checkpoint-every: needs --logdir")
+    if args.checkpoint_seconds is not None and args.logdir is None:
+        parser.error("argument --checkpoint-seconds: needs --logdir")
+    if args.checkpoint_seconds is not None and args.mode == "sync" and args.outer_lr is not None:
+        parser.error("argument --checkpoint-seconds: sync rounds (--outer-lr) checkpoint at counted steps only, as "
+                     "each checkpoint gathers every rank's state; use --checkpoint-every")
     if not 0.0 <= args.outer_momentum < 1.0:
         parser.error(f"argument --outer-momentum: must be in [0, 1), got {args.outer_momentum}")
     world = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
@@ -1173,7 +1219,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     """:func:`run_mpi`'s keyword arguments that the command line (:func:`build_parser`) gives, all but the
     workload, the optimizers (:func:`make_optimizers`) and ``config``."""
     names = ("mode", "local_steps", "master_batch", "aggregate", "total_updates", "seed", "logdir", "log_every",
-             "checkpoint_every", "resume", "worker_timeout", "step_timeout")
+             "log_seconds", "checkpoint_every", "checkpoint_seconds", "resume", "worker_timeout", "step_timeout")
     return {name: getattr(args, name) for name in names}
 
 
