@@ -90,6 +90,13 @@ def confidence_interval(values: list[float]) -> dict[str, float] | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Files.
 # ---------------------------------------------------------------------------------------------------------------
+def add_scalars(tb, record: dict) -> None:
+    """A log record's finite numbers as TensorBoard scalars at its ``step``."""
+    for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+            tb.add_scalar(k, v, record["step"])
+
+
 class MetricsWriter:
     """Appends JSON lines (flushed per line, so a crash keeps what was logged) and mirrors to TensorBoard."""
 
@@ -106,9 +113,7 @@ class MetricsWriter:
         self._f.write(json.dumps(record, default=atomic.json_value) + "\n")
         self._f.flush()
         if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                    self._tb.add_scalar(k, v, record["step"])
+            add_scalars(self._tb, record)
 
     def close(self) -> None:
         self._f.close()

@@ -1180,7 +1180,8 @@ def run_mpi(cfg: TrainConfig):
     total_updates = max(1, cfg.total_steps // per_update)
     # Each worker's own optimizer steps over the run (the annealing horizon): all env steps / its share.
     worker_steps = max(1, cfg.total_steps // (per_local_step * cfg.workers))
-    with _stops_in_env_steps(per_update):
+    record_hook = lambda record, steps: {**record, **_in_env_steps(record, per_update)}  # noqa: E731
+    with _stops_in_env_steps(per_update), _mirrored_to_tensorboard(cfg, record_hook, rank == 0) as record_hook:
         summary = mpi_runtime.run_mpi(
             workload, mode=mode, inner=make_inner_optimizer(cfg, decay_steps=worker_steps), outer=outer,
             local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
@@ -1190,7 +1191,7 @@ def run_mpi(cfg: TrainConfig):
             log_every=max(1, total_updates // 50), log_seconds=cfg.log_interval,
             checkpoint_every=max(1, total_updates // 10), checkpoint_seconds=cfg.checkpoint_interval,
             resume=cfg.resume, config=dataclasses.asdict(cfg),
-            record_hook=lambda record, steps: {**record, **_in_env_steps(record, per_update)})
+            record_hook=record_hook)
     if rank != 0 or summary is None:
         return None
     return _write_rl_summary(cfg, summary, per_update)
@@ -1227,6 +1228,34 @@ def _stops_in_env_steps(per_update: int) -> Iterator[None]:
     except RunStopped as stop:
         raise RunStopped(stop.signum, stop.step * per_update, stop.total_steps * per_update, stop.logdir,
                          report=stop.report) from None
+
+
+@contextlib.contextmanager
+def _mirrored_to_tensorboard(cfg: TrainConfig, record_hook: Callable[[dict, int], dict], writes_outputs: bool
+                             ) -> Iterator[Callable[[dict, int], dict]]:
+    """``record_hook``, and on the process that writes the outputs each record it returns also written to
+    TensorBoard (``logdir/tb``, unless ``--no-tensorboard``), as a single-process run's are: the multi-process
+    runtimes write metrics.jsonl themselves and pass every record through the hook first."""
+    if not (writes_outputs and cfg.tensorboard and cfg.logdir):
+        yield record_hook
+        return
+    import os
+
+    from tensorboardX import SummaryWriter
+
+    from jaxdp.loop import add_scalars
+
+    tb = SummaryWriter(os.path.join(cfg.logdir, "tb"))
+
+    def mirrored(record: dict, steps_since: int) -> dict:
+        out = record_hook(record, steps_since)
+        add_scalars(tb, out)
+        return out
+
+    try:
+        yield mirrored
+    finally:
+        tb.close()
 
 
 def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
@@ -1310,7 +1339,8 @@ def run_distributed(cfg: TrainConfig):
         out.update({k.removeprefix("train_"): v for k, v in record.items() if k not in ("step", "sps")})
         return out
 
-    with _stops_in_env_steps(per_update):
+    with (_stops_in_env_steps(per_update),
+          _mirrored_to_tensorboard(cfg, record_hook, jax.process_index() == 0) as record_hook):
         summary = dist.run_distributed(
             workload, inner=make_inner_optimizer(cfg, decay_steps=total_updates), total_updates=total_updates,
             seed=cfg.seeds[0], logdir=cfg.logdir, log_every=max(1, total_updates // 100), log_seconds=cfg.log_interval,

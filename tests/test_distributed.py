@@ -269,12 +269,12 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     both workers' episodes), and ``--resume`` continues from the checkpoint."""
     logdir = tmp_path / "rl"
     common = ["--algo", "a2c", "--strategy", "sync", "--num-envs", "8", "--lr", "1e-3", "--vf-coef", "0.1",
-              "--no-progress", "--no-tensorboard", "--logdir", str(logdir)]
+              "--no-progress", "--logdir", str(logdir)]
 
     def job(total_steps: int, *extra: str, status: int = 0) -> list[str]:
         return train_job(total_steps, *common, *extra, status=status)
 
-    outputs = job(400_000)
+    outputs = job(400_000, "--no-tensorboard")
     assert "final return" in outputs[0] and "final return" not in outputs[1]  # process 0 reports
     summary = json.loads((logdir / "summary.json").read_text())
     per_update = 2 * 8 * 8  # workers x envs x rollout
@@ -285,6 +285,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     # Process 0 plays --eval-episodes greedy games of the all-reduced θ after jax.distributed has shut down.
     assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary
     assert f"greedy eval {round(summary['eval_return'], 1)}" in outputs[0]
+    assert not (logdir / "tb").exists()  # --no-tensorboard
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["step"] % per_update == 0 for r in records)
     assert sum(r["episodes"] for r in records) > 100 and records[0]["step"] == 0
@@ -297,10 +298,14 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
             assert out.strip().splitlines() == [out.strip()] and needle in out, out
         assert {p.name: p.read_bytes() for p in logdir.iterdir() if p.is_file()} == files
 
-    job(500_000, "--resume")  # another coordinator port than the first job's: allowed
+    job(500_000, "--resume")  # another coordinator port, and TensorBoard on: allowed
     resumed = json.loads((logdir / "summary.json").read_text())
     assert resumed["start_update"] == 400_000 // per_update  # continued from the final checkpoint
     assert resumed["start_step"] == resumed["start_update"] * per_update  # env steps, as total_steps
     assert resumed["total_steps"] == (500_000 // per_update) * per_update
     steps = [json.loads(line)["step"] for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == resumed["total_steps"]
+    # Process 0 mirrored each log point of the resumed job to TensorBoard (a multi-process run wrote none before).
+    from tensorboard_events import scalar_steps
+
+    assert scalar_steps(logdir / "tb")["updates"] == [s for s in steps if s > resumed["start_step"]]

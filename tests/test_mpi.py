@@ -516,6 +516,11 @@ def test_rl_agent_trains_under_mpirun_with_a_parameter_server(tmp_path):
     # (before, a multi-process run had no greedy evaluation at all: "greedy eval n/a").
     assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary
     assert f"greedy eval {round(summary['eval_return'], 1)}" in done.stdout
+    # TensorBoard gets every log point, as in a single-process run (before, a multi-process run wrote none).
+    from tensorboard_events import scalar_steps
+
+    curves = scalar_steps(logdir / "tb")
+    assert curves["episodic_return"] == [r["step"] for r in records if r.get("episodic_return") is not None]
 
 
 def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_the_run(tmp_path):
