@@ -243,14 +243,15 @@ def options_not_read(cfg: TrainConfig) -> list[tuple[str, str]]:
             for field in fields if getattr(cfg, field) != getattr(defaults, field)]
 
 
+_SIMULATED_DELAYS = ("--strategy async on --runtime vmap or devices (simulated stale gradients; on async_sim and mpi "
+                     "the staleness is the workers' own)",
+                     lambda c: c.strategy == "async" and c.runtime in ("vmap", "devices"))
 # The strategies' and runtimes' own options: (field, who reads it, whether this run does).
 STRATEGY_OPTIONS = (
     ("global_lr", "--strategy dpsgd, and --strategy async on --runtime async_sim or mpi (the master's step size)",
      lambda c: c.strategy == "dpsgd" or (c.strategy == "async" and c.runtime in ("async_sim", "mpi"))),
-    ("delay", "--strategy async on --runtime vmap or devices (simulated stale gradients; on async_sim and mpi the "
-     "staleness is the workers' own)", lambda c: c.strategy == "async" and c.runtime in ("vmap", "devices")),
-    ("max_delay", "--strategy async on --runtime vmap or devices (simulated stale gradients; on async_sim and mpi "
-     "the staleness is the workers' own)", lambda c: c.strategy == "async" and c.runtime in ("vmap", "devices")),
+    ("delay", *_SIMULATED_DELAYS),
+    ("max_delay", *_SIMULATED_DELAYS),
     ("threads", "--strategy hogwild", lambda c: c.strategy == "hogwild"),
     ("overwrite_prob", "--strategy hogwild", lambda c: c.strategy == "hogwild"),
     ("comm_time", "--runtime async_sim", lambda c: c.runtime == "async_sim"),

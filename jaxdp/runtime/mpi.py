@@ -510,8 +510,7 @@ class _Watchdog:
 def _run_sync(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
     checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
-    record_hook, requested,
-    step_timeout,
+    record_hook, requested, step_timeout,
 ) -> dict:
     import mpi4jax  # noqa: PLC0415 (imports mpi4py: only once MPI is wanted)
 
@@ -698,8 +697,7 @@ def _run_sync(
 def _run_master(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
     checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
-    record_hook, requested,
-    master_batch, aggregate, worker_timeout,
+    record_hook, requested, master_batch, aggregate, worker_timeout,
 ) -> dict:
     del inner, worker_state, seed
     size = comm.Get_size()
@@ -1067,8 +1065,7 @@ def _wait(request: Any, deadline: float, what: str, MPI) -> Any:
 def _run_worker(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
     checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
-    record_hook, requested,
-    worker_timeout,
+    record_hook, requested, worker_timeout,
 ) -> dict:
     del outer, total_updates, logdir, log_every, log_seconds, checkpoint_every, checkpoint_seconds, run_config
     del launched, record_hook
