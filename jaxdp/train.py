@@ -1188,7 +1188,7 @@ def run_mpi(cfg: TrainConfig):
             total_updates=total_updates, seed=cfg.seeds[0], logdir=cfg.logdir,
             # A point and a checkpoint every 2% and 10% of the run, and every --log-interval and --checkpoint-interval
             # seconds (rank 0's clock), as in every jaxdp train run.
-            log_every=max(1, total_updates // 50), log_seconds=cfg.log_interval,
+            log_every=max(1, total_updates // 50), log_seconds=cfg.log_interval, print_points=cfg.progress,
             checkpoint_every=max(1, total_updates // 10), checkpoint_seconds=cfg.checkpoint_interval,
             resume=cfg.resume, config=dataclasses.asdict(cfg),
             record_hook=record_hook)
@@ -1344,6 +1344,7 @@ def run_distributed(cfg: TrainConfig):
         summary = dist.run_distributed(
             workload, inner=make_inner_optimizer(cfg, decay_steps=total_updates), total_updates=total_updates,
             seed=cfg.seeds[0], logdir=cfg.logdir, log_every=max(1, total_updates // 100), log_seconds=cfg.log_interval,
+            print_points=cfg.progress,
             checkpoint_every=max(1, total_updates // 10), checkpoint_seconds=cfg.checkpoint_interval,
             resume=cfg.resume, config=dataclasses.asdict(cfg),
             check_vma=False, record_hook=record_hook)

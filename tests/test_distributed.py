@@ -269,12 +269,13 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     both workers' episodes), and ``--resume`` continues from the checkpoint."""
     logdir = tmp_path / "rl"
     common = ["--algo", "a2c", "--strategy", "sync", "--num-envs", "8", "--lr", "1e-3", "--vf-coef", "0.1",
-              "--no-progress", "--logdir", str(logdir)]
+              "--logdir", str(logdir)]
 
     def job(total_steps: int, *extra: str, status: int = 0) -> list[str]:
         return train_job(total_steps, *common, *extra, status=status)
 
-    outputs = job(400_000, "--no-tensorboard")
+    outputs = job(400_000, "--no-tensorboard", "--no-progress")
+    assert "[jaxdp.distributed] step" not in outputs[0]  # --no-progress: no line per log point
     assert "final return" in outputs[0] and "final return" not in outputs[1]  # process 0 reports
     summary = json.loads((logdir / "summary.json").read_text())
     per_update = 2 * 8 * 8  # workers x envs x rollout
@@ -298,7 +299,8 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
             assert out.strip().splitlines() == [out.strip()] and needle in out, out
         assert {p.name: p.read_bytes() for p in logdir.iterdir() if p.is_file()} == files
 
-    job(500_000, "--resume")  # another coordinator port, and TensorBoard on: allowed
+    outputs = job(500_000, "--resume")  # another coordinator port, TensorBoard and progress on: allowed
+    assert "[jaxdp.distributed] step" in outputs[0]
     resumed = json.loads((logdir / "summary.json").read_text())
     assert resumed["start_update"] == 400_000 // per_update  # continued from the final checkpoint
     assert resumed["start_step"] == resumed["start_update"] * per_update  # env steps, as total_steps

@@ -576,13 +576,16 @@ def dqn_job_resumed(tmp_path, strategy: str, ranks: int) -> tuple[list[dict], li
     logdir = tmp_path / "dqn"
     base = mpirun_command(ranks, sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy",
                           strategy, "--algo", "dqn", "--num-envs", "4", "--learning-starts", "2000", "--eps-fraction",
-                          "0.5", "--eval-episodes", "0", "--no-progress", "--no-tensorboard", "--logdir", str(logdir))
-    first = subprocess.run([*base, "--total-steps", "16000"], capture_output=True, text=True, timeout=300)
+                          "0.5", "--eval-episodes", "0", "--no-tensorboard", "--logdir", str(logdir))
+    first = subprocess.run([*base, "--total-steps", "16000", "--no-progress"], capture_output=True, text=True,
+                           timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "[jaxdp.mpi" not in first.stdout  # --no-progress: no line per log point, as a single-process run
     before = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     resumed = subprocess.run([*base, "--total-steps", "32000", "--resume"], capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"[jaxdp.mpi {strategy}]" in resumed.stdout  # progress on (a --resume may change it): a line per point
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     after = [r for r in records if r["step"] > before[-1]["step"]]
     assert before[1]["train_epsilon"] > 0.5 and after  # the first run explored

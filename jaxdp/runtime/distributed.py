@@ -194,6 +194,7 @@ def run_distributed(
     logdir: str | None = None,
     log_every: int = 100,
     log_seconds: float | None = None,
+    print_points: bool = True,
     checkpoint_every: int = 0,
     checkpoint_seconds: float | None = None,
     resume: bool = False,
@@ -222,6 +223,7 @@ def run_distributed(
       log_every: steps between two log points (each evaluates the workload in process 0).
       log_seconds: also a log point after any step that ends this many seconds after the last point; process 0
         decides alone. None: step counts only.
+      print_points: process 0 prints one line per log point (``jaxdp train --no-progress`` turns it off).
       checkpoint_every: steps between checkpoints; 0 disables them.
       checkpoint_seconds: also a checkpoint after any step that ends this many seconds after the last one (or the
         start); process 0 writes it alone and decides alone. None: step counts only.
@@ -345,7 +347,8 @@ def run_distributed(
         if metrics_path is not None:
             protocol.append_json_line(metrics_path, record)
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
-        print(f"[jaxdp.distributed] step {step_count}/{total_updates} {shown}", flush=True)
+        if print_points:
+            print(f"[jaxdp.distributed] step {step_count}/{total_updates} {shown}", flush=True)
 
     def stop_flags(requested: list[int]) -> jax.Array:
         # Every worker of this process carries this process's request (a signal's number, 0 for none).

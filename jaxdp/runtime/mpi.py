@@ -229,6 +229,7 @@ def run_mpi(
     logdir: str | None = None,
     log_every: int = 100,
     log_seconds: float | None = None,
+    print_points: bool = True,
     checkpoint_every: int = 0,
     checkpoint_seconds: float | None = None,
     resume: bool = False,
@@ -262,6 +263,7 @@ def run_mpi(
       log_every: updates between two log points (each evaluates the workload on rank 0).
       log_seconds: also a log point after any update that ends this many seconds after the last point; rank 0 (the
         master) decides alone. None: update counts only.
+      print_points: rank 0 prints one line per log point (``jaxdp train --no-progress`` turns it off).
       checkpoint_every: updates between checkpoints; 0 disables them.
       checkpoint_seconds: also a checkpoint after any update that ends this many seconds after the last one (or
         the start), so that a crash loses at most that much work however long an update takes; rank 0 (the master)
@@ -402,6 +404,7 @@ def run_mpi(
         logdir=logdir,
         log_every=log_every,
         log_seconds=log_seconds,
+        print_points=bool(print_points),
         checkpoint_every=checkpoint_every,
         checkpoint_seconds=checkpoint_seconds,
         resume=resume,
@@ -509,8 +512,8 @@ class _Watchdog:
 
 def _run_sync(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
-    checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
-    record_hook, requested, step_timeout,
+    print_points, checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config,
+    launched, record_hook, requested, step_timeout,
 ) -> dict:
     import mpi4jax  # noqa: PLC0415 (imports mpi4py: only once MPI is wanted)
 
@@ -594,7 +597,8 @@ def _run_sync(
         if metrics_path is not None:
             protocol.append_json_line(metrics_path, record)
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
-        print(f"[jaxdp.mpi sync] step {step_count}/{total_updates} {shown}", flush=True)
+        if print_points:
+            print(f"[jaxdp.mpi sync] step {step_count}/{total_updates} {shown}", flush=True)
 
     def checkpoint(step_count):
         # In round mode each rank's inner state differs: gather them (a collective; all ranks are here).
@@ -696,8 +700,8 @@ def _run_sync(
 
 def _run_master(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
-    checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
-    record_hook, requested, master_batch, aggregate, worker_timeout,
+    print_points, checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config,
+    launched, record_hook, requested, master_batch, aggregate, worker_timeout,
 ) -> dict:
     del inner, worker_state, seed
     size = comm.Get_size()
@@ -803,7 +807,8 @@ def _run_master(
         if metrics_path is not None:
             protocol.append_json_line(metrics_path, record)
         shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
-        print(f"[jaxdp.mpi {run_config['mode']}] update {step_count}/{total_updates} {shown}", flush=True)
+        if print_points:
+            print(f"[jaxdp.mpi {run_config['mode']}] update {step_count}/{total_updates} {shown}", flush=True)
 
     def checkpoint():
         arrays = {
@@ -1064,11 +1069,11 @@ def _wait(request: Any, deadline: float, what: str, MPI) -> Any:
 
 def _run_worker(
     *, workload, inner, outer, local_steps, total_updates, seed, logdir, log_every, log_seconds,
-    checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config, launched,
-    record_hook, requested, worker_timeout,
+    print_points, checkpoint_every, checkpoint_seconds, resume, comm, MPI, params, worker_state, unravel, run_config,
+    launched, record_hook, requested, worker_timeout,
 ) -> dict:
-    del outer, total_updates, logdir, log_every, log_seconds, checkpoint_every, checkpoint_seconds, run_config
-    del launched, record_hook
+    del outer, total_updates, logdir, log_every, log_seconds, print_points, checkpoint_every, checkpoint_seconds
+    del run_config, launched, record_hook
     rank = comm.Get_rank()
     num_params = ravel_pytree(params)[0].size
     inner_state = inner.init(params)
