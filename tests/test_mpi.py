@@ -545,7 +545,8 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["total_steps"] == 156 * 128 and summary["sps"] > 0
     assert "params" not in summary  # the parameters are the checkpoint's, not the summary's
-    files = {p.name: p.read_bytes() for p in logdir.iterdir()}
+    # Every file of the run, the TensorBoard events in tb/ included.
+    files = {str(p.relative_to(logdir)): p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
 
     for ranks, args, needle in [
         (3, ["--total-steps", "30000"], "already holds a run"),
@@ -556,7 +557,7 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
         refused = job(ranks, *args)
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and len(lines) == 1 and needle in lines[0], refused.stderr[-2000:]
-        assert {p.name: p.read_bytes() for p in logdir.iterdir()} == files
+        assert {str(p.relative_to(logdir)): p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == files
 
     # As if the first run had been killed after its last checkpoint (at its end, update 156), having logged more.
     with open(logdir / "metrics.jsonl", "a") as f:
