@@ -25,8 +25,11 @@ CASES = {
     # 2-core Intel Xeon (2026-12-02): the late collapse below, moved by the CPU's float rounding. The dpsgd recipe
     # holds on the Xeon: seeds 0-3 in one sweep 467 495 490 269 (eps-fraction 0.3 as well: 242 496 500 261;
     # a 50k buffer: 383 292 260 488).
+    # On a Zen 5 EPYC (cpu family 26, AVX-512; 2026-12-07) that 800k recipe ended seed 0 at 395 (371 in a 3-seed
+    # sweep, 1M steps put seed 2 at 199): the same late collapse. At 500k it ends before it, as dqn-async does:
+    # seeds 0-4 488 500 500 500 498 there, seed 0 alone 496.
     "dqn-sync": dict(algo="dqn", strategy="sync", workers=2, num_envs=2, anneal_lr="on", eps_end=0.01,
-                     total_steps=800_000),
+                     total_steps=500_000),
     "dqn-async": dict(algo="dqn", strategy="async", workers=2, num_envs=2, max_delay=2,
                       total_steps=500_000),  # 498 498 498
     # DQN's failure mode under local steps and stale reads is a late collapse after reaching 500; annealing the
