@@ -365,7 +365,7 @@ def _main(argv: Sequence[str] | None) -> int:
         spec = make_spec(cfg.env, 1)
         config_lib.check_torso_fits(cfg, spec.obs_shape)
         config_lib.check_replay_fits(cfg, spec.is_atari)
-        torso = cfg.torso if cfg.torso != "auto" else "nature" if spec.is_atari else "mlp"  # as make_network picks
+        torso = cfg.torso_for(spec.is_atari)  # as make_network builds it
         if torso in config_lib.CNN_TORSOS and tuple(cfg.hidden) != tuple(config_lib.TrainConfig().hidden):
             raise config_lib.ConfigError(f"--hidden sets the MLP torso's widths; this run's torso is the {torso} CNN "
                                          f"(--torso {cfg.torso} on {cfg.env}), which does not read it")

@@ -180,6 +180,12 @@ class TrainConfig:
             return self.max_grad_norm
         return 10.0 if self.is_dqn else 0.5
 
+    def torso_for(self, is_atari: bool) -> str:
+        """The torso this run builds: ``--torso``, or for ``auto`` the Nature CNN on Atari frames, else the MLP."""
+        if self.torso != "auto":
+            return self.torso
+        return "nature" if is_atari else "mlp"
+
     def replay_capacity(self, is_atari: bool) -> int:
         if self.buffer_size:
             return self.buffer_size

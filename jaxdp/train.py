@@ -281,10 +281,7 @@ class Trainer(NamedTuple):
 def make_network(cfg: TrainConfig, spec) -> Any:
     check_torso_fits(cfg, spec.obs_shape)
     check_replay_fits(cfg, spec.is_atari)
-    torso_name = cfg.torso
-    if torso_name == "auto":
-        torso_name = "nature" if spec.is_atari else "mlp"
-    torso = nets_lib.make_torso(torso_name, hidden_sizes=cfg.hidden, layer_norm=cfg.layer_norm,
+    torso = nets_lib.make_torso(cfg.torso_for(spec.is_atari), hidden_sizes=cfg.hidden, layer_norm=cfg.layer_norm,
                                 obs_ndim=len(spec.obs_shape))
     if cfg.is_dqn:
         return nets_lib.QNetwork(torso, num_actions=spec.num_actions)
