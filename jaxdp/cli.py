@@ -39,6 +39,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--gamma", "gamma", float, "discount factor"),
     ("--torso", "torso", str, "network torso: auto (mlp for vectors, nature for Atari), mlp, nature, a3c"),
     ("--layer-norm", "layer_norm", "flag", "LayerNorm after each hidden layer"),
+    ("--critic", "critic", str, "A2C/REINFORCE value network: shared (one torso under both heads) or separate "
+                                "(a torso of its own; Acrobot-v1 needs it)"),
     ("--buffer-size", "buffer_size", int, "DQN replay capacity in transitions (0 = 10k for vector observations, "
                                           "1M for Atari)"),
     ("--batch-size", "batch_size", int, "DQN minibatch size"),
@@ -302,10 +304,14 @@ def _check_target_options(args: argparse.Namespace, cfg: config_lib.TrainConfig)
 
 
 def _check_baseline_options(cfg: config_lib.TrainConfig) -> None:
-    """REINFORCE's --vf-coef weighs the loss of its learned value baseline: with --baseline mean or none there is no
-    such loss, and the run would ignore the option, as an agent ignores another agent's options (refused too)."""
+    """REINFORCE's --vf-coef weighs the loss of its learned value baseline, and --critic shapes its network: with
+    --baseline mean or none there is no such loss, and the run would ignore the option, as an agent ignores another
+    agent's options (refused too)."""
     if cfg.algo != "reinforce" or cfg.baseline == "value":
         return
+    if cfg.critic != config_lib.TrainConfig().critic:
+        raise config_lib.ConfigError(f"--critic {cfg.critic} shapes REINFORCE's learned value baseline; --baseline "
+                                     f"{cfg.baseline} learns none (use --baseline value)")
     if cfg.vf_coef != config_lib.TrainConfig().vf_coef or "vf_coef" in dict(cfg.sweep):
         raise config_lib.ConfigError(f"--vf-coef weighs the loss of REINFORCE's learned value baseline; --baseline "
                                      f"{cfg.baseline} learns none (use --baseline value)")

@@ -18,6 +18,7 @@ STRATEGIES = ("single", "sync", "async", "dpsgd", "hogwild")
 RUNTIMES = ("vmap", "devices", "async_sim", "mpi", "distributed")
 TORSOS = ("auto", "mlp", "nature", "a3c")
 CNN_TORSOS = ("nature", "a3c")  # read frames (C, H, W)
+CRITICS = ("shared", "separate")
 DELAY_KINDS = ("fixed", "uniform", "geometric", "zipf")
 LOSSES = ("auto", "mse", "huber")
 PIPELINES = ("fused", "overlap")
@@ -72,6 +73,9 @@ class TrainConfig:
     torso: str = "auto"  # mlp for vector observations, nature for Atari
     hidden: tuple[int, ...] = (64, 64)
     layer_norm: bool = False
+    # A2C / REINFORCE: shared = one torso under the policy and value heads (CleanRL's and PureJaxRL's Atari agents);
+    # separate = the value reads a torso of its own (their classic-control agents; see nets.ActorCritic).
+    critic: Literal["shared", "separate"] = "shared"
 
     # DQN / Double DQN.
     buffer_size: int = 0  # 0 = 10k transitions for vector observations, 1M for Atari (7 GB of uint8 frames)
@@ -235,7 +239,7 @@ def _fail(msg: str) -> None:
 AGENT_OPTIONS = (
     (("buffer_size", "batch_size", "learning_starts", "train_frequency", "target_update", "tau", "eps_start",
       "eps_end", "eps_fraction", "n_step", "loss", "replay", "target_network"), ("dqn", "double_dqn"), "DQN"),
-    (("rollout_len", "ent_coef", "vf_coef"), ("a2c", "reinforce"), "A2C / REINFORCE"),
+    (("rollout_len", "ent_coef", "vf_coef", "critic"), ("a2c", "reinforce"), "A2C / REINFORCE"),
     (("baseline",), ("reinforce",), "REINFORCE"),
 )
 
@@ -311,6 +315,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--runtime {cfg.runtime!r} is not one of {', '.join(RUNTIMES)}")
     if cfg.torso not in TORSOS:
         _fail(f"--torso {cfg.torso!r} is not one of {', '.join(TORSOS)}")
+    if cfg.critic not in CRITICS:
+        _fail(f"--critic {cfg.critic!r} is not one of {', '.join(CRITICS)}")
     if cfg.anneal_lr not in ("auto", "on", "off"):
         _fail(f"--anneal-lr {cfg.anneal_lr!r} is not one of auto, on, off")
     if cfg.loss not in LOSSES:

@@ -285,7 +285,7 @@ def make_network(cfg: TrainConfig, spec) -> Any:
                                 obs_ndim=len(spec.obs_shape))
     if cfg.is_dqn:
         return nets_lib.QNetwork(torso, num_actions=spec.num_actions)
-    return nets_lib.ActorCritic(torso, num_actions=spec.num_actions)
+    return nets_lib.ActorCritic(torso, num_actions=spec.num_actions, separate_critic=cfg.critic == "separate")
 
 
 # The largest batch a CNN sees per call on XLA:CPU (see network_apply).

@@ -119,6 +119,9 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--rollout-len", "16"], "--rollout-len"),
     (["--algo", "double_dqn", "--ent-coef", "0.1"], "--ent-coef"),
     (["--algo", "a2c", "--baseline", "mean"], "--baseline"),
+    (["--algo", "dqn", "--critic", "separate"], "--critic is for A2C / REINFORCE only"),  # a Q-network has no critic
+    (["--critic", "own"], "--critic 'own' is not one of shared, separate"),
+    (["--algo", "reinforce", "--baseline", "none", "--critic", "separate"], "--baseline none learns none"),
     # DQN target options the run would ignore: Polyak averaging runs every update, not every --target-update steps.
     (["--algo", "dqn", "--tau", "0.005", "--target-update", "1000"], "--target-update 1000 is the period"),
     (["--algo", "double_dqn", "--no-target-network", "--tau", "0.5"], "--tau sets the target network"),

@@ -110,6 +110,38 @@ def test_layer_norm_flag_changes_param_tree():
         assert "LayerNorm_0" not in plain["params"]["torso"]
 
 
+def test_separate_critic_reads_a_torso_of_its_own():
+    obs = jax.random.normal(jax.random.key(1), (5, 6))
+    shared = nets.make_actor_critic("mlp", 3, hidden_sizes=(16, 8))
+    separate = nets.make_actor_critic("mlp", 3, hidden_sizes=(16, 8), separate_critic=True)
+    p_shared, p_sep = init(shared, obs), init(separate, obs)
+    # The shared tree is unchanged (old checkpoints restore); the separate one adds a copy of the torso.
+    assert sorted(p_shared["params"]) == ["policy", "torso", "value"]
+    assert sorted(p_sep["params"]) == ["critic_torso", "policy", "torso", "value"]
+    torso_count = count(p_shared["params"]["torso"])
+    assert count(p_sep["params"]["critic_torso"]) == torso_count == dense(6, 16) + dense(16, 8)
+    assert count(p_sep) == count(p_shared) + torso_count
+    # Initialised independently: not a copy of the policy's torso.
+    assert not np.allclose(p_sep["params"]["critic_torso"]["Dense_0"]["kernel"],
+                           p_sep["params"]["torso"]["Dense_0"]["kernel"])
+
+    def grads_of(output):
+        return jax.grad(lambda p: jnp.sum(separate.apply(p, obs)[output] ** 2))(p_sep)["params"]
+
+    # The value's loss moves only the critic's torso and head, the policy's only its own: no shared features.
+    value_grads, policy_grads = grads_of(1), grads_of(0)
+    for name in ("torso", "policy"):
+        assert all(not g.any() for g in jax.tree.leaves(value_grads[name])), name
+    for name in ("critic_torso", "value"):
+        assert all(not g.any() for g in jax.tree.leaves(policy_grads[name])), name
+    assert all(g.any() for g in jax.tree.leaves(value_grads["critic_torso"]))
+    # Under a shared torso the value's gradient reaches the policy's features.
+    shared_value_grads = jax.grad(lambda p: jnp.sum(shared.apply(p, obs)[1] ** 2))(p_shared)["params"]
+    assert all(g.any() for g in jax.tree.leaves(shared_value_grads["torso"]))
+    with pytest.raises(ValueError, match="separate_critic must be a bool"):
+        nets.make_actor_critic("mlp", 3, separate_critic="yes")
+
+
 def test_initialisation_scales():
     net = nets.make_actor_critic("mlp", 4, hidden_sizes=(64,))
     params = init(net, jnp.zeros((1, 8)))["params"]
