@@ -3,10 +3,12 @@
 The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir``:
 
 * ``metrics.jsonl`` -- one JSON object per log point: ``step`` (env steps per seed), ``episodic_return`` (mean real-game
-  return of the episodes finished since the last point, or null), ``episodes``, ``sps`` (env steps per second, all
-  seeds and workers), learner metrics. With several seeds: ``seed_<s>/metrics.jsonl`` for each seed, and the
+  return of the episodes finished since the last point, or null), ``episodes``, ``sps`` (env steps per second since
+  the last point, all seeds and workers: the first point's interval holds the compilation, which ``summary.json``
+  reports apart), learner metrics. With several seeds: ``seed_<s>/metrics.jsonl`` for each seed, and the
   top-level file holds the mean over seeds.
-* ``summary.json`` -- ``total_steps``, ``wall_seconds`` (training, compilation included) and ``sps``,
+* ``summary.json`` -- ``total_steps``, ``wall_seconds`` (training, compilation included), ``compile_seconds`` (the
+  first chunk's wall time, its compilation with it; the first learning chunk's added after DQN's random play), ``sps``,
   ``eval_seconds`` (the greedy evaluation's, apart), ``final_return`` (mean return of the last 10% of finished
   episodes), ``eval_return``, ``config``; with several seeds also per-seed values and the mean, std and a 95%
   confidence interval over seeds (Student t), and ``learning_curves.png``.
