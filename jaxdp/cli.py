@@ -377,6 +377,10 @@ def _main(argv: Sequence[str] | None) -> int:
                                          f"(--torso {cfg.torso} on {cfg.env}), which does not read it")
         if cfg.runtime == "devices":
             check_devices(cfg.workers)
+        if cfg.is_dqn:  # the replays must fit the memory left (this imports JAX, to ask the device)
+            from jaxdp.train import check_replay_memory
+
+            check_replay_memory(cfg, spec)
         cfg = resolve_logdir(cfg)
     except (config_lib.ConfigError, ValueError) as e:
         return _report(e)

@@ -19,6 +19,7 @@ RUNTIMES = ("vmap", "devices", "async_sim", "mpi", "distributed")
 TORSOS = ("auto", "mlp", "nature", "a3c")
 CNN_TORSOS = ("nature", "a3c")  # read frames (C, H, W)
 CRITICS = ("shared", "separate")
+INT32_MAX = 2**31 - 1
 DELAY_KINDS = ("fixed", "uniform", "geometric", "zipf")
 LOSSES = ("auto", "mse", "huber")
 PIPELINES = ("fused", "overlap")
@@ -345,6 +346,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         "--eval-episodes": cfg.eval_episodes}.items():
         if not isinstance(value, int) or value < 0:
             _fail(f"{name} must be a non-negative integer, got {value}")
+    # The compiled loop counts env steps, updates and replay slots in int32 (JAX's default integers): a larger count
+    # raised an OverflowError inside the first jitted call, after --logdir was made, or would wrap around.
+    for name, value in {**positive_ints, "--num-envs": cfg.num_envs, "--rollout-len": cfg.rollout_len,
+                        "--learning-starts": cfg.learning_starts, "--max-delay": cfg.max_delay,
+                        "--buffer-size": cfg.buffer_size, "--eval-episodes": cfg.eval_episodes}.items():
+        if value > INT32_MAX:
+            _fail(f"{name} {value} is beyond {INT32_MAX} (2^31 - 1): the compiled loop counts in int32")
     if not math.isfinite(cfg.max_grad_norm) or (cfg.max_grad_norm < 0 and cfg.max_grad_norm != -1.0):
         _fail(f"--max-grad-norm must be >= 0 (or -1 for the default), got {cfg.max_grad_norm}")
     for name, value in {"--lr": cfg.lr, "--ent-coef": cfg.ent_coef,
@@ -367,6 +375,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--seeds has duplicates: {list(cfg.seeds)}")
     if any(s < 0 for s in cfg.seeds):
         _fail(f"--seeds must be non-negative, got {list(cfg.seeds)}")
+    envs_per_seed = cfg.workers * cfg.envs_per_worker
+    largest_seed = (INT32_MAX + 1) // envs_per_seed - 1  # env i of worker w of seed s is seeded (s·N + w)·E + i
+    if max(cfg.seeds) > largest_seed:
+        _fail(f"--seeds: seed {max(cfg.seeds)} is too large: envpool seeds each env with a 31-bit integer, seed x "
+              f"{envs_per_seed} envs + its index, so the largest seed of this run is {largest_seed}")
     if any(h < 1 for h in cfg.hidden):
         _fail(f"--hidden sizes must be positive, got {list(cfg.hidden)}")
     if cfg.log_interval <= 0 or cfg.checkpoint_interval <= 0:

@@ -288,6 +288,58 @@ def make_network(cfg: TrainConfig, spec) -> Any:
     return nets_lib.ActorCritic(torso, num_actions=spec.num_actions, separate_critic=cfg.critic == "separate")
 
 
+def replay_layout(cfg: TrainConfig, spec) -> tuple[int, int]:
+    """``(capacity, frame_stack)`` of one DQN lane's replay on ``spec``'s env. Without replay (the lecture's ablation)
+    the buffer holds just the latest steps of each env; Atari frames are stored once, not once per stack."""
+    capacity = cfg.replay_capacity(spec.is_atari) if cfg.replay else max(cfg.batch_size, 8 * cfg.envs_per_worker)
+    return capacity, spec.obs_shape[0] if spec.is_atari else 1
+
+
+def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | None = None) -> None:
+    """Raises ConfigError if the DQN replays that one process of this run allocates exceed the memory it has left.
+
+    Such a run died long after it started: XLA:CPU writes a new buffer's zeros page by page, and the kernel killed
+    the process during the initialisation (``--seeds 0 .. 7`` of Atari DQN, 8 x 7.07 GB, on a 24 GB machine) or,
+    where memory is overcommitted, later. The replays of one memory: every lane's on ``--runtime vmap``, and on
+    ``devices`` over CPU devices (one host); one device's lanes on ``devices`` over accelerators; the workers' on
+    ``async_sim``; one worker's per process on ``mpi`` and ``distributed``.
+
+    Args:
+      cfg: a validated config.
+      spec: the env's :class:`~jaxdp.envs.EnvSpec` (one env's observation shape and dtype).
+      available: ``(bytes, where)`` in place of :func:`jaxdp.memory.available_bytes` (tests).
+    """
+    if not cfg.is_dqn:
+        return
+    from jaxdp import memory
+
+    capacity, frame_stack = replay_layout(cfg, spec)
+    one = replay_lib.bytes_required(capacity, spec.obs_shape, frame_stack, spec.obs_dtype, cfg.envs_per_worker)
+    runs = [f"{len(cfg.grid)} sweep points"] * bool(cfg.sweep) + [f"{len(cfg.seeds)} seeds"] * (len(cfg.seeds) > 1)
+    workers = [f"{cfg.workers} workers"] * (cfg.workers > 1)
+    if cfg.runtime in ("mpi", "distributed"):
+        replays, layout = 1, []
+    elif cfg.runtime == "async_sim":
+        replays, layout = cfg.workers, workers
+    elif cfg.runtime == "devices" and jax.default_backend() != "cpu":
+        replays, layout = len(cfg.runs), runs + ["on each device"]
+    else:
+        replays, layout = len(cfg.runs) * cfg.workers, runs + workers
+    whose = f" ({' x '.join(layout)})" if layout else ""
+    free, where = available or memory.available_bytes()
+    if replays * one <= free:
+        return
+    held = f"--buffer-size {capacity}" if cfg.buffer_size else f"the default --buffer-size {capacity}"
+    fewer = f" or train fewer {' and '.join(n.split(' ', 1)[1] for n in runs + workers)} at once" if layout else ""
+    if replays == 1:
+        raise ConfigError(f"{held}: a DQN replay of {capacity} transitions on {cfg.env} takes "
+                          f"{memory.gigabytes(one)}, more than the {memory.gigabytes(free)} {where}; lower "
+                          f"--buffer-size")
+    raise ConfigError(f"{held}: {replays} DQN replays{whose} of {capacity} transitions on {cfg.env} take "
+                      f"{memory.gigabytes(replays * one)} ({memory.gigabytes(one)} each), more than the "
+                      f"{memory.gigabytes(free)} {where}; lower --buffer-size{fewer}")
+
+
 # The largest batch a CNN sees per call on XLA:CPU (see network_apply).
 CPU_CNN_MICROBATCH = 32
 
@@ -608,9 +660,7 @@ def _make_init_lane(cfg: TrainConfig, env, network, tx) -> Callable[..., Lane]:
         params = network.init(initial_params_key(seed_key), obs)
         buf = ()
         if cfg.is_dqn:
-            # Without replay (the lecture's ablation) the buffer holds just the latest steps of each env.
-            capacity = cfg.replay_capacity(spec.is_atari) if cfg.replay else max(cfg.batch_size, 8 * E)
-            frame_stack = spec.obs_shape[0] if spec.is_atari else 1
+            capacity, frame_stack = replay_layout(cfg, spec)
             buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
         return Lane(params=params, target_params=params, opt_state=_seed_strategy_keys(tx.init(params), seed_key),
                     replay=buf, obs=obs,
@@ -697,6 +747,7 @@ def make_train(cfg: TrainConfig, *, chunk_iterations: int | None = None,
         lane_seeds = [lane_env_seed(cfg, s, w) for s in run_seeds for w in range(N)]
         env = envs_lib.make_xla(cfg.env, E, seed=lane_seeds, lanes=S * N, episodic_life=True)
     spec = env.spec
+    check_replay_memory(cfg, spec)  # before the lanes' replays are allocated
     network = make_network(cfg, spec)
     tx = make_optimizer(cfg.build_config, inner=inner)  # its state's structure is every lane's
     fns = swept_lane_functions(cfg, env, network, inner) if cfg.sweep else lane_functions(cfg, env, network, tx)

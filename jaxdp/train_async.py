@@ -502,6 +502,7 @@ def make_async_train(
     pools = tuple(envs_lib.make_xla(cfg.env, E, seed=train_lib.lane_env_seed(cfg, cfg.seeds[0], w), episodic_life=True)
                   for w in range(N))
     spec = pools[0].spec
+    train_lib.check_replay_memory(cfg, spec)  # before the workers' replays are allocated
     env_step = make_worker_env_step(pools)
     network = train_lib.make_network(cfg, spec)
     inner, outer = _optimizers(cfg, sched)
@@ -509,8 +510,7 @@ def make_async_train(
     def one_worker(w: int, params: PyTree) -> AsyncWorkerState:
         buf, target = (), ()
         if cfg.is_dqn:
-            capacity = cfg.replay_capacity(spec.is_atari) if cfg.replay else max(cfg.batch_size, 8 * E)
-            frame_stack = spec.obs_shape[0] if spec.is_atari else 1
+            capacity, frame_stack = train_lib.replay_layout(cfg, spec)
             buf = replay_lib.init(capacity, E, spec.obs_shape, spec.obs_dtype, frame_stack=frame_stack)
             target = params
         zeros = lambda dtype: jnp.zeros((B, T, E), dtype)  # noqa: E731

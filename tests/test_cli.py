@@ -120,6 +120,15 @@ BAD_INPUTS = [
     (["--algo", "double_dqn", "--ent-coef", "0.1"], "--ent-coef"),
     (["--algo", "a2c", "--baseline", "mean"], "--baseline"),
     (["--algo", "dqn", "--critic", "separate"], "--critic is for A2C / REINFORCE only"),  # a Q-network has no critic
+    # Counts beyond int32, which the compiled loop holds: an OverflowError in the first jitted call, after --logdir.
+    (["--total-steps", "1000000000000"], "--total-steps 1000000000000 is beyond 2147483647"),
+    (["--algo", "dqn", "--buffer-size", "2147483648"], "--buffer-size 2147483648 is beyond 2147483647"),
+    (["--seed", "3000000000"], "the largest seed of this run is 134217727"),  # envpool's 31-bit env seeds
+    (["--seeds", "0", "33554432", "--num-envs", "4", "--strategy", "sync", "--workers", "16"],
+     "seed 33554432 is too large"),
+    # DQN replays larger than the memory left: the kernel killed the run during its initialisation. 2e9 Atari
+    # transitions take 14 TB, more than any machine that runs these tests.
+    (["--algo", "dqn", "--env", "Pong-v5", "--buffer-size", "2000000000"], "takes 14.1 TB, more than the"),
     (["--critic", "own"], "--critic 'own' is not one of shared, separate"),
     (["--algo", "reinforce", "--baseline", "none", "--critic", "separate"], "--baseline none learns none"),
     # DQN target options the run would ignore: Polyak averaging runs every update, not every --target-update steps.
