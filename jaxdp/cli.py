@@ -377,7 +377,9 @@ def _main(argv: Sequence[str] | None) -> int:
                                          f"(--torso {cfg.torso} on {cfg.env}), which does not read it")
         if cfg.runtime == "devices":
             check_devices(cfg.workers)
-        if cfg.is_dqn:  # the replays must fit the memory left (this imports JAX, to ask the device)
+        # The replays must fit the memory left. Asking the device starts JAX's backend, which jax.distributed must
+        # start itself: such a job checks once it has (jaxdp.train.run_distributed).
+        if cfg.is_dqn and cfg.runtime != "distributed":
             from jaxdp.train import check_replay_memory
 
             check_replay_memory(cfg, spec)

@@ -313,8 +313,7 @@ def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | Non
         return
     from jaxdp import memory
 
-    capacity, frame_stack = replay_layout(cfg, spec)
-    one = replay_lib.bytes_required(capacity, spec.obs_shape, frame_stack, spec.obs_dtype, cfg.envs_per_worker)
+    capacity, one, held = _replay_bytes(cfg, spec)
     runs = [f"{len(cfg.grid)} sweep points"] * bool(cfg.sweep) + [f"{len(cfg.seeds)} seeds"] * (len(cfg.seeds) > 1)
     workers = [f"{cfg.workers} workers"] * (cfg.workers > 1)
     if cfg.runtime in ("mpi", "distributed"):
@@ -329,7 +328,6 @@ def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | Non
     free, where = available or memory.available_bytes()
     if replays * one <= free:
         return
-    held = f"--buffer-size {capacity}" if cfg.buffer_size else f"the default --buffer-size {capacity}"
     fewer = f" or train fewer {' and '.join(n.split(' ', 1)[1] for n in runs + workers)} at once" if layout else ""
     if replays == 1:
         raise ConfigError(f"{held}: a DQN replay of {capacity} transitions on {cfg.env} takes "
@@ -338,6 +336,39 @@ def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | Non
     raise ConfigError(f"{held}: {replays} DQN replays{whose} of {capacity} transitions on {cfg.env} take "
                       f"{memory.gigabytes(replays * one)} ({memory.gigabytes(one)} each), more than the "
                       f"{memory.gigabytes(free)} {where}; lower --buffer-size{fewer}")
+
+
+def _replay_bytes(cfg: TrainConfig, spec) -> tuple[int, int, str]:
+    """``(capacity, bytes, the option that set the capacity)`` of one lane's replay."""
+    capacity, frame_stack = replay_layout(cfg, spec)
+    one = replay_lib.bytes_required(capacity, spec.obs_shape, frame_stack, spec.obs_dtype, cfg.envs_per_worker)
+    return capacity, one, f"--buffer-size {capacity}" if cfg.buffer_size else f"the default --buffer-size {capacity}"
+
+
+def check_host_replay_memory(cfg: TrainConfig, spec, processes: list[tuple[str, int, bool]]) -> None:
+    """Raises ConfigError if the DQN replays of a multi-process job's processes that share a host exceed its memory.
+
+    On CPU the processes of one host (``mpirun -n 5`` on one machine: 4 worker ranks, 4 x 7.07 GB of Atari replays)
+    share its memory; :func:`check_replay_memory` sees one process. ``processes`` holds, for every process of the
+    job in rank order, ``(host name, bytes available there, whether it holds a replay)``, gathered by the runtime,
+    so that every process reaches the same verdict, and raises the same error, before any other collective. On
+    accelerators each process has a device of its own, and its own check is the whole story.
+    """
+    if not cfg.is_dqn:
+        return
+    from jaxdp import memory
+
+    capacity, one, held = _replay_bytes(cfg, spec)
+    hosts: dict[str, tuple[int, int]] = {}  # host -> (replays, the least memory a process there saw available)
+    for host, free, holds_replay in processes:
+        replays, least = hosts.get(host, (0, free))
+        hosts[host] = (replays + bool(holds_replay), min(least, free))
+    for host, (replays, free) in hosts.items():
+        if replays * one > free:
+            raise ConfigError(f"{held}: {replays} DQN replays (one per worker process on host {host}) of {capacity} "
+                              f"transitions on {cfg.env} take {memory.gigabytes(replays * one)} "
+                              f"({memory.gigabytes(one)} each), more than the {memory.gigabytes(free)} available "
+                              f"there; lower --buffer-size or start fewer processes on each host")
 
 
 # The largest batch a CNN sees per call on XLA:CPU (see network_apply).
@@ -1211,6 +1242,13 @@ def run_mpi(cfg: TrainConfig):
     worker_id = rank if mode == "sync" else max(rank - 1, 0)
     # The world size decides the workers (the epsilon schedule and learning-starts count all workers' env steps).
     cfg = dataclasses.replace(cfg, workers=size if mode == "sync" else max(1, size - 1))
+    if cfg.is_dqn and jax.default_backend() == "cpu":  # the worker ranks of one host share its memory
+        from jaxdp import memory
+
+        holds_replay = mode == "sync" or rank != 0  # the parameter server plays no envs
+        check_host_replay_memory(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker),
+                                 comm.allgather((MPI.Get_processor_name(), memory.host_available_bytes(),
+                                                 holds_replay)))
     _save_run_config(cfg, rank)
     # The master (rank 0) holds no envs of its own and evaluates nothing while the job runs (the workers report their
     # episodes); the greedy games of the final θ follow the run (_write_rl_summary).
@@ -1372,6 +1410,11 @@ def run_distributed(cfg: TrainConfig):
     num_workers = jax.device_count()
     worker_id = jax.devices().index(jax.local_devices()[0])
     cfg = dataclasses.replace(cfg, workers=num_workers)
+    if cfg.is_dqn:  # checked here, not by the command line: asking the device would have started JAX's backend
+        spec = envs_lib.make_spec(cfg.env, cfg.envs_per_worker)
+        check_replay_memory(cfg, spec)
+        if jax.default_backend() == "cpu":  # the processes of one host share its memory
+            check_host_replay_memory(cfg, spec, dist.hosts_and_memory())
     _save_run_config(cfg, jax.process_index())
     per_update = cfg.steps_per_iteration  # env steps of all workers per synchronous update
     total_updates = max(1, cfg.total_steps // per_update)

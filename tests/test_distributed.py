@@ -263,6 +263,24 @@ def test_a_resumed_distributed_dqn_job_keeps_its_epsilon_and_refills_its_replays
     assert all(r["learning"] == 1.0 for r in first if 2000 + 640 < r["step"])
 
 
+def test_processes_of_one_host_are_refused_replays_that_it_cannot_hold(tmp_path):
+    """Both processes of a job on one host hold a DQN replay: two Pong replays of 0.6x its free memory fit one by
+    one but not together. Each process gathers every host's name and free memory, and both stop with one line and
+    exit 2 before --logdir exists (the kernel would kill the job while the replays were being zeroed)."""
+    from jaxdp import memory
+
+    buffer = int(0.6 * memory.host_available_bytes() / (84 * 84 + 12))  # Pong: one 84x84 frame + 12 bytes a step
+    logdir = tmp_path / "dqn"
+    outputs = train_job(500_000, "--algo", "dqn", "--env", "Pong-v5", "--strategy", "sync", "--buffer-size",
+                        str(buffer), "--no-progress", "--logdir", str(logdir), status=2)
+    # Beside gloo's own line on connecting, each process prints the one line (no traceback).
+    for out in outputs:
+        said = [line for line in out.splitlines() if not line.startswith("[Gloo]")]
+        assert len(said) == 1, out
+        assert f"--buffer-size {buffer}: 2 DQN replays (one per worker process on host " in said[0], said[0]
+    assert not logdir.exists()
+
+
 def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     """``jaxdp train --runtime distributed``: two processes, one worker (one envpool pool) each, A2C gradients
     all-reduced over gloo every step. The job learns, process 0 writes the RL outputs (env steps, the return of

@@ -127,3 +127,24 @@ def test_make_train_refuses_replays_beyond_memory_before_allocating_them(monkeyp
     lanes = trainer.init(train_lib.seed_keys(cfg))
     frames = lanes.replay.frames
     assert frames.shape[:3] == (2, 1, 10_000 // cfg.envs_per_worker) and frames.dtype == np.float32
+
+
+def test_the_replays_of_processes_that_share_a_host_are_summed_there():
+    cfg = dqn(runtime="mpi", strategy="async")
+    one = one_replay(cfg)
+    # mpirun -n 5 over two hosts: rank 0 (the parameter server) holds no replay.
+    fits = [("a", 3 * one, False), ("a", 3 * one, True), ("a", 3 * one, True), ("b", 2 * one, True),
+            ("b", 2 * one, True)]
+    train_lib.check_host_replay_memory(cfg, PONG, fits)
+    # Host b's processes saw different free memory: the least counts, and the message names b.
+    short = fits[:3] + [("b", 2 * one, True), ("b", 2 * one - 1, True)]
+    with pytest.raises(ConfigError) as refused:
+        train_lib.check_host_replay_memory(cfg, PONG, short)
+    assert str(refused.value) == (
+        f"the default --buffer-size 1000000: 2 DQN replays (one per worker process on host b) of 1000000 transitions "
+        f"on Pong-v5 take {memory.gigabytes(2 * one)} ({memory.gigabytes(one)} each), more than the "
+        f"{memory.gigabytes(2 * one - 1)} available there; lower --buffer-size or start fewer processes on each host")
+    # A parameter server's host with room for its workers only.
+    train_lib.check_host_replay_memory(cfg, PONG, [("a", one, False), ("a", one, True)])
+    a2c = validate(TrainConfig(algo="a2c", env="Pong-v5", runtime="mpi", strategy="async"))
+    train_lib.check_host_replay_memory(a2c, PONG, [("a", 0, True)] * 4)  # no replays

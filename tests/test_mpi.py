@@ -571,6 +571,26 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     assert updates == sorted(set(updates)) and updates[-1] == summary["total_updates"], updates
 
 
+def test_jaxdp_train_under_mpirun_refuses_dqn_replays_that_their_host_cannot_hold(tmp_path):
+    """The worker ranks of one host share its memory: 2 Pong replays of 0.6x what the host has free each fit one
+    by one (each rank's own check passes) but not together. Every rank gathers the hosts' free memory and which
+    ranks hold a replay, and all of them stop in one line, exit 2, before --logdir exists (the kernel would kill the
+    job while the replays were being zeroed)."""
+    from jaxdp import memory
+
+    buffer = int(0.6 * memory.host_available_bytes() / (84 * 84 + 12))  # Pong: one 84x84 frame + 12 bytes a step
+    logdir = tmp_path / "dqn"
+    refused = subprocess.run(mpirun_command(3, sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi",
+                                            "--strategy", "async", "--algo", "dqn", "--env", "Pong-v5",
+                                            "--buffer-size", str(buffer), "--logdir", str(logdir), "--no-progress"),
+                             capture_output=True, text=True, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert f"--buffer-size {buffer}: 2 DQN replays (one per worker process on host " in lines[0], lines[0]
+    assert "lower --buffer-size or start fewer processes on each host" in lines[0]
+    assert not logdir.exists()
+
+
 def dqn_job_resumed(tmp_path, strategy: str, ranks: int) -> tuple[list[dict], list[dict]]:
     """`mpirun -n RANKS jaxdp train --runtime mpi --strategy S --algo dqn` for 16k env steps, then `--resume` to 32k
     (ε decays over half of the run, learning starts at 2k): the records of the first run, and those after it."""

@@ -177,6 +177,25 @@ def initialize(
     )
 
 
+_HOST_NAME_BYTES = 64
+
+
+def hosts_and_memory() -> list[tuple[str, int, bool]]:
+    """``(host name, bytes available there, True)`` of every process of the job, in process order; a collective:
+    every process calls it. Each process is one worker (it plays envs), so each holds what a worker holds; on CPU
+    the processes of one host share its memory (see ``jaxdp.train.check_host_replay_memory``)."""
+    import socket
+
+    from jaxdp import memory
+
+    name = socket.gethostname().encode()[:_HOST_NAME_BYTES].ljust(_HOST_NAME_BYTES, b"\0")
+    mine = np.concatenate([np.frombuffer(name, np.uint8).astype(np.int32),
+                           [min(memory.host_available_bytes() >> 20, np.iinfo(np.int32).max)]])  # MiB: int32
+    every = np.asarray(multihost_utils.process_allgather(mine.astype(np.int32)))
+    return [(bytes(row[:-1].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"), int(row[-1]) << 20, True)
+            for row in every.reshape(jax.process_count(), -1)]
+
+
 def _local(tree: Any) -> Any:
     """This process's copy of a worker-stacked global pytree: the first addressable worker's slice."""
     return jax.tree.map(lambda leaf: np.asarray(leaf.addressable_shards[0].data)[0], tree)
