@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from typing import Literal
 
 ALGOS = ("dqn", "double_dqn", "a2c", "reinforce")
@@ -373,6 +374,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("--seeds needs at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         _fail(f"--seeds has duplicates: {list(cfg.seeds)}")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in cfg.seeds):
+        _fail(f"--seeds must be integers, got {list(cfg.seeds)}")  # 0.5 failed in make_xla, after --logdir was made
     if any(s < 0 for s in cfg.seeds):
         _fail(f"--seeds must be non-negative, got {list(cfg.seeds)}")
     envs_per_seed = cfg.workers * cfg.envs_per_worker
@@ -380,10 +383,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if max(cfg.seeds) > largest_seed:
         _fail(f"--seeds: seed {max(cfg.seeds)} is too large: envpool seeds each env with a 31-bit integer, seed x "
               f"{envs_per_seed} envs + its index, so the largest seed of this run is {largest_seed}")
+    if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) for h in cfg.hidden):
+        _fail(f"--hidden sizes must be integers, got {list(cfg.hidden)}")
     if any(h < 1 for h in cfg.hidden):
         _fail(f"--hidden sizes must be positive, got {list(cfg.hidden)}")
-    if cfg.log_interval <= 0 or cfg.checkpoint_interval <= 0:
-        _fail("--log-interval and --checkpoint-interval must be positive")
+    for name, value in {"--log-interval": cfg.log_interval, "--checkpoint-interval": cfg.checkpoint_interval}.items():
+        if not value > 0:  # NaN too: every comparison with it is False, so a run never checkpointed until its end
+            _fail(f"{name} must be a positive number of seconds (inf: only at the end), got {value}")
 
     # Sizes that must fit together.
     if cfg.is_dqn:

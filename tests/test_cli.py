@@ -122,6 +122,10 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--critic", "separate"], "--critic is for A2C / REINFORCE only"),  # a Q-network has no critic
     # Counts beyond int32, which the compiled loop holds: an OverflowError in the first jitted call, after --logdir.
     (["--total-steps", "1000000000000"], "--total-steps 1000000000000 is beyond 2147483647"),
+    # NaN seconds: no comparison with them is true, so the run never checkpointed before its end.
+    (["--checkpoint-interval", "nan"], "--checkpoint-interval must be a positive number of seconds"),
+    (["--log-interval", "nan"], "--log-interval must be a positive number of seconds"),
+    (["--log-interval", "0"], "--log-interval must be a positive number of seconds"),
     (["--algo", "dqn", "--buffer-size", "2147483648"], "--buffer-size 2147483648 is beyond 2147483647"),
     (["--seed", "3000000000"], "the largest seed of this run is 134217727"),  # envpool's 31-bit env seeds
     (["--seeds", "0", "33554432", "--num-envs", "4", "--strategy", "sync", "--workers", "16"],
@@ -419,3 +423,27 @@ def test_dqn_on_atari_takes_the_nature_dqn_defaults_for_options_not_given():
             assert getattr(cfg, field) == getattr(defaults, field), (argv, field)
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "(default: 128; DQN on Atari: 32)" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(seeds=(0.5,)), "--seeds must be integers, got [0.5]"),  # failed in make_xla, after --logdir was made
+    (dict(seeds=(True,)), "--seeds must be integers"),
+    (dict(hidden=(64.5,)), "--hidden sizes must be integers, got [64.5]"),
+    (dict(checkpoint_interval=float("nan")), "--checkpoint-interval must be a positive number of seconds"),
+    (dict(total_steps=2**31), "--total-steps 2147483648 is beyond 2147483647"),
+])
+def test_validate_refuses_from_python_what_the_command_line_cannot_give(fields, message):
+    """A TrainConfig built in Python can hold values no flag parses to; validate refuses them before any work."""
+    from jaxdp.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as refused:
+        validate(TrainConfig(**fields))
+    assert message in str(refused.value)
+
+
+def test_validate_takes_numpy_integers_and_lists_of_seeds():
+    import numpy as np
+
+    from jaxdp.config import validate
+
+    assert validate(TrainConfig(seeds=tuple(np.arange(3)), hidden=[np.int64(32)])).seeds == (0, 1, 2)
