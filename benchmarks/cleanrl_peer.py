@@ -42,7 +42,7 @@ import zipfile
 
 from jaxdp import atomic
 from jaxdp.cli_args import OneLineParser, file_problem, folder_problem
-from machine import cpu_model
+from jaxdp.provenance import cpu_model
 
 HERE = pathlib.Path(__file__).resolve().parent
 PATCH = HERE / "peers" / "cleanrl-1.2.0.patch"

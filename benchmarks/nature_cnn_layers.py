@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 
 from jaxdp.cli_args import OneLineParser, positive_int
-from machine import cpu_model
+from jaxdp.provenance import cpu_model
 
 BATCH = 32
 _NHWC = ("NHWC", "HWIO", "NHWC")

@@ -69,7 +69,7 @@ from jaxdp import train as train_lib
 from jaxdp.agents import a2c, dqn, replay as replay_lib
 from jaxdp.cli_args import OneLineParser, positive_int
 from jaxdp.config import ATARI_DQN_DEFAULTS, ConfigError, TrainConfig, validate
-from machine import cpu_model
+from jaxdp.provenance import cpu_model
 
 CLEANRL_STEPS_PER_SECOND = {  # CleanRL's reported throughput (other hardware; see the module docstring)
     ("dqn", "CartPole-v1"): 4400.0,

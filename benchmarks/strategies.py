@@ -45,7 +45,7 @@ import jaxdp
 from jaxdp.cli_args import OneLineParser, positive_int
 from jaxdp.runtime import async_sim
 from jaxdp.workloads import digits
-from machine import cpu_model
+from jaxdp.provenance import cpu_model
 
 AXIS = "workers"
 

@@ -145,9 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="jaxdp: distributed and parallel SGD as optax transforms, and the deep RL trained with it. "
                     "'DPSGD' here is Distributed-Parallel SGD (Mohamad et al.), not differentially-private SGD.",
     )
+    parser.add_argument("--version", action=_PrintVersion,
+                        help="the versions of jaxdp and of the libraries behind its numbers, and the machine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     _train_parser(sub)
     return parser
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``: prints :func:`_version_text` as it is (argparse's own action rewraps it into a paragraph)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(_version_text())
+        parser.exit()
+
+
+def _version_text() -> str:
+    """``jaxdp 0.1.0`` and one line per library and for the machine, as each summary.json records them."""
+    from jaxdp import provenance
+
+    found = provenance.versions()
+    host = provenance.machine()
+    lines = [f"jaxdp {found.pop('jaxdp')}"] + [f"  {name} {version or 'not installed'}"
+                                                for name, version in found.items()]
+    return "\n".join(lines + [f"  machine: {host['os']}, {host['cpu']}, {host['cores']} cores"])
 
 
 def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:

@@ -10,8 +10,9 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
 * ``summary.json`` -- ``total_steps``, ``wall_seconds`` (training, compilation included), ``compile_seconds`` (the
   first chunk's wall time, its compilation with it; the first learning chunk's added after DQN's random play), ``sps``,
   ``eval_seconds`` (the greedy evaluation's, apart), ``final_return`` (mean return of the last 10% of finished
-  episodes), ``eval_return``, ``config``; with several seeds also per-seed values and the mean, std and a 95%
-  confidence interval over seeds (Student t), and ``learning_curves.png``.
+  episodes), ``eval_return``, ``config``, ``provenance`` (library versions and machine, :mod:`jaxdp.provenance`);
+  with several seeds also per-seed values and the mean, std and a 95% confidence interval over seeds (Student t),
+  and ``learning_curves.png``.
 * A hyperparameter sweep (``--lr 1e-3 3e-3``, see ``TrainConfig.sweep``) adds a level: each grid point writes
   to ``<point>/`` (``lr_0.001``; its seeds in ``<point>/seed_<s>/``, and the mean over them in
   ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdp import atomic
+from jaxdp import atomic, provenance
 from jaxdp.config import TrainConfig, point_shown, save_run_config
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 from jaxdp.stopping import RunStopped, stop_requests
@@ -519,6 +520,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         "eval_return": best["eval_return"] if best else per_run[0]["eval_return"] if S == 1 else
         (confidence_interval([p["eval_return"] for p in per_run]) or {}).get("mean"),
         "config": dataclasses.asdict(cfg),
+        "provenance": provenance.describe(),  # the library versions and machine behind these numbers
         "updates": max(0, iteration - trainer.warmup_iterations),
         "data_points_per_second": trained_here / wall,
         "param_bytes": param_bytes,

@@ -1360,7 +1360,7 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
 
     import numpy as np
 
-    from jaxdp import atomic
+    from jaxdp import atomic, provenance
     from jaxdp import envs as envs_lib
     from jaxdp.loop import evaluate_runs, final_return
 
@@ -1374,7 +1374,8 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     summary.update(total_steps=updates * per_update, start_step=start_update * per_update, start_update=start_update,
                    final_return=final_return(returns),
                    eval_return=float(np.mean(eval_returns)) if eval_returns else None, eval_seconds=eval_seconds,
-                   sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9))
+                   sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9),
+                   provenance=provenance.describe())
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 

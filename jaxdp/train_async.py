@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdp import atomic
+from jaxdp import atomic, provenance
 from jaxdp import config as config_lib
 from jaxdp import envs as envs_lib
 from jaxdp import loop as loop_lib
@@ -988,6 +988,7 @@ def run(
         "runtime": "async_sim",
         "accounting": result.accounting,
         "config": dataclasses.asdict(cfg),
+        "provenance": provenance.describe(),
     }
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary

@@ -447,3 +447,18 @@ def test_validate_takes_numpy_integers_and_lists_of_seeds():
     from jaxdp.config import validate
 
     assert validate(TrainConfig(seeds=tuple(np.arange(3)), hidden=[np.int64(32)])).seeds == (0, 1, 2)
+
+
+def test_version_names_the_libraries_and_machine_behind_the_numbers():
+    """``jaxdp --version``: what a summary.json records under provenance, without starting JAX."""
+    import jax
+
+    import jaxdp
+
+    done = subprocess.run([sys.executable, "-m", "jaxdp.cli", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"jaxdp {jaxdp.__version__}"
+    assert f"  jax {jax.__version__}" in lines and any(line.startswith("  envpool ") for line in lines)
+    assert lines[-1].startswith("  machine: ") and f"{os.cpu_count()} cores" in lines[-1]

@@ -300,6 +300,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     assert summary["num_workers"] == 2 and summary["total_steps"] == (400_000 // per_update) * per_update
     assert summary["config"]["runtime"] == "distributed"
     assert summary["sps"] > 0 and "params" not in summary  # the parameters are the checkpoint's
+    assert summary["provenance"]["versions"]["jax"] == jax.__version__  # after jax.distributed's shutdown too
     assert summary["final_return"] >= 150, summary["final_return"]  # random play: ~22
     # Process 0 plays --eval-episodes greedy games of the all-reduced θ after jax.distributed has shut down.
     assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary

@@ -545,6 +545,7 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["total_steps"] == 156 * 128 and summary["sps"] > 0
     assert "params" not in summary  # the parameters are the checkpoint's, not the summary's
+    assert summary["provenance"]["versions"]["mpi4py"] is not None  # process 0's versions and machine
     # Every file of the run, the TensorBoard events in tb/ included.
     files = {str(p.relative_to(logdir)): p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
 

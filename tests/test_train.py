@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from jaxdp import __version__ as jaxdp_version
 from jaxdp import envs as envs_lib
 from jaxdp import loop, stopping
 from jaxdp import train as train_lib
@@ -241,6 +242,10 @@ def test_the_summary_times_training_and_evaluation_apart(tmp_path, monkeypatch):
     assert summary["eval_return"] == 1.0 and summary["eval_seconds"] >= 1.5
     assert summary["wall_seconds"] <= evaluation_started[0] - started
     assert summary["sps"] == pytest.approx(summary["total_steps"] / summary["wall_seconds"])
+    # What the numbers ran on, beside them.
+    ran_on = summary["provenance"]
+    assert ran_on["versions"]["jax"] == jax.__version__ and ran_on["versions"]["jaxdp"] == jaxdp_version
+    assert ran_on["machine"]["backend"] == jax.default_backend() and ran_on["machine"]["devices"] >= 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -333,6 +333,7 @@ def test_a_signal_stops_an_async_sim_run_with_a_checkpoint_that_resumes(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((logdir / "summary.json").read_text())
     acc = summary["accounting"]
+    assert summary["provenance"]["versions"]["envpool"] is not None  # the machine and versions behind the numbers
     assert summary["total_steps"] == total == acc["event_env_steps"] and acc["pushes"] == total // (2 * 8 * 16)
     assert summary["start_step"] == stopped_at  # and the rate is the resumed process's own
     assert summary["sps"] == pytest.approx((total - stopped_at) / summary["wall_seconds"])
