@@ -345,30 +345,35 @@ def _replay_bytes(cfg: TrainConfig, spec) -> tuple[int, int, str]:
     return capacity, one, f"--buffer-size {capacity}" if cfg.buffer_size else f"the default --buffer-size {capacity}"
 
 
-def check_host_replay_memory(cfg: TrainConfig, spec, processes: list[tuple[str, int, bool]]) -> None:
-    """Raises ConfigError if the DQN replays of a multi-process job's processes that share a host exceed its memory.
+def check_shared_replay_memory(cfg: TrainConfig, spec, processes: list[tuple[str, int, bool]]) -> None:
+    """Raises ConfigError if the DQN replays of a multi-process job's processes that share a memory exceed it.
 
     On CPU the processes of one host (``mpirun -n 5`` on one machine: 4 worker ranks, 4 x 7.07 GB of Atari replays)
     share its memory; :func:`check_replay_memory` sees one process. ``processes`` holds, for every process of the
-    job in rank order, ``(host name, bytes available there, whether it holds a replay)``, gathered by the runtime,
-    so that every process reaches the same verdict, and raises the same error, before any other collective. On
-    accelerators each process has a device of its own, and its own check is the whole story.
+    job in rank order, ``(the memory it allocates from, bytes available there, whether it holds a replay)`` -- the
+    memory named as ``"host NAME"``, or an accelerator as ``"the KIND of process I (host NAME)"`` -- gathered by the
+    runtime, so that every process reaches the same verdict, and raises the same error, before any other collective.
     """
     if not cfg.is_dqn:
         return
     from jaxdp import memory
 
     capacity, one, held = _replay_bytes(cfg, spec)
-    hosts: dict[str, tuple[int, int]] = {}  # host -> (replays, the least memory a process there saw available)
-    for host, free, holds_replay in processes:
-        replays, least = hosts.get(host, (0, free))
-        hosts[host] = (replays + bool(holds_replay), min(least, free))
-    for host, (replays, free) in hosts.items():
-        if replays * one > free:
-            raise ConfigError(f"{held}: {replays} DQN replays (one per worker process on host {host}) of {capacity} "
-                              f"transitions on {cfg.env} take {memory.gigabytes(replays * one)} "
-                              f"({memory.gigabytes(one)} each), more than the {memory.gigabytes(free)} available "
-                              f"there; lower --buffer-size or start fewer processes on each host")
+    places: dict[str, tuple[int, int]] = {}  # memory -> (replays, the least a process there saw available)
+    for place, free, holds_replay in processes:
+        replays, least = places.get(place, (0, free))
+        places[place] = (replays + bool(holds_replay), min(least, free))
+    for place, (replays, free) in places.items():
+        if replays * one <= free:
+            continue
+        if replays == 1:
+            raise ConfigError(f"{held}: a DQN replay of {capacity} transitions on {cfg.env} takes "
+                              f"{memory.gigabytes(one)}, more than the {memory.gigabytes(free)} available on {place}; "
+                              f"lower --buffer-size")
+        raise ConfigError(f"{held}: {replays} DQN replays (one per worker process on {place}) of {capacity} "
+                          f"transitions on {cfg.env} take {memory.gigabytes(replays * one)} ({memory.gigabytes(one)} "
+                          f"each), more than the {memory.gigabytes(free)} available there; lower --buffer-size or "
+                          f"start fewer processes on each host")
 
 
 # The largest batch a CNN sees per call on XLA:CPU (see network_apply).
@@ -1246,9 +1251,9 @@ def run_mpi(cfg: TrainConfig):
         from jaxdp import memory
 
         holds_replay = mode == "sync" or rank != 0  # the parameter server plays no envs
-        check_host_replay_memory(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker),
-                                 comm.allgather((MPI.Get_processor_name(), memory.host_available_bytes(),
-                                                 holds_replay)))
+        check_shared_replay_memory(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker),
+                                   comm.allgather((f"host {MPI.Get_processor_name()}", memory.host_available_bytes(),
+                                                   holds_replay)))
     _save_run_config(cfg, rank)
     # The master (rank 0) holds no envs of its own and evaluates nothing while the job runs (the workers report their
     # episodes); the greedy games of the final θ follow the run (_write_rl_summary).
@@ -1412,10 +1417,7 @@ def run_distributed(cfg: TrainConfig):
     worker_id = jax.devices().index(jax.local_devices()[0])
     cfg = dataclasses.replace(cfg, workers=num_workers)
     if cfg.is_dqn:  # checked here, not by the command line: asking the device would have started JAX's backend
-        spec = envs_lib.make_spec(cfg.env, cfg.envs_per_worker)
-        check_replay_memory(cfg, spec)
-        if jax.default_backend() == "cpu":  # the processes of one host share its memory
-            check_host_replay_memory(cfg, spec, dist.hosts_and_memory())
+        check_shared_replay_memory(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker), dist.memories())
     _save_run_config(cfg, jax.process_index())
     per_update = cfg.steps_per_iteration  # env steps of all workers per synchronous update
     total_updates = max(1, cfg.total_steps // per_update)

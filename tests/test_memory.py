@@ -129,22 +129,28 @@ def test_make_train_refuses_replays_beyond_memory_before_allocating_them(monkeyp
     assert frames.shape[:3] == (2, 1, 10_000 // cfg.envs_per_worker) and frames.dtype == np.float32
 
 
-def test_the_replays_of_processes_that_share_a_host_are_summed_there():
+def test_the_replays_of_processes_that_share_a_memory_are_summed_there():
     cfg = dqn(runtime="mpi", strategy="async")
     one = one_replay(cfg)
     # mpirun -n 5 over two hosts: rank 0 (the parameter server) holds no replay.
-    fits = [("a", 3 * one, False), ("a", 3 * one, True), ("a", 3 * one, True), ("b", 2 * one, True),
-            ("b", 2 * one, True)]
-    train_lib.check_host_replay_memory(cfg, PONG, fits)
+    fits = [("host a", 3 * one, False), ("host a", 3 * one, True), ("host a", 3 * one, True),
+            ("host b", 2 * one, True), ("host b", 2 * one, True)]
+    train_lib.check_shared_replay_memory(cfg, PONG, fits)
     # Host b's processes saw different free memory: the least counts, and the message names b.
-    short = fits[:3] + [("b", 2 * one, True), ("b", 2 * one - 1, True)]
+    short = fits[:3] + [("host b", 2 * one, True), ("host b", 2 * one - 1, True)]
     with pytest.raises(ConfigError) as refused:
-        train_lib.check_host_replay_memory(cfg, PONG, short)
+        train_lib.check_shared_replay_memory(cfg, PONG, short)
     assert str(refused.value) == (
         f"the default --buffer-size 1000000: 2 DQN replays (one per worker process on host b) of 1000000 transitions "
         f"on Pong-v5 take {memory.gigabytes(2 * one)} ({memory.gigabytes(one)} each), more than the "
         f"{memory.gigabytes(2 * one - 1)} available there; lower --buffer-size or start fewer processes on each host")
     # A parameter server's host with room for its workers only.
-    train_lib.check_host_replay_memory(cfg, PONG, [("a", one, False), ("a", one, True)])
+    train_lib.check_shared_replay_memory(cfg, PONG, [("host a", one, False), ("host a", one, True)])
+    # jax.distributed on accelerators: one device per process, each its own memory.
+    gpus = [(f"the H100 of process {i} (host a)", one, True) for i in range(3)]
+    train_lib.check_shared_replay_memory(cfg, PONG, gpus)
+    with pytest.raises(ConfigError, match=r"a DQN replay of 1000000 transitions on Pong-v5 takes 7.07 GB, more than "
+                                          r"the 7.07 GB available on the H100 of process 2 \(host a\)"):
+        train_lib.check_shared_replay_memory(cfg, PONG, gpus[:2] + [("the H100 of process 2 (host a)", one - 1, True)])
     a2c = validate(TrainConfig(algo="a2c", env="Pong-v5", runtime="mpi", strategy="async"))
-    train_lib.check_host_replay_memory(a2c, PONG, [("a", 0, True)] * 4)  # no replays
+    train_lib.check_shared_replay_memory(a2c, PONG, [("host a", 0, True)] * 4)  # no replays

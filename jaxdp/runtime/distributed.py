@@ -177,20 +177,26 @@ def initialize(
     )
 
 
-_HOST_NAME_BYTES = 64
+_PLACE_BYTES = 160
 
 
-def hosts_and_memory() -> list[tuple[str, int, bool]]:
-    """``(host name, bytes available there, True)`` of every process of the job, in process order; a collective:
-    every process calls it. Each process is one worker (it plays envs), so each holds what a worker holds; on CPU
-    the processes of one host share its memory (see ``jaxdp.train.check_host_replay_memory``)."""
+def memories() -> list[tuple[str, int, bool]]:
+    """``(the memory this process allocates from, bytes available there, True)`` of every process of the job, in
+    process order; a collective: every process calls it, and all get the same list. On CPU the memory is the host's,
+    ``"host NAME"``, which the processes of one host share; on accelerators it is the process's one device, ``"the
+    KIND of process I (host NAME)"``. Each process is one worker, so each holds a worker's replay (see
+    ``jaxdp.train.check_shared_replay_memory``)."""
     import socket
 
     from jaxdp import memory
 
-    name = socket.gethostname().encode()[:_HOST_NAME_BYTES].ljust(_HOST_NAME_BYTES, b"\0")
-    mine = np.concatenate([np.frombuffer(name, np.uint8).astype(np.int32),
-                           [min(memory.host_available_bytes() >> 20, np.iinfo(np.int32).max)]])  # MiB: int32
+    free, _ = memory.available_bytes(jax.local_devices()[0])
+    host = socket.gethostname()
+    place = (f"host {host}" if jax.default_backend() == "cpu" else
+             f"the {jax.local_devices()[0].device_kind} of process {jax.process_index()} (host {host})")
+    encoded = place.encode()[:_PLACE_BYTES].ljust(_PLACE_BYTES, b"\0")
+    mine = np.concatenate([np.frombuffer(encoded, np.uint8).astype(np.int32),
+                           [min(free >> 20, np.iinfo(np.int32).max)]])  # MiB, to fit an int32
     every = np.asarray(multihost_utils.process_allgather(mine.astype(np.int32)))
     return [(bytes(row[:-1].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"), int(row[-1]) << 20, True)
             for row in every.reshape(jax.process_count(), -1)]
