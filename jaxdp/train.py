@@ -295,7 +295,8 @@ def replay_layout(cfg: TrainConfig, spec) -> tuple[int, int]:
     return capacity, spec.obs_shape[0] if spec.is_atari else 1
 
 
-def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | None = None) -> None:
+def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | None = None, *,
+                        lanes: int | None = None) -> None:
     """Raises ConfigError if the DQN replays that one process of this run allocates exceed the memory it has left.
 
     Such a run died long after it started: XLA:CPU writes a new buffer's zeros page by page, and the kernel killed
@@ -308,6 +309,7 @@ def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | Non
       cfg: a validated config.
       spec: the env's :class:`~jaxdp.envs.EnvSpec` (one env's observation shape and dtype).
       available: ``(bytes, where)`` in place of :func:`jaxdp.memory.available_bytes` (tests).
+      lanes: the env pool's lanes of :func:`make_train_fn` (its vmapped calls), in place of the config's runs.
     """
     if not cfg.is_dqn:
         return
@@ -315,15 +317,17 @@ def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | Non
 
     capacity, one, held = _replay_bytes(cfg, spec)
     runs = [f"{len(cfg.grid)} sweep points"] * bool(cfg.sweep) + [f"{len(cfg.seeds)} seeds"] * (len(cfg.seeds) > 1)
+    if lanes is not None:
+        runs = [f"{lanes} lanes"] * (lanes > 1)
     workers = [f"{cfg.workers} workers"] * (cfg.workers > 1)
     if cfg.runtime in ("mpi", "distributed"):
         replays, layout = 1, []
     elif cfg.runtime == "async_sim":
         replays, layout = cfg.workers, workers
     elif cfg.runtime == "devices" and jax.default_backend() != "cpu":
-        replays, layout = len(cfg.runs), runs + ["on each device"]
+        replays, layout = lanes or len(cfg.runs), runs + ["on each device"]
     else:
-        replays, layout = len(cfg.runs) * cfg.workers, runs + workers
+        replays, layout = (lanes or len(cfg.runs)) * cfg.workers, runs + workers
     whose = f" ({' x '.join(layout)})" if layout else ""
     free, where = available or memory.available_bytes()
     if replays * one <= free:
@@ -1155,6 +1159,7 @@ def make_train_fn(cfg: TrainConfig, *, lanes: int = 1,
                          "the grid of make_train and jaxdp train)")
     N, E = cfg.workers, cfg.envs_per_worker
     env = envs_lib.make_xla(cfg.env, E, seed=env_seed(cfg), lanes=lanes * N, episodic_life=True)
+    check_replay_memory(cfg, env.spec, lanes=lanes)  # the replays are allocated inside train, lanes x N of them
     network = make_network(cfg, env.spec)
     steps_per_iteration = cfg.steps_per_iteration
     handle_axes = envs_lib.XlaHandle(pool=None, pending_reset=0)

@@ -154,3 +154,15 @@ def test_the_replays_of_processes_that_share_a_memory_are_summed_there():
         train_lib.check_shared_replay_memory(cfg, PONG, gpus[:2] + [("the H100 of process 2 (host a)", one - 1, True)])
     a2c = validate(TrainConfig(algo="a2c", env="Pong-v5", runtime="mpi", strategy="async"))
     train_lib.check_shared_replay_memory(a2c, PONG, [("host a", 0, True)] * 4)  # no replays
+
+
+def test_make_train_fn_counts_its_lanes(monkeypatch):
+    """The pure train function allocates a replay per vmapped call (lane) and worker, inside one program."""
+    cfg = validate(TrainConfig(algo="dqn", env="CartPole-v1", total_steps=20_000, strategy="sync", workers=2))
+    spec = envs_lib.make_spec("CartPole-v1", 1)
+    one = replay.bytes_required(10_000, spec.obs_shape, 1, spec.obs_dtype, cfg.envs_per_worker)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: (6 * one - 1, "available on this host"))
+    with pytest.raises(ConfigError, match=r"6 DQN replays \(3 lanes x 2 workers\) .* or train fewer lanes and "
+                                          r"workers at once"):
+        train_lib.make_train_fn(cfg, lanes=3)
+    train_lib.make_train_fn(cfg, lanes=2)  # 4 replays fit
