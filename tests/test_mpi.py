@@ -399,6 +399,7 @@ def test_a_signal_to_one_rank_stops_the_job_with_a_checkpoint_that_resumes(mode,
     assert 100 <= stopped_at < 100_000_000
     assert checkpoint_step(tmp_path) == stopped_at
     assert not (tmp_path / "summary.json").exists()
+    assert not list(tmp_path.glob("rank*.pid"))  # stopped, not killed: every rank removed its own
 
     total = stopped_at + 20
     summary = run(3, tmp_path, *common, "--total-updates", str(total), "--resume", "--dump-params")
@@ -546,6 +547,7 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
     assert summary["total_steps"] == 156 * 128 and summary["sps"] > 0
     assert "params" not in summary  # the parameters are the checkpoint's, not the summary's
     assert summary["provenance"]["versions"]["mpi4py"] is not None  # process 0's versions and machine
+    assert not list(logdir.glob("rank*.pid"))  # each rank removed its own as its part ended: none can go stale
     # Every file of the run, the TensorBoard events in tb/ included.
     files = {str(p.relative_to(logdir)): p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
 

@@ -70,8 +70,8 @@ staleness statistics include compilation (``startup_seconds`` is reported apart)
 Files (rank 0, when ``logdir`` is given): ``metrics.jsonl`` (one JSON object per log point: ``step``,
 ``sps`` (updates per second), ``workload.evaluate``'s metrics, ``train_*`` local metrics, and in the
 async modes staleness statistics), ``summary.json`` (see :func:`run_mpi`), ``checkpoint.npz`` every
-``checkpoint_every`` updates and at the end (written atomically: a temp file, then ``os.replace``) and each rank's
-``rank{r}.pid``. ``resume=True`` restarts from ``checkpoint.npz``; the step count continues. In the
+``checkpoint_every`` updates and at the end (written atomically: a temp file, then ``os.replace``) and, while its
+part of the job runs, each rank's ``rank{r}.pid``. ``resume=True`` restarts from ``checkpoint.npz``; the step count continues. In the
 async modes the checkpoint holds the master's θ, outer state, version and statistics; the workers'
 inner optimizer states restart fresh. The workload's ``worker_state`` is not checkpointed: on a resume each rank's
 fresh one goes through ``Workload.restart`` with the local steps that rank had taken (sync: the step count, times B
@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -100,7 +101,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import jax
@@ -370,9 +371,11 @@ def run_mpi(
     comm.Bcast(host_flat, root=0)  # every rank starts from rank 0's θ_0, whatever its init did
     params = unravel(jnp.asarray(host_flat))
 
+    pid_file = None
     if logdir is not None:
         os.makedirs(logdir, exist_ok=True)
-        with open(os.path.join(logdir, f"rank{rank}.pid"), "w") as stream:
+        pid_file = os.path.join(logdir, f"rank{rank}.pid")
+        with open(pid_file, "w") as stream:
             stream.write(f"{os.getpid()}\n")
 
     run_config = {
@@ -418,7 +421,7 @@ def run_mpi(
         record_hook=record_hook,
     )
     # A first SIGINT / SIGTERM / SIGUSR1 becomes a request that the loops read between steps (see "Stopping").
-    with stop_requests() as requested:
+    with stop_requests() as requested, _removed_when_done(pid_file):
         if mode == "sync":
             return _run_sync(requested=requested, step_timeout=step_timeout, **common)
         if rank == 0:
@@ -430,6 +433,21 @@ def run_mpi(
 # ----------------------------------------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _removed_when_done(pid_file: str | None) -> Iterator[None]:
+    """Removes this rank's ``rank{r}.pid`` when its part of the job ends, however it ends short of being killed: a
+    stale file would name a process id the system may give to another program (``kill $(cat LOGDIR/rank*.pid)``)."""
+    try:
+        yield
+    finally:
+        if pid_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                with open(pid_file) as stream:
+                    ours = int(stream.read()) == os.getpid()  # a resumed job's rank may have written it since
+                if ours:
+                    os.remove(pid_file)
 
 
 def _say(message: str) -> None:
