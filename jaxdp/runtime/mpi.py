@@ -71,11 +71,11 @@ Files (rank 0, when ``logdir`` is given): ``metrics.jsonl`` (one JSON object per
 ``sps`` (updates per second), ``workload.evaluate``'s metrics, ``train_*`` local metrics, and in the
 async modes staleness statistics), ``summary.json`` (see :func:`run_mpi`), ``checkpoint.npz`` every
 ``checkpoint_every`` updates and at the end (written atomically: a temp file, then ``os.replace``) and, while its
-part of the job runs, each rank's ``rank{r}.pid``. ``resume=True`` restarts from ``checkpoint.npz``; the step count continues. In the
-async modes the checkpoint holds the master's θ, outer state, version and statistics; the workers'
-inner optimizer states restart fresh. The workload's ``worker_state`` is not checkpointed: on a resume each rank's
-fresh one goes through ``Workload.restart`` with the local steps that rank had taken (sync: the step count, times B
-in rounds; async: its arrivals at the master, times B), so that its schedules (DQN's ε) continue.
+part of the job runs, each rank's ``rank{r}.pid``. ``resume=True`` restarts from ``checkpoint.npz``; the step
+count continues. In the async modes the checkpoint holds the master's θ, outer state, version and statistics; the
+workers' inner optimizer states restart fresh. The workload's ``worker_state`` is not checkpointed: on a resume
+each rank's fresh one goes through ``Workload.restart`` with the local steps that rank had taken (sync: the step
+count, times B in rounds; async: its arrivals at the master, times B), so that its schedules (DQN's ε) continue.
 
 Reproducibility: sync runs are deterministic (same seed and K → same parameters, resumed or not).
 Async runs are not bitwise reproducible: the order in which pushes arrive depends on timing, so the
