@@ -341,17 +341,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, value in positive_ints.items():
         if not isinstance(value, int) or value < 1:
             _fail(f"{name} must be a positive integer, got {value}")
-    for name, value in {"--num-envs": cfg.num_envs, "--rollout-len": cfg.rollout_len,
-                        "--learning-starts": cfg.learning_starts, "--max-delay": cfg.max_delay,
-                        "--buffer-size": cfg.buffer_size,
-                        "--eval-episodes": cfg.eval_episodes}.items():
+    non_negative_ints = {
+        "--num-envs": cfg.num_envs,
+        "--rollout-len": cfg.rollout_len,
+        "--learning-starts": cfg.learning_starts,
+        "--max-delay": cfg.max_delay,
+        "--buffer-size": cfg.buffer_size,
+        "--eval-episodes": cfg.eval_episodes,
+    }
+    for name, value in non_negative_ints.items():
         if not isinstance(value, int) or value < 0:
             _fail(f"{name} must be a non-negative integer, got {value}")
     # The compiled loop counts env steps, updates and replay slots in int32 (JAX's default integers): a larger count
     # raised an OverflowError inside the first jitted call, after --logdir was made, or would wrap around.
-    for name, value in {**positive_ints, "--num-envs": cfg.num_envs, "--rollout-len": cfg.rollout_len,
-                        "--learning-starts": cfg.learning_starts, "--max-delay": cfg.max_delay,
-                        "--buffer-size": cfg.buffer_size, "--eval-episodes": cfg.eval_episodes}.items():
+    for name, value in {**positive_ints, **non_negative_ints}.items():
         if value > INT32_MAX:
             _fail(f"{name} {value} is beyond {INT32_MAX} (2^31 - 1): the compiled loop counts in int32")
     if not math.isfinite(cfg.max_grad_norm) or (cfg.max_grad_norm < 0 and cfg.max_grad_norm != -1.0):

@@ -315,38 +315,42 @@ def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | Non
         return
     from jaxdp import memory
 
-    capacity, one, held = _replay_bytes(cfg, spec)
-    runs = [f"{len(cfg.grid)} sweep points"] * bool(cfg.sweep) + [f"{len(cfg.seeds)} seeds"] * (len(cfg.seeds) > 1)
-    if lanes is not None:
-        runs = [f"{lanes} lanes"] * (lanes > 1)
+    runs_here = len(cfg.runs) if lanes is None else lanes
+    runs = ([f"{lanes} lanes"] * (lanes > 1) if lanes is not None else
+            [f"{len(cfg.grid)} sweep points"] * bool(cfg.sweep) + [f"{len(cfg.seeds)} seeds"] * (len(cfg.seeds) > 1))
     workers = [f"{cfg.workers} workers"] * (cfg.workers > 1)
     if cfg.runtime in ("mpi", "distributed"):
         replays, layout = 1, []
     elif cfg.runtime == "async_sim":
         replays, layout = cfg.workers, workers
     elif cfg.runtime == "devices" and jax.default_backend() != "cpu":
-        replays, layout = lanes or len(cfg.runs), runs + ["on each device"]
+        replays, layout = runs_here, runs + ["on each device"]
     else:
-        replays, layout = (lanes or len(cfg.runs)) * cfg.workers, runs + workers
-    whose = f" ({' x '.join(layout)})" if layout else ""
+        replays, layout = runs_here * cfg.workers, runs + workers
     free, where = available or memory.available_bytes()
+    _check_replays_fit(cfg, spec, replays, free, where, whose=f" ({' x '.join(layout)})" if layout else "",
+                       advice=f" or train fewer {' and '.join(n.split(' ', 1)[1] for n in runs + workers)} at once"
+                       if layout else "")
+
+
+def _check_replays_fit(cfg: TrainConfig, spec, replays: int, free: int, where: str, *, whose: str = "",
+                       advice: str = "") -> None:
+    """Raises the ConfigError of :func:`check_replay_memory` and :func:`check_shared_replay_memory` if ``replays``
+    replays of this run take more than ``free`` bytes, the memory ``where`` names (``"available on this host"``)."""
+    from jaxdp import memory
+
+    capacity, frame_stack = replay_layout(cfg, spec)
+    one = replay_lib.bytes_required(capacity, spec.obs_shape, frame_stack, spec.obs_dtype, cfg.envs_per_worker)
     if replays * one <= free:
         return
-    fewer = f" or train fewer {' and '.join(n.split(' ', 1)[1] for n in runs + workers)} at once" if layout else ""
+    held = f"--buffer-size {capacity}" if cfg.buffer_size else f"the default --buffer-size {capacity}"
     if replays == 1:
         raise ConfigError(f"{held}: a DQN replay of {capacity} transitions on {cfg.env} takes "
                           f"{memory.gigabytes(one)}, more than the {memory.gigabytes(free)} {where}; lower "
                           f"--buffer-size")
     raise ConfigError(f"{held}: {replays} DQN replays{whose} of {capacity} transitions on {cfg.env} take "
                       f"{memory.gigabytes(replays * one)} ({memory.gigabytes(one)} each), more than the "
-                      f"{memory.gigabytes(free)} {where}; lower --buffer-size{fewer}")
-
-
-def _replay_bytes(cfg: TrainConfig, spec) -> tuple[int, int, str]:
-    """``(capacity, bytes, the option that set the capacity)`` of one lane's replay."""
-    capacity, frame_stack = replay_layout(cfg, spec)
-    one = replay_lib.bytes_required(capacity, spec.obs_shape, frame_stack, spec.obs_dtype, cfg.envs_per_worker)
-    return capacity, one, f"--buffer-size {capacity}" if cfg.buffer_size else f"the default --buffer-size {capacity}"
+                      f"{memory.gigabytes(free)} {where}; lower --buffer-size{advice}")
 
 
 def check_shared_replay_memory(cfg: TrainConfig, spec, processes: list[tuple[str, int, bool]]) -> None:
@@ -360,24 +364,14 @@ def check_shared_replay_memory(cfg: TrainConfig, spec, processes: list[tuple[str
     """
     if not cfg.is_dqn:
         return
-    from jaxdp import memory
-
-    capacity, one, held = _replay_bytes(cfg, spec)
     places: dict[str, tuple[int, int]] = {}  # memory -> (replays, the least a process there saw available)
     for place, free, holds_replay in processes:
         replays, least = places.get(place, (0, free))
         places[place] = (replays + bool(holds_replay), min(least, free))
     for place, (replays, free) in places.items():
-        if replays * one <= free:
-            continue
-        if replays == 1:
-            raise ConfigError(f"{held}: a DQN replay of {capacity} transitions on {cfg.env} takes "
-                              f"{memory.gigabytes(one)}, more than the {memory.gigabytes(free)} available on {place}; "
-                              f"lower --buffer-size")
-        raise ConfigError(f"{held}: {replays} DQN replays (one per worker process on {place}) of {capacity} "
-                          f"transitions on {cfg.env} take {memory.gigabytes(replays * one)} ({memory.gigabytes(one)} "
-                          f"each), more than the {memory.gigabytes(free)} available there; lower --buffer-size or "
-                          f"start fewer processes on each host")
+        _check_replays_fit(cfg, spec, replays, free, f"available on {place}" if replays == 1 else "available there",
+                           whose=f" (one per worker process on {place})",
+                           advice=" or start fewer processes on each host")
 
 
 # The largest batch a CNN sees per call on XLA:CPU (see network_apply).

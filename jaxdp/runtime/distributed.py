@@ -190,10 +190,11 @@ def memories() -> list[tuple[str, int, bool]]:
 
     from jaxdp import memory
 
-    free, _ = memory.available_bytes(jax.local_devices()[0])
+    device = jax.local_devices()[0]
+    free, _ = memory.available_bytes(device)
     host = socket.gethostname()
-    place = (f"host {host}" if jax.default_backend() == "cpu" else
-             f"the {jax.local_devices()[0].device_kind} of process {jax.process_index()} (host {host})")
+    place = (f"host {host}" if device.platform == "cpu" else
+             f"the {device.device_kind} of process {jax.process_index()} (host {host})")
     encoded = place.encode()[:_PLACE_BYTES].ljust(_PLACE_BYTES, b"\0")
     mine = np.concatenate([np.frombuffer(encoded, np.uint8).astype(np.int32),
                            [min(free >> 20, np.iinfo(np.int32).max)]])  # MiB, to fit an int32
