@@ -1,8 +1,9 @@
 """How much memory a run can still allocate: on an accelerator its device's free bytes, on CPU the host's.
 
 A run that asks for more than this (a replay of a billion Atari frames, eight seeds of 7 GB replays on a 24 GB
-machine) fails long after it started: XLA:CPU writes the zeros of a new buffer page by page, so the kernel kills
-the process somewhere in the initialisation or in a later checkpoint. ``jaxdp train`` compares what it will
+machine) can only fail after it has started: in the initialisation, when the buffers are allocated and zeroed, or
+later where the kernel overcommits memory and kills the process once the pages are touched. (Worked out from the
+buffer sizes; such a run was not started on the 24 GB development machine.) ``jaxdp train`` compares what it will
 allocate with :func:`available_bytes` before any work (see ``jaxdp.train.check_replay_memory``).
 
 On CPU the host's ``MemAvailable`` (``/proc/meminfo``: free memory plus the page cache the kernel can drop) is the

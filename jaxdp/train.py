@@ -299,11 +299,11 @@ def check_replay_memory(cfg: TrainConfig, spec, available: tuple[int, str] | Non
                         lanes: int | None = None) -> None:
     """Raises ConfigError if the DQN replays that one process of this run allocates exceed the memory it has left.
 
-    Such a run died long after it started: XLA:CPU writes a new buffer's zeros page by page, and the kernel killed
-    the process during the initialisation (``--seeds 0 .. 7`` of Atari DQN, 8 x 7.07 GB, on a 24 GB machine) or,
-    where memory is overcommitted, later. The replays of one memory: every lane's on ``--runtime vmap``, and on
-    ``devices`` over CPU devices (one host); one device's lanes on ``devices`` over accelerators; the workers' on
-    ``async_sim``; one worker's per process on ``mpi`` and ``distributed``.
+    Such a run can only fail after it has started (``--seeds 0 .. 7`` of Atari DQN asks for 8 x 7.07 GB, over twice
+    a 24 GB machine's memory): when the replays are allocated and zeroed, or, where memory is overcommitted, later.
+    The replays of one memory: every lane's on ``--runtime vmap``, and on ``devices`` over CPU devices (one host); one
+    device's lanes on ``devices`` over accelerators; the workers' on ``async_sim``; one worker's per process on
+    ``mpi`` and ``distributed``.
 
     Args:
       cfg: a validated config.

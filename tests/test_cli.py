@@ -130,7 +130,7 @@ BAD_INPUTS = [
     (["--seed", "3000000000"], "the largest seed of this run is 134217727"),  # envpool's 31-bit env seeds
     (["--seeds", "0", "33554432", "--num-envs", "4", "--strategy", "sync", "--workers", "16"],
      "seed 33554432 is too large"),
-    # DQN replays larger than the memory left: the kernel killed the run during its initialisation. 2e9 Atari
+    # DQN replays larger than the memory left: the run could only fail after it had started. 2e9 Atari
     # transitions take 14 TB, more than any machine that runs these tests.
     (["--algo", "dqn", "--env", "Pong-v5", "--buffer-size", "2000000000"], "takes 14.1 TB, more than the"),
     (["--critic", "own"], "--critic 'own' is not one of shared, separate"),

@@ -266,7 +266,7 @@ def test_a_resumed_distributed_dqn_job_keeps_its_epsilon_and_refills_its_replays
 def test_processes_of_one_host_are_refused_replays_that_it_cannot_hold(tmp_path):
     """Both processes of a job on one host hold a DQN replay: two Pong replays of 0.6x its free memory fit one by
     one but not together. Each process gathers every host's name and free memory, and both stop with one line and
-    exit 2 before --logdir exists (the kernel would kill the job while the replays were being zeroed)."""
+    exit 2 before --logdir exists (started, the job would fail once the replays were allocated and zeroed)."""
     from jaxdp import memory
 
     buffer = int(0.6 * memory.host_available_bytes() / (84 * 84 + 12))  # Pong: one 84x84 frame + 12 bytes a step

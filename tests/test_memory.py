@@ -1,7 +1,7 @@
 """Memory a run can allocate (jaxdp.memory) and the DQN replays checked against it before any work.
 
-A run whose replays exceed the memory left was killed by the kernel during its initialisation (XLA:CPU writes the
-zeros of a new buffer page by page): ``--seeds 0 1 2 3`` of Atari DQN asks for 4 x 7.07 GB.
+A run whose replays exceed the memory left can only fail after it has started, when they are allocated and
+zeroed or later: ``--seeds 0 1 2 3`` of Atari DQN asks for 4 x 7.07 GB, more than a 24 GB machine holds.
 """
 
 from __future__ import annotations

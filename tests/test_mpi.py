@@ -577,8 +577,8 @@ def test_jaxdp_train_under_mpirun_refuses_bad_input_and_a_resume_that_changes_th
 def test_jaxdp_train_under_mpirun_refuses_dqn_replays_that_their_host_cannot_hold(tmp_path):
     """The worker ranks of one host share its memory: 2 Pong replays of 0.6x what the host has free each fit one
     by one (each rank's own check passes) but not together. Every rank gathers the hosts' free memory and which
-    ranks hold a replay, and all of them stop in one line, exit 2, before --logdir exists (the kernel would kill the
-    job while the replays were being zeroed)."""
+    ranks hold a replay, and all of them stop in one line, exit 2, before --logdir exists (started, the job would
+    fail once the replays were allocated and zeroed)."""
     from jaxdp import memory
 
     buffer = int(0.6 * memory.host_available_bytes() / (84 * 84 + 12))  # Pong: one 84x84 frame + 12 bytes a step
