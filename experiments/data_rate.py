@@ -58,11 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="log-normal jitter of the local-step time")
     parser.add_argument("--events", type=int, default=200, help="arrival events (pushes) simulated per run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, few events: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="N, B in {1, 2}, few events: a smoke run; options given beside it win")
     outputs.add_arguments(parser, "data_rate")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.workers, args.local_steps, args.events = [1, 2], [1, 2], 16
+    args = outputs.parse_quick(parser, argv, dict(workers=[1, 2], local_steps=[1, 2], events=16))
     for name in ("num_envs", "rollout_len", "events"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -29,6 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help=f"PNG path (default docs/img/{name}.png; --quick: in the --out folder)")
 
 
+def parse_quick(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                quick: dict[str, Any]) -> argparse.Namespace:
+    """Parses ``argv``; with ``--quick``, ``quick``'s values replace the parser's defaults, so an option given beside
+    ``--quick`` still wins (``--quick --workers 1 4`` runs N in {1, 4}, the rest of the smoke run's sizes)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
 def resolve(args: argparse.Namespace, name: str, parser: argparse.ArgumentParser) -> None:
     """Fills in ``args.out`` and ``args.plot`` where the command line left them out (see the module docstring), and
     refuses, through ``parser.error``, paths the results could not be written to: before the work, not after it."""

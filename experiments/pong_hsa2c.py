@@ -52,11 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rollout-len", type=int, default=5, help="n-step rollout length")
     parser.add_argument("--comm", type=non_negative_float, default=20.0, help="one-way message time in units")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few thousand steps: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few thousand steps: a smoke run; options given beside it win")
     outputs.add_arguments(parser, "pong_hsa2c")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.total_steps = 4_000
+    args = outputs.parse_quick(parser, argv, dict(total_steps=4_000))
     for name in ("total_steps", "envs", "workers", "local_steps", "master_batch", "rollout_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

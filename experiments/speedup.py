@@ -73,11 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=64, help="hidden width of the MLP")
     parser.add_argument("--lr-scale", type=positive_float, default=1.0,
                         help="multiply the Corollary-1 rate (to see where staleness starts to hurt)")
-    parser.add_argument("--quick", action="store_true", help="N in {1, 4}, 1 seed, K = 400: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="N in {1, 4}, 1 seed, K = 400: a smoke run; options given beside it win")
     outputs.add_arguments(parser, "speedup")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.workers, args.seeds, args.budget, args.target_loss = [1, 4], 1, 400, 0.2
+    args = outputs.parse_quick(parser, argv, dict(workers=[1, 4], seeds=1, budget=400, target_loss=0.2))
     for name in ("seeds", "local_steps", "batch_size", "budget", "eval_every", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -58,13 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="one-way message time per worker, in units")
     parser.add_argument("--sigma", type=non_negative_float, default=0.25,
                         help="log-normal jitter of the local-step time")
-    parser.add_argument("--quick", action="store_true", help="N, B in {1, 2}, a small budget: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="N, B in {1, 2}, a small budget: a smoke run; options given beside it win")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the table and PNG from the CSV in --out without running anything")
     outputs.add_arguments(parser, "workers_scaling")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.workers, args.local_steps, args.max_steps, args.target = [1, 2], [1, 2], 40_000, 40.0
+    args = outputs.parse_quick(parser, argv, dict(workers=[1, 2], local_steps=[1, 2], max_steps=40_000, target=40.0))
     for name in ("seeds", "max_steps", "num_envs", "rollout_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -8,6 +8,7 @@ committed results. A bad value stops the script with exit 2 and one line, before
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -100,3 +101,40 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(script:
         assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
         assert lines[0].startswith(f"{script}.py: error: ") and needle in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def _parse_args(script: str, argv: list[str]):
+    """``script``'s own ``parse_args``, imported from its file (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiment_{script}", EXPERIMENTS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(EXPERIMENTS))  # each script imports its neighbour outputs.py
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    return module.parse_args(argv)
+
+
+@pytest.mark.parametrize("script, given, quick", [
+    # (script, options given beside --quick and what they must stay, the other --quick sizes and what they become)
+    ("speedup", {"--workers": ([1, 2], [1, 2]), "--budget": (50, 50)}, {"seeds": 1, "target_loss": 0.2}),
+    ("data_rate", {"--events": (5, 5)}, {"workers": [1, 2], "local_steps": [1, 2]}),
+    ("workers_scaling", {"--max-steps": (1000, 1000), "--local-steps": ([4], [4])},
+     {"workers": [1, 2], "target": 40.0}),
+    ("pong_hsa2c", {"--total-steps": (800, 800)}, {}),
+])
+def test_options_given_beside_quick_win(script: str, given: dict, quick: dict, tmp_path: pathlib.Path) -> None:
+    """``--quick`` sets the smoke run's sizes where the command line says nothing; an option given beside it is
+    kept (``--quick --workers 1 2`` used to run ``--quick``'s N silently, whatever was asked for)."""
+    argv = ["--quick", "--out", str(tmp_path)]
+    for flag, (value, _) in given.items():
+        argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+    args = _parse_args(script, argv)
+    for flag, (_, expected) in given.items():
+        assert getattr(args, flag[2:].replace("-", "_")) == expected, flag
+    for name, expected in quick.items():
+        assert getattr(args, name) == expected, name
+    without = _parse_args(script, ["--quick", "--out", str(tmp_path)])
+    for flag in given:  # the given values are not already --quick's own: the test would not see the old bug
+        name = flag[2:].replace("-", "_")
+        assert getattr(without, name) != getattr(args, name), flag
