@@ -166,6 +166,20 @@ def test_make_torso_validates_arguments():
         torso.init(jax.random.key(0), jnp.zeros((84, 84)))
 
 
+@pytest.mark.parametrize("name", ["nature", "a3c"])
+def test_frames_too_small_for_the_convolutions_are_refused(name):
+    """A channels-last frame read as channels-first is an 84x4 image: the first VALID convolution has no output,
+    and the network used to output its biases with all-zero gradients, silently. Now it is refused by name."""
+    with pytest.raises(ValueError, match=r"84x4 pixels reach a 8x8 convolution; channels-last frames need "
+                                         r"channels_first=False"):
+        shapes(nets.make_torso(name), jnp.zeros((1, 84, 84, 4), jnp.uint8))
+    # Small but valid frames pass, down to the smallest each stack takes (Nature: 8/4 -> 4/2 -> 3/1 needs 36).
+    smallest = {"nature": 36, "a3c": 20}[name]
+    shapes(nets.make_torso(name), jnp.zeros((1, 4, smallest, smallest), jnp.uint8))
+    with pytest.raises(ValueError, match=r"too small: \d+x\d+ pixels reach a \d+x\d+ convolution(\n|$)"):
+        shapes(nets.make_torso(name, channels_first=False), jnp.zeros((1, smallest - 1, smallest - 1, 4), jnp.uint8))
+
+
 def test_microbatched_apply_equals_one_batch_in_outputs_and_gradients():
     # The A2C loss path on CPU: an actor-critic on Atari frames applied in slices (128 rows at size 32 in training;
     # here 10 rows at size 4: uneven slices 4 + 3 + 3 -- no row lost or repeated).

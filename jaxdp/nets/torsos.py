@@ -57,10 +57,20 @@ def _conv_stack(
     """Convolutions ``(features, kernel, stride)`` + ReLU, then flattened over the frame axes."""
     if x.ndim < frame_ndim:
         raise ValueError(f"CNN torso: observations must be frames (C, H, W), got shape {x.shape}")
+    frame_shape = x.shape[-3:]
     x = preprocess(x)
     if channels_first:
         x = jnp.moveaxis(x, -3, -1)
     for features, kernel, stride in layers:
+        # A VALID convolution of a frame smaller than its kernel has no output pixels, and the Dense after the
+        # flatten then sees 0 features: the network outputs its biases and every gradient is zero, silently (a
+        # channels-last frame read as channels-first does this: 84x84x4 becomes an 84x4 image of 84 channels).
+        if min(x.shape[-3:-1]) < kernel:
+            layout = "(C, H, W)" if channels_first else "(H, W, C)"
+            raise ValueError(
+                f"CNN torso: frames of shape {frame_shape} read as {layout} are too small: {x.shape[-3]}x"
+                f"{x.shape[-2]} pixels reach a {kernel}x{kernel} convolution"
+                + ("; channels-last frames need channels_first=False" if channels_first else ""))
         x = nn.Conv(
             features,
             (kernel, kernel),
