@@ -59,7 +59,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--rollout-len", "rollout_len", int, "A2C n-step / REINFORCE rollout length (0 = default: 8 / 500)"),
     ("--ent-coef", "ent_coef", float, "A2C/REINFORCE entropy bonus"),
     ("--vf-coef", "vf_coef", float, "A2C/REINFORCE value-loss coefficient"),
-    ("--baseline", "baseline", str, "REINFORCE baseline: value, mean or none"),
+    ("--baseline", "baseline", str, "REINFORCE baseline: mean (the batch's mean return), value (a learned V(s), "
+                                    "weighted by --vf-coef) or none"),
     ("--pipeline", "pipeline", str, "fused: act, then learn, in one program; overlap: an actor thread acts "
                                     "with parameters one update old while the learner updates (Cleanba's "
                                     "schedule; --runtime vmap)"),

@@ -118,7 +118,7 @@ BAD_INPUTS = [
     (["--algo", "a2c", "--batch-size", "64"], "--batch-size"),
     (["--algo", "dqn", "--rollout-len", "16"], "--rollout-len"),
     (["--algo", "double_dqn", "--ent-coef", "0.1"], "--ent-coef"),
-    (["--algo", "a2c", "--baseline", "mean"], "--baseline"),
+    (["--algo", "a2c", "--baseline", "value"], "--baseline"),
     (["--algo", "dqn", "--critic", "separate"], "--critic is for A2C / REINFORCE only"),  # a Q-network has no critic
     # Counts beyond int32, which the compiled loop holds: an OverflowError in the first jitted call, after --logdir.
     (["--total-steps", "1000000000000"], "--total-steps 1000000000000 is beyond 2147483647"),

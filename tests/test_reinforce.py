@@ -74,7 +74,7 @@ def test_value_baseline_is_fitted_but_not_differentiated_through_the_policy_term
     rollout = make_rollout(jax.random.key(1))
     params = {"w_pi": jnp.zeros((3, 2)), "w_v": jnp.array([0.2, -0.1, 0.4])}
     grads, _ = jax.grad(reinforce.loss, has_aux=True)(params, linear_actor_critic, rollout, gamma=GAMMA,
-                                                      vf_coef=0.5)
+                                                      baseline="value", vf_coef=0.5)
     # d/dw_v of 0.5 · mean((R − V)²) only: the baseline term contributes nothing.
     _, value = numpy_terms(params, rollout)
     obs = np.asarray(rollout.obs)[EXPECTED_COMPLETE]
@@ -82,11 +82,13 @@ def test_value_baseline_is_fitted_but_not_differentiated_through_the_policy_term
     np.testing.assert_allclose(grads["w_v"], expected, rtol=1e-5)
 
 
-def test_incomplete_and_fake_steps_are_masked_out():
+@pytest.mark.parametrize("baseline", ["mean", "value"])
+def test_incomplete_and_fake_steps_are_masked_out(baseline):
     valid = jnp.ones_like(DONES).at[1, 1].set(False)
     rollout = make_rollout(jax.random.key(2), valid=valid)
     params = {"w_pi": jnp.array([[0.5, -0.5], [1.0, 0.0], [0.0, 0.3]]), "w_v": jnp.array([0.2, -0.1, 0.4])}
-    grad_fn = jax.jit(jax.grad(lambda p, r: reinforce.loss(p, linear_actor_critic, r, gamma=GAMMA)[0]))
+    grad_fn = jax.jit(jax.grad(lambda p, r: reinforce.loss(p, linear_actor_critic, r, gamma=GAMMA,
+                                                           baseline=baseline)[0]))
     # Env 0 after its episode end (t = 3, 4): no complete return; the fake step (1, 1): action irrelevant.
     changed = rollout._replace(
         reward=rollout.reward.at[3:, 0].set(50.0),
@@ -101,7 +103,7 @@ def test_truncation_ends_a_return_too():
     rollout = make_rollout(jax.random.key(3), terminated=DONES.at[2, 0].set(False), truncated=truncated)
     params = {"w_pi": jnp.ones((3, 2)), "w_v": jnp.ones(3)}
     reference = make_rollout(jax.random.key(3))
-    for baseline in ("none", "value"):
+    for baseline in ("none", "mean", "value"):
         a = reinforce.loss(params, linear_actor_critic, rollout, gamma=GAMMA, baseline=baseline)[0]
         b = reinforce.loss(params, linear_actor_critic, reference, gamma=GAMMA, baseline=baseline)[0]
         np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -6,9 +6,14 @@ Monte-Carlo one), as a loss to minimise ``−mean((R̃_t − b_t) · log π(A_t 
 
 Baselines ``b_t`` (they reduce the variance, not the expectation):
 
+* ``"mean"`` (the default) -- the mean of ``R̃`` over the batch's complete steps (a constant): the lecture's
+  "simple baseline" of vanilla REINFORCE.
 * ``"value"`` -- the value head of an ActorCritic, ``V(X_t)`` under ``stop_gradient``, itself fitted to
-  ``R̃_t`` by mean squared error (weighted by ``vf_coef``). It is never used to bootstrap a return.
-* ``"mean"`` -- the mean of ``R̃`` over the batch (a constant).
+  ``R̃_t`` by mean squared error (weighted by ``vf_coef``). It is never used to bootstrap a return. REINFORCE makes
+  one update per rollout, long enough to hold whole episodes, so the value is fitted by few updates; until it fits,
+  ``R̃ − V`` is far from centred and its loss dominates a shared torso's gradient. Measured with ``jaxdp train``
+  (500k steps, seeds 0-3, lr 2e-3): CartPole-v1 ended at 50 with it and 415 with ``"mean"``, Acrobot-v1 at -489
+  and -109.
 * ``"none"`` -- plain REINFORCE.
 
 Complete returns only: a step whose episode does not end (terminate or truncate) inside the rollout
@@ -78,7 +83,7 @@ def loss(
     rollout: Rollout,
     *,
     gamma: float | jax.Array,
-    baseline: str = "value",
+    baseline: str = "mean",
     ent_coef: float | jax.Array = 0.0,
     vf_coef: float | jax.Array = 0.5,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
