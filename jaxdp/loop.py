@@ -137,6 +137,20 @@ def _checkpoint_manager(logdir: str):
     )
 
 
+# Saving a checkpoint pauses training (the next chunk reuses the state's buffers), and a DQN replay takes seconds:
+# orbax writes every byte of Atari's 7 GB replay, 4-8 s a save on a 2-core EPYC (7.5 s inside a Pong run), 7-13% of
+# the default 60 s interval. After a save of d seconds the next one therefore waits at least d / CHECKPOINT_SHARE
+# seconds (80-160 s for that replay), whatever --checkpoint-interval asks.
+CHECKPOINT_SHARE = 0.05
+
+
+def checkpoint_due(since_last: float, last_save_seconds: float, interval: float) -> bool:
+    """Whether a checkpoint is due ``since_last`` seconds after the previous one ended, which took
+    ``last_save_seconds`` to save: ``interval`` (``--checkpoint-interval``) has passed, and so has
+    ``last_save_seconds / CHECKPOINT_SHARE``, so that saving takes at most about 5% of a run's time."""
+    return since_last >= max(interval, last_save_seconds / CHECKPOINT_SHARE)
+
+
 def save_checkpoint(manager, iteration: int, lanes, host_state: dict) -> None:
     import orbax.checkpoint as ocp
 
@@ -392,6 +406,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     last_log_t = time.time()
     last_log_iter = iteration
     last_ckpt_t = time.time()
+    last_ckpt_seconds = 0.0  # how long the last save took (see checkpoint_due)
     pending: list[list[float]] = [[] for _ in range(S)]
     pending_metrics: list[dict] = []
     compile_seconds = None
@@ -443,10 +458,12 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         last_log_t, last_log_iter = now, iteration
 
     def maybe_checkpoint(force: bool = False):
-        nonlocal last_ckpt_t
-        if force or time.time() - last_ckpt_t >= cfg.checkpoint_interval:
+        nonlocal last_ckpt_t, last_ckpt_seconds
+        if force or checkpoint_due(time.time() - last_ckpt_t, last_ckpt_seconds, cfg.checkpoint_interval):
+            started = time.time()
             save_checkpoint(manager, iteration, lanes, {"iteration": iteration, "episodes": episodes})
             last_ckpt_t = time.time()
+            last_ckpt_seconds = last_ckpt_t - started
 
     requested = signals.enter_context(stop_requests())  # honoured between chunks, until the training ends
     # Warmup (DQN random play before learning starts).

@@ -948,14 +948,17 @@ def run(
         truncate_json_lines(metrics_path, _steps_at(trainer, start))
     total = trainer.warmup_env_steps + trainer.num_chunks * trainer.chunk_events * trainer.env_steps_per_event
     last_save = time.time()
+    last_save_seconds = 0.0  # how long the last save took (see loop.checkpoint_due)
     latest = start
 
     def checkpoint(point: AsyncProgress, force: bool = False) -> None:
-        nonlocal last_save, latest
+        nonlocal last_save, last_save_seconds, latest
         latest = point
-        if force or time.time() - last_save >= cfg.checkpoint_interval:
+        if force or loop_lib.checkpoint_due(time.time() - last_save, last_save_seconds, cfg.checkpoint_interval):
+            started = time.time()
             _save(manager, trainer, point)  # synchronous: the next chunk donates the carry's buffers
             last_save = time.time()
+            last_save_seconds = last_save - started
 
     with contextlib.ExitStack() as stack:
         requested = stack.enter_context(stop_requests())

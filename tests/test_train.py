@@ -266,6 +266,37 @@ def test_the_summary_times_training_and_evaluation_apart(tmp_path, monkeypatch):
     assert ran_on["machine"]["backend"] == jax.default_backend() and ran_on["machine"]["devices"] >= 1
 
 
+def test_checkpoint_due_keeps_saving_under_its_share_of_the_time():
+    assert not loop.checkpoint_due(59.0, 0.05, 60.0) and loop.checkpoint_due(60.0, 0.05, 60.0)  # the interval
+    assert loop.checkpoint_due(1.0, 0.0, 1.0)  # the first save: nothing measured yet
+    # A 6 s save (an Atari replay) puts the next one at least 6 / 0.05 = 120 s later, whatever the interval asks.
+    assert not loop.checkpoint_due(119.0, 6.0, 60.0) and loop.checkpoint_due(120.0, 6.0, 60.0)
+    assert loop.checkpoint_due(300.0, 6.0, 300.0) and not loop.checkpoint_due(299.0, 6.0, 300.0)
+
+
+def test_slow_checkpoints_are_spaced_out(tmp_path, monkeypatch):
+    """A run asking for a checkpoint every 10 ms, whose saves take 0.1 s, checkpoints about every 2 s: before,
+    it saved after every chunk and spent most of its time saving (as an Atari DQN's 7 GB replay did at 60 s)."""
+    saves: list[tuple[float, float]] = []
+    save = loop.save_checkpoint
+
+    def slow_save(manager, iteration, lanes, host_state):
+        started = time.time()
+        save(manager, iteration, lanes, host_state)
+        time.sleep(max(0.0, 0.1 - (time.time() - started)))
+        saves.append((started, time.time()))
+
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
+    # A2C CartPole: 128 steps per iteration, 100 chunks of 80; about 8 s of training on 2 cores.
+    cfg = make_cfg(tmp_path, total_steps=128 * 80 * 100, checkpoint_interval=0.01, eval_episodes=0)
+    summary = loop.run(cfg)
+    assert summary["total_steps"] == 128 * 80 * 100
+    gaps = [later[0] - earlier[1] for earlier, later in zip(saves, saves[1:-1])]  # the last save is the forced one
+    assert gaps and all(gap >= 0.1 / loop.CHECKPOINT_SHARE - 0.01 for gap in gaps), gaps
+    assert len(saves) <= 2 + summary["wall_seconds"] / 2.0, (len(saves), summary["wall_seconds"])
+    assert checkpoint_steps(cfg.logdir)[-1] == 80 * 100  # the final state is saved all the same
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Resume.
 # ---------------------------------------------------------------------------------------------------------------
