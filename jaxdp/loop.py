@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -138,9 +139,9 @@ def _checkpoint_manager(logdir: str):
 
 
 # Saving a checkpoint pauses training (the next chunk reuses the state's buffers), and a DQN replay takes seconds:
-# orbax writes every byte of Atari's 7 GB replay, 4-8 s a save on a 2-core EPYC (7.5 s inside a Pong run), 7-13% of
-# the default 60 s interval. After a save of d seconds the next one therefore waits at least d / CHECKPOINT_SHARE
-# seconds (80-160 s for that replay), whatever --checkpoint-interval asks.
+# orbax writes every byte of Atari's 7 GB replay, 2.9-3.2 s a save on a 2-core EPYC in CHECKPOINT_CHUNK_BYTES chunks
+# (4-8 s in orbax's own, 7.5 s inside a Pong run), and a sweep's replays take as many times that. After a save of d
+# seconds the next one therefore waits at least d / CHECKPOINT_SHARE seconds, whatever --checkpoint-interval asks.
 CHECKPOINT_SHARE = 0.05
 
 
@@ -151,24 +152,89 @@ def checkpoint_due(since_last: float, last_save_seconds: float, interval: float)
     return since_last >= max(interval, last_save_seconds / CHECKPOINT_SHARE)
 
 
+# Bytes of one stored chunk. orbax's own choice cut a 7 GB replay into four 1.76 GB chunks, and compressing them
+# held 3.4 GB more than the run for the length of a save (peak 10.7 GB); 64 MB chunks hold 0.13 GB more, and saved
+# it in 3.0-3.2 s instead of 4.3-7.2 s (2-core EPYC).
+CHECKPOINT_CHUNK_BYTES = 64 << 20
+# Leaves this large (DQN replays) are restored in place, chunk by chunk, into one buffer (see restore_checkpoint).
+RESTORE_IN_PLACE_BYTES = 256 << 20
+
+
 def save_checkpoint(manager, iteration: int, lanes, host_state: dict) -> None:
     import orbax.checkpoint as ocp
 
+    chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHECKPOINT_CHUNK_BYTES), lanes)
+    # PyTreeSave, as restore_checkpoint restores with PyTreeRestore (a manager keeps one handler per item). It
+    # writes what StandardSave wrote, and reads checkpoints saved by it.
     manager.save(iteration, args=ocp.args.Composite(
-        lanes=ocp.args.StandardSave(lanes), host=ocp.args.JsonSave(host_state)))
+        lanes=ocp.args.PyTreeSave(lanes, save_args=chunked), host=ocp.args.JsonSave(host_state)))
     manager.wait_until_finished()
 
 
-def restore_checkpoint(manager, lanes_template):
+def restore_checkpoint(manager, lanes_template, *, in_place_bytes: int | None = None):
+    """``(lanes, host state)`` of the latest checkpoint, or None when there is none.
+
+    ``lanes_template`` gives the tree, shapes and dtypes (arrays or ``jax.ShapeDtypeStruct``; arrays are not
+    reused: drop a template's large arrays before calling, or they are held twice). orbax restores an array through a
+    host copy of the whole of it, so a 7 GB replay took 14 GB more than the run while it was restored, and a resumed
+    single-seed Atari DQN peaked at 16 GB. Leaves of at least ``in_place_bytes`` are read instead in slices of about
+    ``CHECKPOINT_CHUNK_BYTES`` straight from the checkpoint's tensorstore, each written into one buffer by a donated
+    update: the leaf's size plus one slice. ``in_place_bytes`` defaults to ``RESTORE_IN_PLACE_BYTES``.
+    """
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
     if step is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, lanes_template)
+    # A template without shardings (jax.eval_shape's) means this process's first device, as orbax's StandardRestore
+    # took it to mean.
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+                                                           or one_device), lanes_template)
+    in_place_bytes = RESTORE_IN_PLACE_BYTES if in_place_bytes is None else in_place_bytes
+    large = jax.tree.map(lambda leaf: leaf.ndim > 0 and not jnp.issubdtype(leaf.dtype, jax.dtypes.extended)  # keys
+                         and leaf.size * np.dtype(leaf.dtype).itemsize >= in_place_bytes, abstract)
+    # PyTreeRestore skips the PLACEHOLDER leaves (StandardRestore refuses them).
+    item = jax.tree.map(lambda a, big: ocp.PLACEHOLDER if big else a, abstract, large)
+    restore_args = jax.tree.map(lambda a, big: ocp.PLACEHOLDER if big else ocp.ArrayRestoreArgs(
+        sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract, large)
     restored = manager.restore(step, args=ocp.args.Composite(
-        lanes=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
-    return restored["lanes"], restored["host"]
+        lanes=ocp.args.PyTreeRestore(item=item, restore_args=restore_args), host=ocp.args.JsonRestore()))
+    directory = os.path.join(str(manager.directory), str(step), "lanes")
+    names = ocp.tree.get_param_names(abstract, include_empty_nodes=False)  # the paths orbax stored them under
+    lanes = jax.tree.map(lambda leaf, a, big, name: _read_in_place(directory, name, a) if big else leaf,
+                         restored["lanes"], abstract, large, names, is_leaf=lambda x: x is ocp.PLACEHOLDER)
+    return lanes, restored["host"]
+
+
+def _read_in_place(directory: str, name: str, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+    """The array ``name`` of an orbax checkpoint ``directory``, read in slices along its longest axis into one
+    buffer (each slice's update donates the buffer, so XLA writes it in place)."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{directory}/", "path": name}}
+    store = ts.open(spec, open=True, read=True).result()
+    if tuple(store.shape) != tuple(abstract.shape):
+        raise ValueError(f"checkpoint: {name} has shape {tuple(store.shape)}, this run's has {abstract.shape}")
+    axis = int(np.argmax(abstract.shape))
+    row_bytes = max(1, abstract.size // abstract.shape[axis] * np.dtype(abstract.dtype).itemsize)
+    # Whole stored chunks at a time: a slice of a chunk decompresses all of it (jaxdp's earlier checkpoints stored a
+    # 7 GB replay in four chunks).
+    stored = store.chunk_layout.read_chunk.shape
+    rows = max(1, CHECKPOINT_CHUNK_BYTES // row_bytes, stored[axis] if stored is not None else 1)
+    buffer = jnp.zeros(abstract.shape, abstract.dtype, device=getattr(abstract, "sharding", None))
+    length = abstract.shape[axis]
+    for start in range(0, length, rows):
+        index = tuple(slice(start, min(start + rows, length)) if i == axis else slice(None)
+                      for i in range(len(abstract.shape)))
+        part = store[index].read().result().astype(abstract.dtype, copy=False)
+        buffer = _write_slice(buffer, part, start, axis)
+    return buffer
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _write_slice(buffer: jax.Array, part: jax.Array, start: jax.Array, axis: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, part, start, axis)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,12 +441,16 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     iteration = 0  # loop iterations done (warmup included)
     episodes: list[list[tuple[int, float, int]]] = [[] for _ in range(S)]  # (step, return, length)
     if cfg.resume:
-        restored = restore_checkpoint(manager, lanes)
+        # The env pool is new: keep its fresh observations and episode accumulators, restore the rest. The fresh
+        # state is dropped before the restore, so that a DQN replay is not held twice.
+        fresh_env = dict(obs=lanes.obs, first=lanes.first, stats=lanes.stats)
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), lanes)
+        del lanes
+        restored = restore_checkpoint(manager, template)
         if restored is None:
             raise SystemExit(f"jaxdp train: error: --resume: no checkpoint in {cfg.logdir}/checkpoints")
         saved, host = restored
-        # The env pool is new: keep its fresh observations and episode accumulators, restore the rest.
-        lanes = saved._replace(obs=lanes.obs, first=lanes.first, stats=lanes.stats)
+        lanes = saved._replace(**fresh_env)
         iteration = int(host["iteration"])
         episodes = [[tuple(e) for e in per_seed] for per_seed in host["episodes"]]
     start_iteration = iteration  # a resumed run's rates count the steps this process trains, in its wall time

@@ -136,6 +136,36 @@ def test_cli_runs_devices_runtime_and_resumes(tmp_path):
     assert summary["eval_return"] is not None and summary["final_return"] > 20
 
 
+RESTORE_ON_DEVICES = """
+import sys, jax, numpy as np
+from jaxdp import loop, train as train_lib
+from jaxdp.config import TrainConfig, validate
+cfg = validate(TrainConfig(algo="dqn", env="CartPole-v1", total_steps=8_000, logdir=sys.argv[1], learning_starts=1_000,
+                           progress=False, eval_episodes=0, tensorboard=False, runtime="devices", strategy="sync",
+                           workers=2))
+loop.run(cfg)
+trainer = train_lib.make_train(cfg)
+lanes = trainer.init(train_lib.seed_keys(cfg))
+by_orbax, _ = loop.restore_checkpoint(loop._checkpoint_manager(sys.argv[1]), lanes, in_place_bytes=1 << 62)
+in_place, _ = loop.restore_checkpoint(loop._checkpoint_manager(sys.argv[1]), lanes, in_place_bytes=0)
+data = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+for a, b in zip(jax.tree.leaves(by_orbax), jax.tree.leaves(in_place)):
+    assert a.sharding == b.sharding, (a.sharding, b.sharding)
+    np.testing.assert_array_equal(np.asarray(data(a)), np.asarray(data(b)))
+replay = jax.tree.leaves(in_place.replay)[0]
+print(len({s.device for s in replay.addressable_shards}))
+"""
+
+
+def test_a_replay_restored_in_place_keeps_its_layout_over_devices(tmp_path):
+    """loop.restore_checkpoint reads a large leaf (a DQN replay) in slices into one buffer; over two devices the
+    buffer is laid out as the run's own replay is, one worker's share on each device, with the same values."""
+    done = subprocess.run([sys.executable, "-c", RESTORE_ON_DEVICES, str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "2"
+
+
 def test_cli_refuses_more_workers_than_devices(tmp_path):
     logdir = tmp_path / "never"
     done = _cli("--runtime", "devices", "--strategy", "sync", "--workers", "3", "--logdir", str(logdir),

@@ -492,12 +492,14 @@ def _spy_on_chunks(monkeypatch, calls: list):
     monkeypatch.setattr(train_lib, "make_train", spying_make_train)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["orbax", "in_place"])
 @pytest.mark.parametrize("algo", ["dqn", "a2c"])
-def test_resume_continues_from_the_saved_state_with_a_fresh_pool(algo, tmp_path, monkeypatch):
+def test_resume_continues_from_the_saved_state_with_a_fresh_pool(algo, in_place, tmp_path, monkeypatch):
     """In-process: run to the end (final checkpoint), then resume with a larger --total-steps. The first chunk after
     the resume must start from exactly the saved learner state (parameters, target, optimizer, replay, PRNG key,
     update count), and from the new pool's state: its first observations, fresh episode statistics, and
-    ``first`` all True -- every env of the new pool is at the first observation of an episode.
+    ``first`` all True -- every env of the new pool is at the first observation of an episode. ``in_place``: every
+    array leaf is restored as a DQN replay is (loop.restore_checkpoint's slices, read straight from the checkpoint).
 
     The last point is a bug today: loop.run restores ``first`` from the checkpoint
     (``saved._replace(obs=lanes.obs, stats=lanes.stats)`` keeps ``saved.first``), so DQN's replay links the last
@@ -507,6 +509,8 @@ def test_resume_continues_from_the_saved_state_with_a_fresh_pool(algo, tmp_path,
     """
     calls: list = []
     _spy_on_chunks(monkeypatch, calls)
+    if in_place:
+        monkeypatch.setattr(loop, "RESTORE_IN_PLACE_BYTES", 0)
     # Totals of whole chunks (so that neither run overshoots, see test_run_length_is_total_steps).
     if algo == "dqn":  # 8 steps per iteration, 50 warmup iterations; 150 then 350 iterations in chunks of 2, 4
         kw, spi, totals = dict(algo="dqn", learning_starts=400), 8, (8 * 150, 8 * 350)
@@ -531,6 +535,56 @@ def test_resume_continues_from_the_saved_state_with_a_fresh_pool(algo, tmp_path,
     for a, b in zip(jax.tree.leaves(resumed.stats), jax.tree.leaves(fresh_lanes.stats)):
         np.testing.assert_array_equal(a, b)
     assert np.all(resumed.first), f"resumed lanes.first = {resumed.first} on a freshly reset pool"
+
+
+def test_large_leaves_are_restored_in_place_equal_to_orbax_and_from_earlier_checkpoints(tmp_path):
+    """A DQN replay is read from the checkpoint in slices into one buffer (loop.restore_checkpoint), not through
+    orbax's host copy of the whole array: the same values, from jaxdp's checkpoints and from the earlier ones saved
+    with orbax's default chunks (StandardSave). Every array leaf takes the in-place path here (in_place_bytes=0)."""
+    import orbax.checkpoint as ocp
+
+    cfg = make_cfg(tmp_path, algo="dqn", total_steps=4_000, learning_starts=1_000, seeds=(0, 1), eval_episodes=0)
+    loop.run(cfg)
+    trainer = train_lib.make_train(cfg)
+    lanes = trainer.init(train_lib.seed_keys(cfg))
+    manager = loop._checkpoint_manager(cfg.logdir)
+    by_orbax, host = loop.restore_checkpoint(manager, lanes, in_place_bytes=1 << 62)
+    assert np.count_nonzero(np.asarray(by_orbax.replay.frames)) > 0  # a replay with data in it
+    earlier = ocp.CheckpointManager(str(tmp_path / "earlier" / "checkpoints"), options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False))
+    earlier.save(7, args=ocp.args.Composite(lanes=ocp.args.StandardSave(by_orbax), host=ocp.args.JsonSave(host)))
+    earlier.wait_until_finished()
+    for source in (loop._checkpoint_manager(cfg.logdir), loop._checkpoint_manager(str(tmp_path / "earlier"))):
+        in_place, in_place_host = loop.restore_checkpoint(source, lanes, in_place_bytes=0)
+        assert in_place_host == host
+        for a, b in zip(jax.tree.leaves(by_orbax), jax.tree.leaves(in_place)):
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            assert a.dtype == b.dtype and a.sharding == b.sharding
+            np.testing.assert_array_equal(a, b)
+
+
+def test_restored_slices_are_written_into_one_buffer():
+    buffer = jnp.zeros((5, 3, 2), jnp.uint8)
+    pointer = buffer.unsafe_buffer_pointer()
+    out = loop._write_slice(buffer, np.full((2, 3, 2), 7, np.uint8), 3, 0)
+    assert out.unsafe_buffer_pointer() == pointer  # donated: no second buffer of the leaf's size
+    np.testing.assert_array_equal(out[3:], 7)
+    np.testing.assert_array_equal(out[:3], 0)
+
+
+def test_checkpoints_store_large_arrays_in_small_chunks(tmp_path):
+    """orbax cut a 7 GB replay into four 1.76 GB chunks and held 3.4 GB more while compressing them; jaxdp asks for
+    chunks of at most CHECKPOINT_CHUNK_BYTES."""
+    import tensorstore as ts
+
+    manager = loop._checkpoint_manager(str(tmp_path))
+    loop.save_checkpoint(manager, 1, {"frames": jnp.zeros((3_000, 4, 84, 84), jnp.uint8)}, {})
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path}/checkpoints/1/lanes/",
+                                          "path": "frames"}}
+    stored = ts.open(spec, open=True, read=True).result()
+    assert tuple(stored.shape) == (3_000, 4, 84, 84)
+    assert math.prod(stored.chunk_layout.read_chunk.shape) <= loop.CHECKPOINT_CHUNK_BYTES < 3_000 * 4 * 84 * 84
 
 
 # ---------------------------------------------------------------------------------------------------------------
