@@ -176,8 +176,8 @@ def restore_checkpoint(manager, lanes_template, *, in_place_bytes: int | None = 
 
     ``lanes_template`` gives the tree, shapes and dtypes (arrays or ``jax.ShapeDtypeStruct``; arrays are not
     reused: drop a template's large arrays before calling, or they are held twice). orbax restores an array through a
-    host copy of the whole of it, so a 7 GB replay took 14 GB more than the run while it was restored, and a resumed
-    single-seed Atari DQN peaked at 16 GB. Leaves of at least ``in_place_bytes`` are read instead in slices of about
+    host copy of the whole of it: restoring a 7 GB replay peaked at 14 GB, and a resumed single-seed Atari DQN, which
+    held its fresh replay too, at 16 GB. Leaves of at least ``in_place_bytes`` are read instead in slices of about
     ``CHECKPOINT_CHUNK_BYTES`` straight from the checkpoint's tensorstore, each written into one buffer by a donated
     update: the leaf's size plus one slice. ``in_place_bytes`` defaults to ``RESTORE_IN_PLACE_BYTES``.
     """
@@ -212,8 +212,11 @@ def _read_in_place(directory: str, name: str, abstract: jax.ShapeDtypeStruct) ->
     buffer (each slice's update donates the buffer, so XLA writes it in place)."""
     import tensorstore as ts
 
-    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{directory}/", "path": name}}
-    store = ts.open(spec, open=True, read=True).result()
+    kvstore = {"driver": "ocdbt", "base": f"file://{directory}/", "path": name}
+    try:  # orbax 0.12 writes zarr (v2) arrays; later versions may write zarr3
+        store = ts.open({"driver": "zarr", "kvstore": kvstore}, open=True, read=True).result()
+    except ValueError:
+        store = ts.open({"driver": "zarr3", "kvstore": kvstore}, open=True, read=True).result()
     if tuple(store.shape) != tuple(abstract.shape):
         raise ValueError(f"checkpoint: {name} has shape {tuple(store.shape)}, this run's has {abstract.shape}")
     axis = int(np.argmax(abstract.shape))
@@ -222,7 +225,7 @@ def _read_in_place(directory: str, name: str, abstract: jax.ShapeDtypeStruct) ->
     # 7 GB replay in four chunks).
     stored = store.chunk_layout.read_chunk.shape
     rows = max(1, CHECKPOINT_CHUNK_BYTES // row_bytes, stored[axis] if stored is not None else 1)
-    buffer = jnp.zeros(abstract.shape, abstract.dtype, device=getattr(abstract, "sharding", None))
+    buffer = jnp.zeros(abstract.shape, abstract.dtype, device=abstract.sharding)
     length = abstract.shape[axis]
     for start in range(0, length, rows):
         index = tuple(slice(start, min(start + rows, length)) if i == axis else slice(None)
