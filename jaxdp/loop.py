@@ -154,7 +154,7 @@ def checkpoint_due(since_last: float, last_save_seconds: float, interval: float)
 
 # Bytes of one stored chunk. orbax's own choice cut a 7 GB replay into four 1.76 GB chunks, and compressing them
 # held 3.4 GB more than the run for the length of a save (peak 10.7 GB); 64 MB chunks hold 0.13 GB more, and saved
-# it in 3.0-3.2 s instead of 4.3-7.2 s (2-core EPYC).
+# it in 2.9-3.2 s instead of 4.3-7.2 s (2-core EPYC).
 CHECKPOINT_CHUNK_BYTES = 64 << 20
 # Leaves this large (DQN replays) are restored in place, chunk by chunk, into one buffer (see restore_checkpoint).
 RESTORE_IN_PLACE_BYTES = 256 << 20
