@@ -84,7 +84,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--log-interval", "log_interval", float, "seconds between log points"),
     ("--checkpoint-interval", "checkpoint_interval", float, "seconds between checkpoints, or more after a slow "
                                                             "save: saving takes at most 5%% of the run (an Atari DQN "
-                                                            "replay: 4-8 s a save)"),
+                                                            "replay: about 3 s a save)"),
     ("--resume", "resume", "flag", "continue from the latest checkpoint in --logdir"),
     ("--eval-episodes", "eval_episodes", int, "greedy evaluation episodes at the end (0 = none)"),
     ("--no-progress", "progress", "noflag", "no progress bar"),

@@ -186,11 +186,7 @@ def restore_checkpoint(manager, lanes_template, *, in_place_bytes: int | None = 
     step = manager.latest_step()
     if step is None:
         return None
-    # A template without shardings (jax.eval_shape's) means this process's first device, as orbax's StandardRestore
-    # took it to mean.
-    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
-                                                           or one_device), lanes_template)
+    abstract = _abstract(lanes_template)
     in_place_bytes = RESTORE_IN_PLACE_BYTES if in_place_bytes is None else in_place_bytes
     large = jax.tree.map(lambda leaf: leaf.ndim > 0 and not jnp.issubdtype(leaf.dtype, jax.dtypes.extended)  # keys
                          and leaf.size * np.dtype(leaf.dtype).itemsize >= in_place_bytes, abstract)
@@ -205,6 +201,14 @@ def restore_checkpoint(manager, lanes_template, *, in_place_bytes: int | None = 
     lanes = jax.tree.map(lambda leaf, a, big, name: _read_in_place(directory, name, a) if big else leaf,
                          restored["lanes"], abstract, large, names, is_leaf=lambda x: x is ocp.PLACEHOLDER)
     return lanes, restored["host"]
+
+
+def _abstract(tree):
+    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` with their shardings, holding no memory. A leaf without a
+    sharding (jax.eval_shape's) means this process's first device, as orbax's StandardRestore took it to mean."""
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+                                                       or one_device), tree)
 
 
 def _read_in_place(directory: str, name: str, abstract: jax.ShapeDtypeStruct) -> jax.Array:
@@ -447,7 +451,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         # The env pool is new: keep its fresh observations and episode accumulators, restore the rest. The fresh
         # state is dropped before the restore, so that a DQN replay is not held twice.
         fresh_env = dict(obs=lanes.obs, first=lanes.first, stats=lanes.stats)
-        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), lanes)
+        template = _abstract(lanes)
         del lanes
         restored = restore_checkpoint(manager, template)
         if restored is None:
