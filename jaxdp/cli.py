@@ -93,6 +93,10 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
 
 
 _FLAG_OF = {field: flag for flag, field, _, _ in _OPTIONS}
+# Every destination of `jaxdp train`'s options: those of _OPTIONS, --hidden and the three seed options.
+_TRAIN_DESTS = (*_FLAG_OF, "hidden", "seed", "seeds", "num_seeds")
+# Not a string: argparse runs an option's type on a string default it did not parse (argparse.SUPPRESS is one).
+_NOT_GIVEN = object()
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -142,7 +146,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
+    """The ``jaxdp`` parser. With ``given_only``, ``train``'s options have no defaults: what it parses holds the
+    options the command line gave, and the others as ``_NOT_GIVEN`` (see :func:`given_fields`)."""
     parser = _OneLineParser(
         prog="jaxdp",
         description="jaxdp: distributed and parallel SGD as optax transforms, and the deep RL trained with it. "
@@ -151,8 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_PrintVersion,
                         help="the versions of jaxdp and of the libraries behind its numbers, and the machine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
-    _train_parser(sub)
+    train = _train_parser(sub)
+    if given_only:
+        train.set_defaults(**dict.fromkeys(_TRAIN_DESTS, _NOT_GIVEN))
     return parser
+
+
+def given_fields(argv: Sequence[str] | None) -> frozenset[str]:
+    """The fields of the ``jaxdp train`` options that ``argv`` gives, whatever their values. An option the run does
+    not read is refused when given, even at its default value (``--algo a2c --baseline mean``): a comparison with
+    the default cannot tell that it was given."""
+    parsed = vars(build_parser(given_only=True).parse_args(argv))
+    return frozenset(dest for dest, value in parsed.items() if dest in _TRAIN_DESTS and value is not _NOT_GIVEN)
 
 
 class _PrintVersion(argparse.Action):
@@ -315,15 +331,14 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     return dataclasses.replace(cfg, logdir=logdir)
 
 
-def _check_target_options(args: argparse.Namespace, cfg: config_lib.TrainConfig) -> None:
+def _check_target_options(cfg: config_lib.TrainConfig, given: frozenset[str]) -> None:
     """DQN's target-network options that this run would ignore, refused as options its agent does not read are."""
     if not cfg.is_dqn:
         return
-    given = [flag for flag, was_given in (("--target-update", args.target_update is not None),
-                                          ("--tau", cfg.tau != 1.0)) if was_given]
-    if given and not cfg.target_network:
-        raise config_lib.ConfigError(f"{given[0]} sets the target network, which --no-target-network turns off")
-    if len(given) == 2:
+    flags = [_FLAG_OF[field] for field in ("target_update", "tau") if field in given]
+    if flags and not cfg.target_network:
+        raise config_lib.ConfigError(f"{flags[0]} sets the target network, which --no-target-network turns off")
+    if "target_update" in given and cfg.tau != 1.0:  # --tau 1 is hard copies, every --target-update steps
         # CleanRL and SB3 average every target_network_frequency steps; a user of theirs would get another target.
         raise config_lib.ConfigError(f"--target-update {cfg.target_update} is the period of hard target copies; "
                                      f"with --tau {cfg.tau:g} the target moves toward the online network after "
@@ -331,16 +346,16 @@ def _check_target_options(args: argparse.Namespace, cfg: config_lib.TrainConfig)
                                      f"give one of the two")
 
 
-def _check_baseline_options(cfg: config_lib.TrainConfig) -> None:
+def _check_baseline_options(cfg: config_lib.TrainConfig, given: frozenset[str]) -> None:
     """REINFORCE's --vf-coef weighs the loss of its learned value baseline, and --critic shapes its network: with
     --baseline mean or none there is no such loss, and the run would ignore the option, as an agent ignores another
     agent's options (refused too)."""
     if cfg.algo != "reinforce" or cfg.baseline == "value":
         return
-    if cfg.critic != config_lib.TrainConfig().critic:
+    if cfg.critic != config_lib.TrainConfig().critic or "critic" in given:
         raise config_lib.ConfigError(f"--critic {cfg.critic} shapes REINFORCE's learned value baseline; --baseline "
                                      f"{cfg.baseline} learns none (use --baseline value)")
-    if cfg.vf_coef != config_lib.TrainConfig().vf_coef or "vf_coef" in dict(cfg.sweep):
+    if cfg.vf_coef != config_lib.TrainConfig().vf_coef or "vf_coef" in given:
         raise config_lib.ConfigError(f"--vf-coef weighs the loss of REINFORCE's learned value baseline; --baseline "
                                      f"{cfg.baseline} learns none (use --baseline value)")
 
@@ -382,13 +397,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     try:
         cfg = config_lib.validate(config_from_args(args))
-        for field, owner in config_lib.options_not_read(cfg):
+        given = given_fields(argv)
+        for field, owner in config_lib.options_not_read(cfg, given):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
-        for field, owner in config_lib.strategy_options_not_read(cfg):
+        for field, owner in config_lib.strategy_options_not_read(cfg, given):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner}; --strategy {cfg.strategy} on --runtime "
                                          f"{cfg.runtime} does not read it")
-        _check_target_options(args, cfg)
-        _check_baseline_options(cfg)
+        _check_target_options(cfg, given)
+        _check_baseline_options(cfg, given)
         _check_job_size(args, cfg)
         from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment
 
@@ -400,7 +416,7 @@ def _main(argv: Sequence[str] | None) -> int:
         config_lib.check_torso_fits(cfg, spec.obs_shape)
         config_lib.check_replay_fits(cfg, spec.is_atari)
         torso = cfg.torso_for(spec.is_atari)  # as make_network builds it
-        if torso in config_lib.CNN_TORSOS and tuple(cfg.hidden) != tuple(config_lib.TrainConfig().hidden):
+        if torso in config_lib.CNN_TORSOS and "hidden" in given:
             raise config_lib.ConfigError(f"--hidden sets the MLP torso's widths; this run's torso is the {torso} CNN "
                                          f"(--torso {cfg.torso} on {cfg.env}), which does not read it")
         if cfg.runtime == "devices":

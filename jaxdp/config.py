@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import math
 import numbers
-from typing import Literal
+from typing import Collection, Literal
 
 ALGOS = ("dqn", "double_dqn", "a2c", "reinforce")
 STRATEGIES = ("single", "sync", "async", "dpsgd", "hogwild")
@@ -249,13 +249,14 @@ AGENT_OPTIONS = (
 )
 
 
-def options_not_read(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """(field, owner) of each option set away from its default that ``cfg.algo`` does not read (``--eps-start``
-    for A2C, ``--rollout-len`` for DQN). The CLI refuses them, as each of CleanRL's scripts takes only its own
-    flags; ``validate`` does not, so that Python code may build every agent's config from one dict."""
+def options_not_read(cfg: TrainConfig, given: Collection[str] = ()) -> list[tuple[str, str]]:
+    """(field, owner) of each option, set away from its default or named in ``given`` (the fields a command line
+    gave, whatever their values), that ``cfg.algo`` does not read (``--eps-start`` for A2C, ``--rollout-len`` for
+    DQN). The CLI refuses them, as each of CleanRL's scripts takes only its own flags; ``validate`` does not, so
+    that Python code may build every agent's config from one dict."""
     defaults = TrainConfig()
     return [(field, owner) for fields, algos, owner in AGENT_OPTIONS if cfg.algo not in algos
-            for field in fields if getattr(cfg, field) != getattr(defaults, field)]
+            for field in fields if getattr(cfg, field) != getattr(defaults, field) or field in given]
 
 
 _SIMULATED_DELAYS = ("--strategy async on --runtime vmap or devices (simulated stale gradients; on async_sim and mpi "
@@ -273,14 +274,15 @@ STRATEGY_OPTIONS = (
 )
 
 
-def strategy_options_not_read(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """(field, who reads it) of each strategy or runtime option set away from its default that this run's strategy
-    and runtime do not read (``--global-lr`` with ``--strategy sync``, ``--delay`` on ``--runtime async_sim``). The
-    CLI refuses them, as it refuses another agent's options: the run would ignore them in silence."""
+def strategy_options_not_read(cfg: TrainConfig, given: Collection[str] = ()) -> list[tuple[str, str]]:
+    """(field, who reads it) of each strategy or runtime option, set away from its default, swept or named in
+    ``given``, that this run's strategy and runtime do not read (``--global-lr`` with ``--strategy sync``,
+    ``--delay`` on ``--runtime async_sim``). The CLI refuses them, as it refuses another agent's options: the run
+    would ignore them in silence."""
     defaults = TrainConfig()
     swept = dict(cfg.sweep)
     return [(field, owner) for field, owner, reads in STRATEGY_OPTIONS if not reads(cfg)
-            and (getattr(cfg, field) != getattr(defaults, field) or field in swept)]
+            and (getattr(cfg, field) != getattr(defaults, field) or field in swept or field in given)]
 
 
 def check_torso_fits(cfg: TrainConfig, obs_shape: tuple[int, ...]) -> None:

@@ -120,6 +120,15 @@ BAD_INPUTS = [
     (["--algo", "double_dqn", "--ent-coef", "0.1"], "--ent-coef"),
     (["--algo", "a2c", "--baseline", "value"], "--baseline"),
     (["--algo", "dqn", "--critic", "separate"], "--critic is for A2C / REINFORCE only"),  # a Q-network has no critic
+    # The same, given at its default value: passed in silence, as a comparison with the default found nothing.
+    (["--algo", "a2c", "--baseline", "mean"], "--baseline is for REINFORCE only"),
+    (["--algo", "a2c", "--eps-start", "1.0"], "--eps-start is for DQN only"),
+    (["--algo", "dqn", "--rollout-len", "0"], "--rollout-len is for A2C / REINFORCE only"),
+    (["--algo", "reinforce", "--vf-coef", "0.5"], "--baseline mean learns none"),
+    (["--algo", "reinforce", "--critic", "shared"], "--baseline mean learns none"),
+    (["--algo", "dqn", "--no-target-network", "--tau", "1"], "--tau sets the target network"),
+    (["--strategy", "sync", "--workers", "2", "--global-lr", "1.0"], "--global-lr is for --strategy dpsgd"),
+    (["--env", "Pong-v5", "--hidden", "64", "64"], "this run's torso is the nature CNN"),
     # Counts beyond int32, which the compiled loop holds: an OverflowError in the first jitted call, after --logdir.
     (["--total-steps", "1000000000000"], "--total-steps 1000000000000 is beyond 2147483647"),
     # NaN seconds: no comparison with them is true, so the run never checkpointed before its end.
@@ -347,6 +356,33 @@ def test_existing_run_without_resume_exits_2_and_leaves_it_alone(marker, tmp_pat
     assert rc == 2 and len(err) == 1
     assert "--logdir" in err[0] and "--resume" in err[0]  # says what to do
     assert {p: p.stat().st_mtime_ns for p in logdir.rglob("*")} == before
+
+
+# Each option given at its default value to a run that reads it: accepted (the refusals above are of options the run
+# does not read, whatever their values).
+OPTIONS_AT_THEIR_DEFAULTS = [
+    ["--algo", "dqn", "--tau", "1", "--target-update", "500"],  # --tau 1: hard copies, every --target-update steps
+    ["--algo", "a2c", "--ent-coef", "0.01", "--vf-coef", "0.5", "--critic", "shared", "--hidden", "64", "64"],
+    ["--algo", "reinforce", "--baseline", "value", "--vf-coef", "0.5", "--critic", "shared"],
+    ["--strategy", "dpsgd", "--workers", "2", "--global-lr", "1.0", "--local-steps", "1"],
+]
+
+
+@pytest.mark.parametrize("argv", OPTIONS_AT_THEIR_DEFAULTS, ids=" ".join)
+def test_options_a_run_reads_are_accepted_at_their_defaults(argv, tmp_path, monkeypatch):
+    from jaxdp import train
+
+    started = []
+    monkeypatch.setattr(train, "run", lambda cfg: started.append(cfg))  # None: the summary of a non-zero MPI rank
+    assert run_main(["train", *argv, "--logdir", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert len(started) == 1
+
+
+def test_given_fields_names_the_options_given_whatever_their_values():
+    assert cli.given_fields(["train"]) == frozenset()
+    assert cli.given_fields(["train", "--algo", "a2c", "--baseline", "mean", "--lr", "1e-3", "2e-3", "--seeds", "0",
+                             "1", "--no-replay", "--hidden", "64", "64"]) == {"algo", "baseline", "lr", "seeds",
+                                                                               "replay", "hidden"}
 
 
 @pytest.mark.parametrize("argv,seeds", [
