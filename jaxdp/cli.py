@@ -450,8 +450,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if cfg.sweep:
         print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} "
               f"seed{'s' if len(cfg.seeds) > 1 else ''}) of "
-              f"{_steps(summary)} in {summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; "
-              f"outputs in {cfg.logdir}")
+              f"{_steps(summary)} in {_seconds(summary)}; outputs in {cfg.logdir}")
         for point in summary["grid"]:
             label = config_lib.point_shown(point["hyperparams"])
             mark = "  (best)" if point["hyperparams"] == summary["best"] else ""
@@ -461,14 +460,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if len(cfg.seeds) > 1:
         print(f"jaxdp train: {len(cfg.seeds)} seeds of {_steps(summary)} in "
-              f"{summary.get('wall_seconds', 0):.1f} s{_eval_time(summary)}; outputs in {cfg.logdir}")
+              f"{_seconds(summary)}; outputs in {cfg.logdir}")
         print(f"  mean ± std over seeds: {_returns(summary, 'final_return_over_seeds', 'eval_return_over_seeds')}"
               f" (95% confidence intervals in summary.json)")
         for run in summary["seeds"]:
             print(f"  seed {run['seed']}: {_returns(run)}")
         return 0
-    print(f"jaxdp train: {_steps(summary)} in {summary.get('wall_seconds', 0):.1f} s; "
-          f"{_returns(summary)}{_eval_time(summary)}; outputs in {cfg.logdir}")
+    print(f"jaxdp train: {_steps(summary)} in {_seconds(summary)}; "
+          f"{_returns(summary)}; outputs in {cfg.logdir}")
     return 0
 
 
@@ -476,6 +475,21 @@ def _steps(summary: dict) -> str:
     """"N steps", and where a --resume began ("N steps (resumed at step M)"): the seconds that follow are its own."""
     start = summary.get("start_step") or 0
     return f"{summary.get('total_steps')} steps" + (f" (resumed at step {start})" if start else "")
+
+
+def _seconds(summary: dict) -> str:
+    """The training's seconds, what they hold, and the greedy evaluation's apart. A single-process run's clock
+    includes its compilation; a multi-process job's ranks compile before theirs starts, and their start-up is
+    counted apart: said either way, so that runtimes are not compared on different clocks."""
+    text = f"{summary.get('wall_seconds', 0.0):.1f} s"
+    notes = []
+    if summary.get("startup_seconds") is not None:
+        text += f" after {summary['startup_seconds']:.1f} s of start-up and compilation"
+    elif summary.get("compile_seconds") is not None:
+        notes.append(f"{summary['compile_seconds']:.1f} s of it compiling")
+    if (summary.get("eval_seconds") or 0.0) >= 0.05:
+        notes.append(f"then {summary['eval_seconds']:.1f} s of evaluation")
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _returns(record: dict, final_over_seeds: str = "", eval_over_seeds: str = "") -> str:
@@ -489,12 +503,6 @@ def _returns(record: dict, final_over_seeds: str = "", eval_over_seeds: str = ""
 
     return (f"final return {one('final_return', final_over_seeds)}, "
             f"greedy eval {one('eval_return', eval_over_seeds)}")
-
-
-def _eval_time(summary: dict) -> str:
-    """The greedy evaluation's own time, when it took one: training's seconds above leave it out."""
-    seconds = summary.get("eval_seconds") or 0.0
-    return f" (evaluation {seconds:.1f} s)" if seconds >= 0.05 else ""
 
 
 def _rounded(value: float | None) -> float | str:

@@ -498,3 +498,17 @@ def test_version_names_the_libraries_and_machine_behind_the_numbers():
     assert lines[0] == f"jaxdp {jaxdp.__version__}"
     assert f"  jax {jax.__version__}" in lines and any(line.startswith("  envpool ") for line in lines)
     assert lines[-1].startswith("  machine: ") and f"{os.cpu_count()} cores" in lines[-1]
+
+
+@pytest.mark.parametrize("summary,said", [
+    # vmap, devices, async_sim: one clock from the start, compilation included.
+    ({"wall_seconds": 5.52, "compile_seconds": 1.94, "eval_seconds": 0.11}, "5.5 s (1.9 s of it compiling, then 0.1 s "
+                                                                           "of evaluation)"),
+    ({"wall_seconds": 5.52, "compile_seconds": 1.94, "eval_seconds": 0.01}, "5.5 s (1.9 s of it compiling)"),
+    # mpi, distributed: every rank compiles before the clock starts. Said as one number before, 0.8 s beside a vmap
+    # run's 5.5 s, it compared the two runtimes on different clocks.
+    ({"wall_seconds": 0.75, "startup_seconds": 7.1, "eval_seconds": 0.09}, "0.8 s after 7.1 s of start-up and "
+                                                                          "compilation (then 0.1 s of evaluation)"),
+])
+def test_the_closing_line_says_what_its_seconds_hold(summary, said):
+    assert cli._seconds(summary) == said

@@ -305,6 +305,10 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     # Process 0 plays --eval-episodes greedy games of the all-reduced θ after jax.distributed has shut down.
     assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary
     assert f"greedy eval {round(summary['eval_return'], 1)}" in outputs[0]
+    # The clock starts once every rank has compiled; what came before is counted apart, and the line says so.
+    assert summary["startup_seconds"] > 0
+    assert (f"in {summary['wall_seconds']:.1f} s after {summary['startup_seconds']:.1f} s of start-up and "
+            f"compilation") in outputs[0]
     assert not (logdir / "tb").exists()  # --no-tensorboard
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["step"] % per_update == 0 for r in records)

@@ -292,6 +292,7 @@ def run_distributed(
         raise ValueError("run_distributed: resume, checkpoint_every and checkpoint_seconds need a logdir")
     if not isinstance(workload, Workload) and not callable(workload):
         raise TypeError(f"run_distributed: workload must be a Workload or a function returning one, got {workload!r}")
+    launched = time.perf_counter()
     initialize(
         coordinator_address, num_processes, process_id,
         local_device_ids=local_device_ids, initialization_timeout=initialization_timeout,
@@ -390,6 +391,7 @@ def run_distributed(
         multihost_utils.sync_global_devices("jaxdp.distributed warm-up")
     if process_id == 0 and start_step == 0:
         log_point(0, None, [])
+    startup_seconds = time.perf_counter() - launched  # joining the cluster, restoring and compiling
     history: list[dict] = []
     started = time.perf_counter()
     last_checkpoint = time.monotonic()
@@ -441,6 +443,7 @@ def run_distributed(
                 "total_updates": total_updates,
                 "start_step": start_step,
                 "wall_seconds": wall_seconds,
+                "startup_seconds": startup_seconds,
                 "updates_per_second": steps_done / max(wall_seconds, 1e-9),
                 "final": {k: float(v) for k, v in evaluate(final_params).items()},
                 "num_processes": num_processes,
