@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from jaxdp import config as config_lib
 from jaxdp.cli_args import OneLineParser as _OneLineParser
-from jaxdp.cli_args import folder_problem
+from jaxdp.cli_args import folder_problem, integer
 
 EXIT_USAGE = 2
 
@@ -110,6 +110,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     for flag, field, kind, help_text in _OPTIONS:
         default = getattr(_D, field)
+        kind = integer if kind is int else kind  # --total-steps 1e6
         if field in config_lib.SWEEPABLE:
             # Several values sweep the option: every combination, with every seed, as one vmapped program.
             atari = config_lib.ATARI_DQN_DEFAULTS.get(field)
@@ -135,13 +136,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             # An empty default means "decided at run time", which the help text says; "(default: )" would not.
             p.add_argument(flag, dest=field, type=kind, default=default,
                            help=help_text + ("%(default).0s" if default == "" else ""))
-    p.add_argument("--hidden", type=int, nargs="+", default=list(_D.hidden), help="MLP hidden sizes")
+    p.add_argument("--hidden", type=integer, nargs="+", default=list(_D.hidden), help="MLP hidden sizes")
     seeds = p.add_mutually_exclusive_group()
     # Unset (None) until config_from_args picks the one given; %(default).0s keeps "(default: None)" out of --help.
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (default: 0)%(default).0s")
-    seeds.add_argument("--seeds", type=int, nargs="+", default=None,
+    seeds.add_argument("--seed", type=integer, default=None, help="one seed (default: 0)%(default).0s")
+    seeds.add_argument("--seeds", type=integer, nargs="+", default=None,
                        help="several seeds trained as one vmapped program%(default).0s")
-    seeds.add_argument("--num-seeds", type=int, default=None,
+    seeds.add_argument("--num-seeds", type=integer, default=None,
                        help="seeds 0..S-1 as one vmapped program%(default).0s")
     return p
 

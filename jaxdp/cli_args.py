@@ -44,6 +44,22 @@ def file_problem(path: str, flag: str, what: str = "file") -> str | None:
     return folder_problem(os.path.dirname(path) or ".", f"{flag} {path!r}:")
 
 
+def integer(text: str) -> int:
+    """An integer, also one written as a float that is whole (``1e6``, ``2.5e5``), as run lengths and buffer sizes
+    are written in papers and scripts; ``1.5`` is refused."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if not math.isfinite(value) or value != math.floor(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -95,6 +95,8 @@ BAD_INPUTS = [
     (["--strategy", "gossip"], "--strategy"),
     (["--num-envs", "-1"], "--num-envs"),
     (["--num-envs", "four"], "--num-envs"),  # argparse type error: also one line
+    (["--total-steps", "2.5e0"], "argument --total-steps: '2.5e0' is not a whole number"),
+    (["--buffer-size", "1e400"], "argument --buffer-size: '1e400' is not a whole number"),  # inf
     (["--total-steps", "0"], "--total-steps"),
     (["--workers", "0"], "--workers"),
     (["--rollout-len", "-8"], "--rollout-len"),
@@ -394,6 +396,15 @@ def test_given_fields_names_the_options_given_whatever_their_values():
 def test_seed_options_give_the_seeds(argv, seeds):
     args = cli.build_parser().parse_args(["train", *argv])
     assert cli.config_from_args(args).seeds == seeds
+
+
+def test_counts_may_be_written_as_whole_floats():
+    """``--total-steps 1e6``, as run lengths are written in papers and scripts, was an argparse error."""
+    args = cli.build_parser().parse_args(["train", "--algo", "dqn", "--total-steps", "1e6", "--buffer-size", "2.5e4",
+                                          "--hidden", "1.28e2", "64", "--seeds", "0", "1e1"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.total_steps, cfg.buffer_size, cfg.hidden, cfg.seeds) == (1_000_000, 25_000, (128, 64), (0, 10))
+    assert all(isinstance(v, int) for v in (cfg.total_steps, cfg.buffer_size, *cfg.hidden, *cfg.seeds))
 
 
 def test_seed_and_seeds_are_exclusive(capsys):
