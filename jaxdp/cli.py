@@ -87,6 +87,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
                                                             "replay: about 3 s a save)"),
     ("--resume", "resume", "flag", "continue from the latest checkpoint in --logdir"),
     ("--eval-episodes", "eval_episodes", int, "greedy evaluation episodes at the end (0 = none)"),
+    ("--eval-epsilon", "eval_epsilon", float, "probability of a uniformly random action in the evaluation episodes "
+                                              "(0 = greedy; 0.05 is the Nature-DQN protocol, under which a Breakout "
+                                              "policy that never presses FIRE still ends its games)"),
     ("--no-progress", "progress", "noflag", "no progress bar"),
     ("--no-tensorboard", "tensorboard", "noflag", "no TensorBoard events"),
 ]
@@ -448,6 +451,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
     if summary is None:  # a non-zero MPI rank: rank 0 reports
         return 0
+    evaluated = "greedy eval" if not cfg.eval_epsilon else f"eval at ε = {cfg.eval_epsilon:g}"
     if cfg.sweep:
         print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} "
               f"seed{'s' if len(cfg.seeds) > 1 else ''}) of "
@@ -455,20 +459,20 @@ def _main(argv: Sequence[str] | None) -> int:
         for point in summary["grid"]:
             label = config_lib.point_shown(point["hyperparams"])
             mark = "  (best)" if point["hyperparams"] == summary["best"] else ""
-            print(f"  {label}: {_returns(point, 'final_return_over_seeds', 'eval_return_over_seeds')}{mark}")
+            print(f"  {label}: {_returns(point, evaluated, 'final_return_over_seeds', 'eval_return_over_seeds')}{mark}")
         if len(cfg.seeds) > 1:
             print(f"  (mean ± std over {len(cfg.seeds)} seeds; 95% confidence intervals in summary.json)")
         return 0
     if len(cfg.seeds) > 1:
         print(f"jaxdp train: {len(cfg.seeds)} seeds of {_steps(summary)} in "
               f"{_seconds(summary)}; outputs in {cfg.logdir}")
-        print(f"  mean ± std over seeds: {_returns(summary, 'final_return_over_seeds', 'eval_return_over_seeds')}"
-              f" (95% confidence intervals in summary.json)")
+        over_seeds = _returns(summary, evaluated, "final_return_over_seeds", "eval_return_over_seeds")
+        print(f"  mean ± std over seeds: {over_seeds} (95% confidence intervals in summary.json)")
         for run in summary["seeds"]:
-            print(f"  seed {run['seed']}: {_returns(run)}")
+            print(f"  seed {run['seed']}: {_returns(run, evaluated)}")
         return 0
     print(f"jaxdp train: {_steps(summary)} in {_seconds(summary)}; "
-          f"{_returns(summary)}; outputs in {cfg.logdir}")
+          f"{_returns(summary, evaluated)}; outputs in {cfg.logdir}")
     return 0
 
 
@@ -493,9 +497,9 @@ def _seconds(summary: dict) -> str:
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
-def _returns(record: dict, final_over_seeds: str = "", eval_over_seeds: str = "") -> str:
-    """"final return R, greedy eval E" of a run, or of several seeds as "mean ± std" where ``record`` holds their
-    statistics (under the two keys given) over more than one seed."""
+def _returns(record: dict, evaluated: str, final_over_seeds: str = "", eval_over_seeds: str = "") -> str:
+    """"final return R, greedy eval E" of a run (``evaluated`` names the evaluation), or of several seeds as
+    "mean ± std" where ``record`` holds their statistics (under the two keys given) over more than one seed."""
     def one(value_key: str, stats_key: str) -> str:
         stats = record.get(stats_key) if stats_key else None
         if stats and stats.get("n", 0) > 1:
@@ -503,7 +507,7 @@ def _returns(record: dict, final_over_seeds: str = "", eval_over_seeds: str = ""
         return str(_rounded(record.get(value_key)))
 
     return (f"final return {one('final_return', final_over_seeds)}, "
-            f"greedy eval {one('eval_return', eval_over_seeds)}")
+            f"{evaluated} {one('eval_return', eval_over_seeds)}")
 
 
 def _rounded(value: float | None) -> float | str:

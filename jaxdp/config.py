@@ -130,6 +130,8 @@ class TrainConfig:
     checkpoint_interval: float = 60.0  # seconds between checkpoints
     resume: bool = False
     eval_episodes: int = 10
+    # Probability of a uniformly random action in those games: 0 = greedy; 0.05 is the Nature-DQN protocol.
+    eval_epsilon: float = 0.0
     progress: bool = True
     tensorboard: bool = True
 
@@ -375,7 +377,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not (0.0 < cfg.global_lr) or not math.isfinite(cfg.global_lr):
         _fail(f"--global-lr must be a positive number, got {cfg.global_lr}")
     for name, value in {"--eps-start": cfg.eps_start, "--eps-end": cfg.eps_end,
-                        "--eps-fraction": cfg.eps_fraction, "--overwrite-prob": cfg.overwrite_prob}.items():
+                        "--eps-fraction": cfg.eps_fraction, "--overwrite-prob": cfg.overwrite_prob,
+                        "--eval-epsilon": cfg.eval_epsilon}.items():
         if not (0.0 <= value <= 1.0):
             _fail(f"{name} must be in [0, 1], got {value}")
     if not cfg.seeds:
@@ -495,6 +498,7 @@ def _validate_sweep(cfg: TrainConfig) -> None:
 # process has its own --process-id; a restarted job may get another coordinator). Anything else (the seeds, a sweep,
 # the network, the algorithm's settings, ...) would restore a checkpoint into another program, or continue another run.
 RESUMABLE_CHANGES = ("total_steps", "resume", "logdir", "log_interval", "checkpoint_interval", "eval_episodes",
+                     "eval_epsilon",
                      "progress", "tensorboard", "coordinator", "process_id")
 RUN_CONFIG_FILE = "config.json"  # the config of a run in --logdir, written when it starts (see check_resumable)
 

@@ -255,7 +255,8 @@ EVAL_ENVS = 32
 
 
 def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=None) -> list[float]:
-    """The returns of ``episodes`` greedy games of the real game (no episodic life), fewer if some do not end.
+    """The returns of ``episodes`` greedy games of the real game (no episodic life), fewer if some do not end;
+    ε-greedy ones with ``cfg.eval_epsilon`` > 0 (the random actions drawn from a generator seeded by ``seed``).
 
     Each env plays one game, the first it finishes, and up to ``EVAL_ENVS`` play at once: counting whichever
     games end first, as a pool that replays its finished envs would, favours short games. A batch of games gets
@@ -279,11 +280,16 @@ def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=No
         env = envs_lib.make_host(cfg.env, n, seed=10_000 + seed + 1_000_003 * (first // EVAL_ENVS),
                                  episodic_life=False)
         obs = env.reset()
+        explore = np.random.default_rng([seed, first])  # the same games on every call
         running = np.zeros(n)
         returns = np.full(n, np.nan)  # the first game of each env
         max_steps = (env.spec.max_episode_steps or EVAL_STEPS_WITHOUT_TIME_LIMIT) + 10
         for _ in range(max_steps):
-            st = env.step(np.asarray(greedy(params, obs)))
+            actions = np.asarray(greedy(params, obs))
+            if cfg.eval_epsilon > 0:
+                random = explore.integers(0, env.spec.num_actions, n, dtype=np.int32)
+                actions = np.where(explore.random(n) < cfg.eval_epsilon, random, actions)
+            st = env.step(actions)
             running += np.asarray(st.reward) * ~np.asarray(st.first)
             ended = np.asarray(st.game_over) & np.isnan(returns)
             returns[ended] = running[ended]

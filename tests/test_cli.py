@@ -101,6 +101,7 @@ BAD_INPUTS = [
     (["--workers", "0"], "--workers"),
     (["--rollout-len", "-8"], "--rollout-len"),
     (["--eval-episodes", "-1"], "--eval-episodes"),
+    (["--eval-epsilon", "1.5"], "--eval-epsilon must be in [0, 1], got 1.5"),
     (["--lr", "-0.1"], "--lr"),
     (["--gamma", "0"], "--gamma"),
     (["--hidden", "64", "0"], "--hidden"),
@@ -300,7 +301,7 @@ def test_resume_may_change_the_length_and_reporting(tmp_path):
     _saved_run(logdir, ["--lr", "1e-3"])
     argv = ["train", "--resume", "--logdir", str(logdir), "--lr", "1e-3", "--total-steps", "900000",
             "--eval-episodes", "0", "--no-progress", "--no-tensorboard", "--log-interval", "9",
-            "--checkpoint-interval", "9"]
+            "--checkpoint-interval", "9", "--eval-epsilon", "0.05"]
     cfg = cli.resolve_logdir(cli.config_from_args(cli.build_parser().parse_args(argv)))  # raises if refused
     assert cfg.total_steps == 900_000 and cfg.resume
 

@@ -13,6 +13,7 @@ CPU budget: the learning tests are marked ``slow`` (about a minute together on 2
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -242,6 +243,27 @@ def test_greedy_evaluation_counts_the_first_game_of_each_env(monkeypatch):
         expected += first_game
     assert loop.evaluate(cfg, network, params, episodes=6, seed=7) == pytest.approx(expected)
     assert len(set(expected)) > 1  # the games differ: the order of the envs is checked too
+
+
+def test_eval_epsilon_plays_epsilon_greedy_games_drawn_from_the_seed():
+    """--eval-epsilon: each action is uniformly random with probability ε, drawn from a generator seeded by the run's
+    seed, so a call plays the same games every time. (A greedy Breakout policy that never presses FIRE played
+    27,000 steps, 110 s, after a 25 s smoke run; at ε = 0.05 the evaluation took 4.6 s.) At ε = 1 the games do not
+    depend on the network; at ε = 0.5 they do, and on the seed."""
+    cfg = validate(TrainConfig(algo="a2c", env="CartPole-v1", eval_epsilon=1.0))
+    network = train_lib.make_network(cfg, envs_lib.make_spec("CartPole-v1", 1))
+    one, other = (network.init(jax.random.key(k), jnp.zeros((1, 4))) for k in (1, 2))
+    games = loop.evaluate(cfg, network, one, episodes=5, seed=3)
+    assert games == loop.evaluate(cfg, network, other, episodes=5, seed=3)
+    assert 10 < np.mean(games) < 50  # random CartPole play: ~22
+
+    half = dataclasses.replace(cfg, eval_epsilon=0.5)
+    games = loop.evaluate(half, network, one, episodes=5, seed=3)
+    assert len(games) == 5 and games == loop.evaluate(half, network, one, episodes=5, seed=3)
+    assert games != loop.evaluate(half, network, one, episodes=5, seed=4)
+    assert games != loop.evaluate(half, network, other, episodes=5, seed=3)
+    greedy = dataclasses.replace(cfg, eval_epsilon=0.0)
+    assert games != loop.evaluate(greedy, network, one, episodes=5, seed=3)
 
 
 def test_the_summary_times_training_and_evaluation_apart(tmp_path, monkeypatch):
