@@ -40,7 +40,7 @@ from pathlib import Path
 import jax
 import optax
 
-from jaxdp.cli_args import OneLineParser, positive_int
+from jaxdp.cli_args import OneLineParser, integer, positive_int
 
 
 def mpirun_executable() -> str:
@@ -76,7 +76,7 @@ def versions() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, nargs="+", default=[2, 3, 5], help="K values (default 2 3 5)")
+    parser.add_argument("--processes", type=integer, nargs="+", default=[2, 3, 5], help="K values (default 2 3 5)")
     parser.add_argument("--sync-updates", type=positive_int, default=1000, help="sync steps per job")
     parser.add_argument("--async-updates", type=positive_int, default=2000, help="master updates per async job")
     parser.add_argument("--local-steps", type=positive_int, default=4, help="B for the local-steps rows")

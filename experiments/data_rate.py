@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxdp.cli_args import OneLineParser, non_negative_float
+from jaxdp.cli_args import OneLineParser, integer, non_negative_float
 
 import outputs  # experiments/outputs.py: where results go
 
@@ -48,16 +48,16 @@ MODELS = ("latency", "shared")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")
-    parser.add_argument("--local-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="values of B")
-    parser.add_argument("--num-envs", type=int, default=16, help="E, actor envs per worker")
-    parser.add_argument("--rollout-len", type=int, default=8, help="n, steps per rollout")
+    parser.add_argument("--workers", type=integer, nargs="+", default=[1, 2, 4, 8], help="values of N")
+    parser.add_argument("--local-steps", type=integer, nargs="+", default=[1, 2, 4, 8], help="values of B")
+    parser.add_argument("--num-envs", type=integer, default=16, help="E, actor envs per worker")
+    parser.add_argument("--rollout-len", type=integer, default=8, help="n, steps per rollout")
     parser.add_argument("--comm", type=non_negative_float, default=64.0,
                         help="one-way message time in units (one unit = one env step of one env)")
     parser.add_argument("--sigma", type=non_negative_float, default=0.25,
                         help="log-normal jitter of the local-step time")
-    parser.add_argument("--events", type=int, default=200, help="arrival events (pushes) simulated per run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--events", type=integer, default=200, help="arrival events (pushes) simulated per run")
+    parser.add_argument("--seed", type=integer, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="N, B in {1, 2}, few events: a smoke run; options given beside it win")
     outputs.add_arguments(parser, "data_rate")

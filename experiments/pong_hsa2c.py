@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from jaxdp.cli_args import OneLineParser, non_negative_float, positive_float
+from jaxdp.cli_args import OneLineParser, integer, non_negative_float, positive_float
 
 import outputs  # experiments/outputs.py: where results go
 
@@ -42,16 +42,16 @@ import outputs  # experiments/outputs.py: where results go
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="Pong-v5", help="an envpool Atari id")
-    parser.add_argument("--total-steps", type=int, default=100_000, help="agent steps per run (all envs)")
-    parser.add_argument("--envs", type=int, default=16, help="actor envs in total (A2C: all; HSA2C: / N each)")
-    parser.add_argument("--workers", type=int, default=4, help="HSA2C workers N")
-    parser.add_argument("--local-steps", type=int, default=4, help="HSA2C local updates B")
-    parser.add_argument("--master-batch", type=int, default=2, help="HSA2C master batch M")
+    parser.add_argument("--total-steps", type=integer, default=100_000, help="agent steps per run (all envs)")
+    parser.add_argument("--envs", type=integer, default=16, help="actor envs in total (A2C: all; HSA2C: / N each)")
+    parser.add_argument("--workers", type=integer, default=4, help="HSA2C workers N")
+    parser.add_argument("--local-steps", type=integer, default=4, help="HSA2C local updates B")
+    parser.add_argument("--master-batch", type=integer, default=2, help="HSA2C master batch M")
     parser.add_argument("--global-lr", type=positive_float, default=1.0, help="HSA2C η_g on the mean Δ")
     parser.add_argument("--lr", type=positive_float, default=7e-4, help="RMSProp learning rate")
-    parser.add_argument("--rollout-len", type=int, default=5, help="n-step rollout length")
+    parser.add_argument("--rollout-len", type=integer, default=5, help="n-step rollout length")
     parser.add_argument("--comm", type=non_negative_float, default=20.0, help="one-way message time in units")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=integer, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="a few thousand steps: a smoke run; options given beside it win")
     outputs.add_arguments(parser, "pong_hsa2c")

@@ -54,7 +54,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import jaxdp
-from jaxdp.cli_args import OneLineParser, positive_float
+from jaxdp.cli_args import OneLineParser, integer, positive_float
 from jaxdp.runtime import async_sim
 from jaxdp.workloads import digits
 
@@ -63,14 +63,14 @@ import outputs  # experiments/outputs.py: where results go
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds averaged per N")
-    parser.add_argument("--local-steps", type=int, default=4, help="B, local steps per push")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per local step")
-    parser.add_argument("--budget", type=int, default=1000, help="K, master updates per run (also in the lr rule)")
+    parser.add_argument("--workers", type=integer, nargs="+", default=[1, 2, 4, 8], help="values of N")
+    parser.add_argument("--seeds", type=integer, default=3, help="seeds averaged per N")
+    parser.add_argument("--local-steps", type=integer, default=4, help="B, local steps per push")
+    parser.add_argument("--batch-size", type=integer, default=16, help="examples per local step")
+    parser.add_argument("--budget", type=integer, default=1000, help="K, master updates per run (also in the lr rule)")
     parser.add_argument("--target-loss", type=positive_float, default=0.1, help="training loss that defines 'reached'")
-    parser.add_argument("--eval-every", type=int, default=2, help="master updates between loss evaluations")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden width of the MLP")
+    parser.add_argument("--eval-every", type=integer, default=2, help="master updates between loss evaluations")
+    parser.add_argument("--hidden", type=integer, default=64, help="hidden width of the MLP")
     parser.add_argument("--lr-scale", type=positive_float, default=1.0,
                         help="multiply the Corollary-1 rate (to see where staleness starts to hurt)")
     parser.add_argument("--quick", action="store_true",

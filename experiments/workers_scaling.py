@@ -38,20 +38,20 @@ import time
 
 import numpy as np
 
-from jaxdp.cli_args import OneLineParser, non_negative_float, positive_float
+from jaxdp.cli_args import OneLineParser, integer, non_negative_float, positive_float
 
 import outputs  # experiments/outputs.py: where results go
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="values of N")
-    parser.add_argument("--local-steps", type=int, nargs="+", default=[1, 2, 4], help="values of B")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per (N, B)")
+    parser.add_argument("--workers", type=integer, nargs="+", default=[1, 2, 4, 8], help="values of N")
+    parser.add_argument("--local-steps", type=integer, nargs="+", default=[1, 2, 4], help="values of B")
+    parser.add_argument("--seeds", type=integer, default=2, help="seeds per (N, B)")
     parser.add_argument("--target", type=float, default=200.0, help="target mean return of 20 episodes")
-    parser.add_argument("--max-steps", type=int, default=600_000, help="env-step budget per run")
-    parser.add_argument("--num-envs", type=int, default=8, help="E, envs per worker")
-    parser.add_argument("--rollout-len", type=int, default=8, help="n, steps per rollout")
+    parser.add_argument("--max-steps", type=integer, default=600_000, help="env-step budget per run")
+    parser.add_argument("--num-envs", type=integer, default=8, help="E, envs per worker")
+    parser.add_argument("--rollout-len", type=integer, default=8, help="n, steps per rollout")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="local Adam learning rate")
     parser.add_argument("--global-lr", type=positive_float, default=1.0, help="η_g, the master's step on Δ")
     parser.add_argument("--comm", type=non_negative_float, default=16.0,

@@ -138,3 +138,22 @@ def test_options_given_beside_quick_win(script: str, given: dict, quick: dict, t
     for flag in given:  # the given values are not already --quick's own: the test would not see the old bug
         name = flag[2:].replace("-", "_")
         assert getattr(without, name) != getattr(args, name), flag
+
+
+@pytest.mark.parametrize("script, flag, name", [
+    ("speedup", "--budget", "budget"),
+    ("data_rate", "--events", "events"),
+    ("workers_scaling", "--max-steps", "max_steps"),
+    ("pong_hsa2c", "--total-steps", "total_steps"),
+])
+def test_counts_take_whole_floats_like_train(script: str, flag: str, name: str, tmp_path: pathlib.Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """``--max-steps 1e3`` is a count as ``jaxdp train --total-steps 1e6`` is (it was "invalid int value"); a count
+    that is not whole is still one line and exit 2."""
+    args = _parse_args(script, ["--quick", "--out", str(tmp_path / "a"), flag, "8e2"])
+    assert getattr(args, name) == 800 and isinstance(getattr(args, name), int)
+    with pytest.raises(SystemExit) as stop:
+        _parse_args(script, ["--quick", "--out", str(tmp_path / "b"), flag, "8.5"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"argument {flag}: '8.5' is not a whole number" in err[0], err
