@@ -86,7 +86,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
                                                             "save: saving takes at most 5%% of the run (an Atari DQN "
                                                             "replay: about 3 s a save)"),
     ("--resume", "resume", "flag", "continue from the latest checkpoint in --logdir"),
-    ("--eval-episodes", "eval_episodes", int, "greedy evaluation episodes at the end (0 = none)"),
+    ("--eval-episodes", "eval_episodes", int,
+     "evaluation episodes at the end, greedy unless --eval-epsilon (0 = none)"),
     ("--eval-epsilon", "eval_epsilon", float, "probability of a uniformly random action in the evaluation episodes "
                                               "(0 = greedy; 0.05 is the Nature-DQN protocol, under which a Breakout "
                                               "policy that never presses FIRE still ends its games)"),
@@ -451,7 +452,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
     if summary is None:  # a non-zero MPI rank: rank 0 reports
         return 0
-    evaluated = "greedy eval" if not cfg.eval_epsilon else f"eval at ε = {cfg.eval_epsilon:g}"
+    evaluated = config_lib.evaluation_shown(cfg)
     if cfg.sweep:
         print(f"jaxdp train: {len(cfg.runs)} runs ({len(cfg.grid)} points x {len(cfg.seeds)} "
               f"seed{'s' if len(cfg.seeds) > 1 else ''}) of "
@@ -462,18 +463,31 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"  {label}: {_returns(point, evaluated, 'final_return_over_seeds', 'eval_return_over_seeds')}{mark}")
         if len(cfg.seeds) > 1:
             print(f"  (mean ± std over {len(cfg.seeds)} seeds; 95% confidence intervals in summary.json)")
-        return 0
-    if len(cfg.seeds) > 1:
+    elif len(cfg.seeds) > 1:
         print(f"jaxdp train: {len(cfg.seeds)} seeds of {_steps(summary)} in "
               f"{_seconds(summary)}; outputs in {cfg.logdir}")
         over_seeds = _returns(summary, evaluated, "final_return_over_seeds", "eval_return_over_seeds")
         print(f"  mean ± std over seeds: {over_seeds} (95% confidence intervals in summary.json)")
         for run in summary["seeds"]:
             print(f"  seed {run['seed']}: {_returns(run, evaluated)}")
-        return 0
-    print(f"jaxdp train: {_steps(summary)} in {_seconds(summary)}; "
-          f"{_returns(summary, evaluated)}; outputs in {cfg.logdir}")
+    else:
+        print(f"jaxdp train: {_steps(summary)} in {_seconds(summary)}; "
+              f"{_returns(summary, evaluated)}; outputs in {cfg.logdir}")
+    unfinished = _unfinished_evaluation(cfg, summary)
+    if unfinished:
+        print(f"  {unfinished}")
     return 0
+
+
+def _unfinished_evaluation(cfg: config_lib.TrainConfig, summary: dict) -> str | None:
+    """A note when some evaluation games did not end within their time limit: the evaluation's return is the mean
+    of those that did (or n/a), and a greedy policy that stalls (Breakout without FIRE) plays each to the limit."""
+    ended, asked = summary.get("eval_episodes_ended"), cfg.eval_episodes * len(cfg.runs)
+    if ended is None or ended >= asked:
+        return None
+    mean = "; the evaluation's return is their mean" if ended else ""
+    hint = "" if cfg.eval_epsilon else "; a greedy policy can stall a game: --eval-epsilon 0.05 plays ε-greedy games"
+    return f"{ended} of the {asked} evaluation games ended within their time limit{mean}{hint}"
 
 
 def _steps(summary: dict) -> str:

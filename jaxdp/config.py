@@ -509,6 +509,11 @@ _FLAG_OF_FIELD = {"seeds": "--seeds", "sweep": "--lr / --gamma / ... (a sweep's 
                   "tensorboard": "--no-tensorboard"}
 
 
+def evaluation_shown(cfg: TrainConfig) -> str:
+    """How the closing line and the progress bar name the final evaluation: "greedy eval", or "eval at ε = 0.05"."""
+    return "greedy eval" if not cfg.eval_epsilon else f"eval at ε = {cfg.eval_epsilon:g}"
+
+
 def point_shown(point: dict[str, float]) -> str:
     """A sweep's grid point as the options that give it: ``--lr 0.001 --gamma 0.99``."""
     return " ".join(f"{SWEEPABLE[name]} {value:g}" for name, value in point.items())

@@ -10,9 +10,11 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
 * ``summary.json`` -- ``total_steps``, ``wall_seconds`` (training, compilation included), ``compile_seconds`` (the
   first chunk's wall time, its compilation with it; the first learning chunk's added after DQN's random play), ``sps``,
   ``eval_seconds`` (the greedy evaluation's, apart), ``final_return`` (mean return of the last 10% of finished
-  episodes), ``eval_return``, ``config``, ``provenance`` (library versions and machine, :mod:`jaxdp.provenance`);
-  with several seeds also per-seed values and the mean, std and a 95% confidence interval over seeds (Student t),
-  and ``learning_curves.png`` (each seed, their mean and its 95% bootstrap band, :func:`bootstrap_band`).
+  episodes), ``eval_return`` (the mean over the evaluation games that ended, ``eval_episodes_ended`` of the
+  ``--eval-episodes`` each run played: a stalled greedy policy may end none), ``config``, ``provenance`` (library
+  versions and machine, :mod:`jaxdp.provenance`); with several seeds also per-seed values and the mean, std and a
+  95% confidence interval over seeds (Student t), and ``learning_curves.png`` (each seed, their mean and its 95%
+  bootstrap band, :func:`bootstrap_band`).
 * A hyperparameter sweep (``--lr 1e-3 3e-3``, see ``TrainConfig.sweep``) adds a level: each grid point writes
   to ``<point>/`` (``lr_0.001``; its seeds in ``<point>/seed_<s>/``, and the mean over them in
   ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 
 import chex
 import jax
@@ -43,7 +46,7 @@ import numpy as np
 import optax
 
 from jaxdp import atomic, provenance
-from jaxdp.config import TrainConfig, point_shown, save_run_config
+from jaxdp.config import TrainConfig, evaluation_shown, point_shown, save_run_config
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 from jaxdp.stopping import RunStopped, stop_requests
 
@@ -254,7 +257,8 @@ EVAL_STEPS_WITHOUT_TIME_LIMIT = 27_000
 EVAL_ENVS = 32
 
 
-def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=None) -> list[float]:
+def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=None,
+             stop: Sequence[int] = ()) -> list[float]:
     """The returns of ``episodes`` greedy games of the real game (no episodic life), fewer if some do not end;
     ε-greedy ones with ``cfg.eval_epsilon`` > 0 (the random actions drawn from a generator seeded by ``seed``).
 
@@ -263,6 +267,8 @@ def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=No
     the game's time limit, or ``EVAL_STEPS_WITHOUT_TIME_LIMIT`` steps in a game without one, so a greedy policy
     that never ends a game (Breakout without FIRE after a lost life, CliffWalking into a wall) cannot hang the run;
     such a game reports no return. ``bar``: an optional tqdm-like bar, told each step and each finished game.
+    ``stop``: a list that turns non-empty when the games must end (:func:`jaxdp.stopping.stop_requests`); they end
+    at the next step, and the returns of the games finished by then are returned.
     """
     from jaxdp import envs as envs_lib
 
@@ -285,6 +291,8 @@ def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=No
         returns = np.full(n, np.nan)  # the first game of each env
         max_steps = (env.spec.max_episode_steps or EVAL_STEPS_WITHOUT_TIME_LIMIT) + 10
         for _ in range(max_steps):
+            if stop:
+                break
             actions = np.asarray(greedy(params, obs))
             if cfg.eval_epsilon > 0:
                 random = explore.integers(0, env.spec.num_actions, n, dtype=np.int32)
@@ -302,6 +310,8 @@ def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=No
                 break
         env.close()
         out.extend(float(r) for r in returns if not np.isnan(r))
+        if stop:
+            break
     return out
 
 
@@ -333,21 +343,31 @@ def _progress(cfg: TrainConfig, total: int | None, desc: str | None = None):
     return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, desc=desc or f"{cfg.algo} {cfg.env}")
 
 
-def evaluate_runs(cfg: TrainConfig, network, params_of_runs: list, seeds: list[int]
-                  ) -> tuple[list[list[float]], float]:
+def evaluate_runs(cfg: TrainConfig, network, params_of_runs: list, seeds: list[int],
+                  stop: list[int] | None = None) -> tuple[list[list[float]], float]:
     """:func:`evaluate` of each run's parameters, with a progress bar when ``cfg.progress``; also the seconds taken,
-    which the summary keeps apart from training (a stuck greedy Atari policy can play 27,000 steps a batch)."""
+    which the summary keeps apart from training (a stuck greedy Atari policy can play 27,000 steps a batch).
+
+    The evaluation follows a training whose end is saved: SIGINT, SIGTERM or SIGUSR1 ends it at the next step with
+    :class:`RunStopped` (``evaluating=True``), one line instead of a traceback, and ``--resume`` evaluates again.
+    ``stop``: the training's own stop requests (:func:`~jaxdp.stopping.stop_requests`), still recorded, handed over
+    so that no signal falls between the two; without it the evaluation records its own."""
     if cfg.eval_episodes <= 0:
         return [[] for _ in params_of_runs], 0.0
     start = time.time()
     returns: list[list[float]] = []
-    for params, seed in zip(params_of_runs, seeds):
-        bar = _progress(cfg, None, f"greedy eval {cfg.env}" + (f" seed {seed}" if len(seeds) > 1 else ""))
-        try:
-            returns.append(evaluate(cfg, network, params, cfg.eval_episodes, seed, bar))
-        finally:
-            if bar is not None:
-                bar.close()
+    with contextlib.ExitStack() as own:
+        requested = stop if stop is not None else own.enter_context(stop_requests())
+        for params, seed in zip(params_of_runs, seeds):
+            desc = f"{evaluation_shown(cfg)} {cfg.env}" + (f" seed {seed}" if len(seeds) > 1 else "")
+            bar = _progress(cfg, None, desc)
+            try:
+                returns.append(evaluate(cfg, network, params, cfg.eval_episodes, seed, bar, stop=requested))
+            finally:
+                if bar is not None:
+                    bar.close()
+            if requested:
+                raise RunStopped(requested[0], cfg.total_steps, cfg.total_steps, cfg.logdir, evaluating=True)
     return returns, time.time() - start
 
 
@@ -601,16 +621,18 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     maybe_checkpoint(force=True)
     if bar is not None:
         bar.close()
-    signals.close()  # what follows is not training: a signal acts at once again
+    for w in writers + [mean_writer for mean_writer, _ in mean_writers]:  # the curves are whole: nothing follows
+        w.close()
     if requested:
-        for w in writers + [mean_writer for mean_writer, _ in mean_writers]:
-            w.close()
         raise RunStopped(requested[0], iteration * steps_per_iter, total_iters * steps_per_iter, cfg.logdir)
 
     wall = time.time() - t_start  # training (compilation included); the evaluation is timed apart
-    # Greedy evaluation of each run's (worker 0) parameters on the real game.
+    # Greedy evaluation of each run's (worker 0) parameters on the real game. It takes over the training's stop
+    # requests: a signal from here on ends the evaluation, whose parameters the last checkpoint holds.
     params_of_runs = [_lane_params(lanes, r) for r in range(len(cfg.runs))]
-    eval_returns, eval_seconds = evaluate_runs(cfg, trainer.network, params_of_runs, [s for _, s in cfg.runs])
+    eval_returns, eval_seconds = evaluate_runs(cfg, trainer.network, params_of_runs, [s for _, s in cfg.runs],
+                                               stop=requested)
+    signals.close()  # what follows writes the summary: a signal acts at once again
     per_run = []
     for r, (point, seed) in enumerate(cfg.runs):
         rets = [ret for _, ret, _ in episodes[r]]
@@ -620,6 +642,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
             "episodes": len(rets),
             "final_return": final_return(rets),
             "eval_return": float(np.mean(eval_returns[r])) if eval_returns[r] else None,
+            "eval_episodes_ended": len(eval_returns[r]),
         })
     per_point = _sweep_points(cfg, per_run) if cfg.sweep else []
     best = max(per_point, key=lambda q: -math.inf if q["final_return"] is None else q["final_return"],
@@ -631,6 +654,8 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         "wall_seconds": wall,
         "compile_seconds": compile_seconds,
         "eval_seconds": eval_seconds,
+        # The games eval_return averages, over all runs: a game that did not end within its time limit has no return.
+        "eval_episodes_ended": sum(p["eval_episodes_ended"] for p in per_run),
         "sps": trained_here / wall,
         # A sweep reports its best point (by the mean final return over seeds) here, and every point in "grid".
         "final_return": best["final_return"] if best else per_run[0]["final_return"] if S == 1 else
@@ -670,11 +695,6 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
             by_point.setdefault(point_shown(cfg.grid[point]), []).append(_curve(episodes[r]))
         plot_learning_curves(os.path.join(cfg.logdir, "learning_curves.png"), by_point, f"{cfg.algo} on {cfg.env}")
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
-    for w in writers:
-        w.close()
-    for mean_writer, _ in mean_writers:
-        mean_writer.close()
-
     return summary
 
 

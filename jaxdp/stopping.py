@@ -32,17 +32,25 @@ class RunStopped(KeyboardInterrupt):
     job (process 0), so that a command line prints one line, not one per process.
     """
 
-    def __init__(self, signum: int, step: int, total_steps: int, logdir: str | None, report: bool = True):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} of {total_steps}")
+    def __init__(self, signum: int, step: int, total_steps: int, logdir: str | None, report: bool = True,
+                 evaluating: bool = False):
+        where = "during the final evaluation" if evaluating else f"at step {step} of {total_steps}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
         self.signum, self.step, self.total_steps, self.logdir, self.report = signum, step, total_steps, logdir, report
+        self.evaluating = evaluating  # training had ended and was saved: a resume only evaluates
 
 
 def exit_status(stop: RunStopped, prog: str) -> int:
     """How a command line ends a stopped run: one line on stderr (from the process that reports for the job) and
     the exit status 128 + the signal's number, the shell's convention for a process that a signal ended."""
     if stop.report:
-        where = (f"checkpoint saved: continue with the same command and --resume (--logdir {stop.logdir})"
-                 if stop.logdir else "nothing saved (no --logdir)")
+        if not stop.logdir:
+            where = "nothing saved (no --logdir)"
+        elif stop.evaluating:
+            where = (f"the trained parameters are saved: the same command with --resume evaluates them and writes the "
+                     f"summary (--logdir {stop.logdir})")
+        else:
+            where = f"checkpoint saved: continue with the same command and --resume (--logdir {stop.logdir})"
         print(f"{prog}: {stop}; {where}", file=sys.stderr, flush=True)
     return 128 + stop.signum
 

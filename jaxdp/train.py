@@ -1317,7 +1317,7 @@ def _stops_in_env_steps(per_update: int) -> Iterator[None]:
         yield
     except RunStopped as stop:
         raise RunStopped(stop.signum, stop.step * per_update, stop.total_steps * per_update, stop.logdir,
-                         report=stop.report) from None
+                         report=stop.report, evaluating=stop.evaluating) from None
 
 
 @contextlib.contextmanager
@@ -1377,7 +1377,8 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     # Steps in env steps, as in every jaxdp train summary; the runtime's update counts stand beside them.
     summary.update(total_steps=updates * per_update, start_step=start_update * per_update, start_update=start_update,
                    final_return=final_return(returns),
-                   eval_return=float(np.mean(eval_returns)) if eval_returns else None, eval_seconds=eval_seconds,
+                   eval_return=float(np.mean(eval_returns)) if eval_returns else None,
+                   eval_episodes_ended=len(eval_returns), eval_seconds=eval_seconds,
                    sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9),
                    provenance=provenance.describe())
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)

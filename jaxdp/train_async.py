@@ -908,7 +908,8 @@ def run(
     checked after each chunk, and at the end) and ``summary.json`` with ``total_steps``, ``start_step`` (where a
     ``--resume`` began), ``wall_seconds``, ``compile_seconds``, ``sps`` (the steps from ``start_step``),
     ``final_return`` (mean of the last 10% of finished episodes), ``eval_return`` (greedy episodes of the master's
-    final θ), ``episodes``, ``runtime``, ``accounting`` (see the module docstring) and ``config``.
+    final θ; ``eval_episodes_ended`` of them ended), ``episodes``, ``runtime``, ``accounting`` (see the module
+    docstring) and ``config``.
 
     A checkpoint holds the whole simulated state (θ, the master's optimizer and pending Δ's, every worker's anchor,
     inner optimizer, replay and target network) and the event count; the schedule is a function of the config, so
@@ -987,6 +988,7 @@ def run(
         "sps": (total - start_step) / wall,  # a resumed run: the steps this process trained, in its wall time
         "final_return": loop_lib.final_return(returns),
         "eval_return": float(np.mean(eval_returns)) if eval_returns else None,
+        "eval_episodes_ended": len(eval_returns),
         "episodes": len(returns),
         "runtime": "async_sim",
         "accounting": result.accounting,

@@ -524,3 +524,33 @@ def test_version_names_the_libraries_and_machine_behind_the_numbers():
 ])
 def test_the_closing_line_says_what_its_seconds_hold(summary, said):
     assert cli._seconds(summary) == said
+
+
+@pytest.mark.parametrize("eval_epsilon, seeds, ended, said", [
+    (0.0, (0,), 10, None),  # every game ended: nothing to add
+    (0.0, (0,), 3, "3 of the 10 evaluation games ended within their time limit; the evaluation's return is their "
+                   "mean; a greedy policy can stall a game: --eval-epsilon 0.05 plays ε-greedy games"),
+    (0.0, (0, 1), 0, "0 of the 20 evaluation games ended within their time limit; "
+                     "a greedy policy can stall a game: --eval-epsilon 0.05 plays ε-greedy games"),
+    (0.05, (0,), 9, "9 of the 10 evaluation games ended within their time limit; the evaluation's return is their "
+                    "mean"),
+])
+def test_the_closing_lines_say_when_evaluation_games_did_not_end(eval_epsilon, seeds, ended, said):
+    """The evaluation's return averages the games that ended: "greedy eval 12.0" over 3 of 10 games said nothing of
+    the 7 a stalled policy played to the time limit (27,000 steps of Breakout each)."""
+    cfg = dataclasses.replace(TrainConfig(), eval_episodes=10, eval_epsilon=eval_epsilon, seeds=seeds)
+    assert cli._unfinished_evaluation(cfg, {"eval_episodes_ended": ended}) == said
+    assert cli._unfinished_evaluation(cfg, {}) is None  # a summary written before the count existed
+
+
+def test_an_option_given_again_takes_its_last_values():
+    """argparse's convention, which a base command line followed by an override needs (``$BASE --lr 2e-3``): the
+    last values given win, for an option that sweeps too. ``--lr 1e-3 --lr 2e-3`` trains 2e-3 alone, as README says;
+    ``--lr 1e-3 2e-3`` sweeps both."""
+    args = cli.build_parser().parse_args(["train", "--total-steps", "1000", "--lr", "1e-3", "--seeds", "0", "1",
+                                          "--total-steps", "2e5", "--lr", "1e-3", "2e-3", "--seeds", "3"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.total_steps, dict(cfg.sweep)["lr"], cfg.seeds) == (200_000, (1e-3, 2e-3), (3,))
+    overridden = cli.config_from_args(cli.build_parser().parse_args(["train", "--lr", "1e-3", "2e-3", "--lr", "3e-3"]))
+    assert (overridden.lr, overridden.sweep) == (3e-3, ())
+    assert cli.given_fields(["train", "--lr", "1e-3", "2e-3", "--tau", "1"]) == {"lr", "tau"}

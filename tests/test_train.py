@@ -272,7 +272,7 @@ def test_the_summary_times_training_and_evaluation_apart(tmp_path, monkeypatch):
     started = time.time()
     evaluation_started = []
 
-    def slow_evaluate(cfg, network, params, episodes, seed, bar=None):
+    def slow_evaluate(cfg, network, params, episodes, seed, bar=None, stop=()):
         evaluation_started.append(time.time())
         time.sleep(1.5)
         return [1.0] * episodes
@@ -286,6 +286,21 @@ def test_the_summary_times_training_and_evaluation_apart(tmp_path, monkeypatch):
     ran_on = summary["provenance"]
     assert ran_on["versions"]["jax"] == jax.__version__ and ran_on["versions"]["jaxdp"] == jaxdp_version
     assert ran_on["machine"]["backend"] == jax.default_backend() and ran_on["machine"]["devices"] >= 1
+
+
+def test_the_summary_counts_the_evaluation_games_that_ended(tmp_path, monkeypatch):
+    """eval_return is the mean of the games that ended: the summary says how many, per seed and in all."""
+    ended_of_seed = {0: [3.0], 1: [5.0, 7.0]}  # of the 3 games each seed plays
+
+    def evaluate(cfg, network, params, episodes, seed, bar=None, stop=()):
+        assert episodes == 3
+        return ended_of_seed[seed]
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    summary = loop.run(make_cfg(tmp_path, total_steps=16 * 8 * 4, seeds=(0, 1), eval_episodes=3))
+    assert summary["eval_episodes_ended"] == 3
+    assert [(r["seed"], r["eval_episodes_ended"], r["eval_return"]) for r in summary["seeds"]] == [(0, 1, 3.0),
+                                                                                                   (1, 2, 6.0)]
 
 
 def test_checkpoint_due_keeps_saving_under_its_share_of_the_time():
@@ -371,6 +386,76 @@ def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes(signum, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [r["step"] for r in read_jsonl(metrics_path)]
     assert steps == sorted(set(steps)) and steps[-1] == total and stopped_at in steps
+
+
+def test_a_signal_during_the_final_evaluation_is_one_line_and_resume_evaluates(tmp_path):
+    """SIGTERM while the trained parameters play their evaluation games (an Atari one can take minutes) ends them at
+    the next step with one line and exit 143: it was a traceback, or no word at all. The training's last checkpoint
+    holds those parameters, so ``--resume`` trains nothing more, evaluates and writes the summary."""
+    logdir = tmp_path / "run"
+    args = ["--logdir", str(logdir), "--no-tensorboard", "--no-progress", "--total-steps", "2048"]
+    cli = "import runpy, sys; sys.argv[0] = 'jaxdp'; runpy.run_module('jaxdp.cli', run_name='__main__')"
+    # A2C CartPole: 128 steps per iteration, the run ends at iteration 16. A million games: it is stopped.
+    job = subprocess.Popen([sys.executable, "-c", cli, "train", *args, "--eval-episodes", "1000000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while checkpoint_steps(logdir) != [16]:  # the training's end is saved; the evaluation follows at once
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # into the games (the stop is the same a moment earlier: the training's requests carry over)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "stopped by SIGTERM during the final evaluation" in lines[0], err[-2000:]
+    assert "--resume evaluates them and writes the summary" in lines[0], lines[0]
+    assert not (logdir / "summary.json").exists()
+    logged = read_jsonl(logdir / "metrics.jsonl")
+
+    done = run_cli([*args, "--resume", "--eval-episodes", "3"], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["total_steps"] == summary["start_step"] == 2048 and summary["eval_return"] > 0
+    assert read_jsonl(logdir / "metrics.jsonl") == logged  # nothing trained, nothing logged twice
+    assert "greedy eval" in done.stdout
+
+
+def test_the_evaluation_alone_records_its_own_stop_requests(monkeypatch):
+    """The multi-process and async_sim runs evaluate after their training's signal handling has ended: the
+    evaluation installs its own, ends its games at the next step and gives the handlers back."""
+    cfg = validate(TrainConfig(algo="a2c", env="CartPole-v1", eval_epsilon=0.5, progress=True))
+    network = train_lib.make_network(cfg, envs_lib.make_spec("CartPole-v1", 1))
+    params = network.init(jax.random.key(0), jnp.zeros((1, 4)))
+    steps, names = [], []
+
+    class SignallingBar:  # the progress bar is told each step: the third one brings a scheduler's SIGTERM
+        def update(self, n):
+            steps.append(n)
+            if len(steps) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    def progress(cfg, total, desc=None):
+        names.append(desc)
+        return SignallingBar()
+
+    monkeypatch.setattr(loop, "_progress", progress)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(stopping.RunStopped, match="stopped by SIGTERM during the final evaluation") as stopped:
+        loop.evaluate_runs(cfg, network, [params, params], [0, 1])
+    assert stopped.value.evaluating and stopped.value.signum == signal.SIGTERM
+    assert len(steps) == 3  # the step after the signal was not played, nor the second run's games
+    assert names == ["eval at ε = 0.5 CartPole-v1 seed 0"]
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_default_chunks_are_a_hundredth_of_the_run_but_short_enough_for_a_signal():
