@@ -81,6 +81,12 @@ def final_return(returns: list[float]) -> float | None:
     return float(np.mean(returns[-n:]))
 
 
+def evaluation_fields(returns: list[float]) -> dict:
+    """A run's evaluation in its summary: ``eval_return``, the mean return of the evaluation games that ended within
+    their time limit (None if none did), and ``eval_episodes_ended``, how many did."""
+    return {"eval_return": float(np.mean(returns)) if returns else None, "eval_episodes_ended": len(returns)}
+
+
 def confidence_interval(values: list[float]) -> dict[str, float] | None:
     vals = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if len(vals) == 0:
@@ -641,8 +647,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
             **({"hyperparams": cfg.grid[point]} if cfg.sweep else {}),
             "episodes": len(rets),
             "final_return": final_return(rets),
-            "eval_return": float(np.mean(eval_returns[r])) if eval_returns[r] else None,
-            "eval_episodes_ended": len(eval_returns[r]),
+            **evaluation_fields(eval_returns[r]),
         })
     per_point = _sweep_points(cfg, per_run) if cfg.sweep else []
     best = max(per_point, key=lambda q: -math.inf if q["final_return"] is None else q["final_return"],

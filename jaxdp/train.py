@@ -1362,11 +1362,9 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     import json
     import os
 
-    import numpy as np
-
     from jaxdp import atomic, provenance
     from jaxdp import envs as envs_lib
-    from jaxdp.loop import evaluate_runs, final_return
+    from jaxdp.loop import evaluate_runs, evaluation_fields, final_return
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
@@ -1377,8 +1375,7 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     # Steps in env steps, as in every jaxdp train summary; the runtime's update counts stand beside them.
     summary.update(total_steps=updates * per_update, start_step=start_update * per_update, start_update=start_update,
                    final_return=final_return(returns),
-                   eval_return=float(np.mean(eval_returns)) if eval_returns else None,
-                   eval_episodes_ended=len(eval_returns), eval_seconds=eval_seconds,
+                   **evaluation_fields(eval_returns), eval_seconds=eval_seconds,
                    sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9),
                    provenance=provenance.describe())
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)

@@ -987,8 +987,7 @@ def run(
         "eval_seconds": eval_seconds,
         "sps": (total - start_step) / wall,  # a resumed run: the steps this process trained, in its wall time
         "final_return": loop_lib.final_return(returns),
-        "eval_return": float(np.mean(eval_returns)) if eval_returns else None,
-        "eval_episodes_ended": len(eval_returns),
+        **loop_lib.evaluation_fields(eval_returns),
         "episodes": len(returns),
         "runtime": "async_sim",
         "accounting": result.accounting,

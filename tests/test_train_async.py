@@ -176,6 +176,21 @@ def test_host_event_loop_matches_the_scan(hand_runs):
         "master_updates_per_wall_second"]}
 
 
+def test_a_finished_run_resumed_evaluates_again_and_counts_its_games(tmp_path):
+    """The master's final θ plays the evaluation games; the summary counts those that ended. A --resume of a run
+    whose training has ended (one a signal stopped in its evaluation) trains nothing and evaluates again."""
+    cfg = _cfg(strategy="dpsgd", workers=2, total_steps=10_000, eval_episodes=3, logdir=str(tmp_path / "run"))
+    summary = train_async.run(cfg)
+    assert summary["eval_episodes_ended"] == 3 and summary["eval_return"] > 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        logged = f.read()
+    again = train_async.run(dataclasses.replace(cfg, resume=True, eval_episodes=5))
+    assert again["start_step"] == again["total_steps"] == summary["total_steps"]
+    assert again["eval_episodes_ended"] == 5
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert f.read() == logged
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation.
 # ---------------------------------------------------------------------------------------------------------------
