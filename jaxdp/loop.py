@@ -9,12 +9,12 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
   top-level file holds the mean over seeds.
 * ``summary.json`` -- ``total_steps``, ``wall_seconds`` (training, compilation included), ``compile_seconds`` (the
   first chunk's wall time, its compilation with it; the first learning chunk's added after DQN's random play), ``sps``,
-  ``eval_seconds`` (the greedy evaluation's, apart), ``final_return`` (mean return of the last 10% of finished
-  episodes), ``eval_return`` (the mean over the evaluation games that ended, ``eval_episodes_ended`` of the
-  ``--eval-episodes`` each run played: a stalled greedy policy may end none), ``config``, ``provenance`` (library
-  versions and machine, :mod:`jaxdp.provenance`); with several seeds also per-seed values and the mean, std and a
-  95% confidence interval over seeds (Student t), and ``learning_curves.png`` (each seed, their mean and its 95%
-  bootstrap band, :func:`bootstrap_band`).
+  ``eval_seconds`` (the greedy evaluation's, apart), ``final_return`` (mean return of the episodes that ended in
+  the last 10% of the run's steps, :func:`final_return`), ``eval_return`` (the mean over the evaluation games that
+  ended, ``eval_episodes_ended`` of the ``--eval-episodes`` each run played: a stalled greedy policy may end none),
+  ``config``, ``provenance`` (library versions and machine, :mod:`jaxdp.provenance`); with several seeds also
+  per-seed values and the mean, std and a 95% confidence interval over seeds (Student t), and
+  ``learning_curves.png`` (each seed, their mean and its 95% bootstrap band, :func:`bootstrap_band`).
 * A hyperparameter sweep (``--lr 1e-3 3e-3``, see ``TrainConfig.sweep``) adds a level: each grid point writes
   to ``<point>/`` (``lr_0.001``; its seeds in ``<point>/seed_<s>/``, and the mean over them in
   ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
@@ -73,12 +73,29 @@ def episodes_by_seed(info, num_seeds: int) -> list[list[tuple[int, float, int]]]
     return out
 
 
-def final_return(returns: list[float]) -> float | None:
-    """Mean return of the last 10% of finished episodes (at least one)."""
+#: The end of a run that its final return averages over: the last 10% of its env steps.
+FINAL_FRACTION = 0.1
+
+
+def final_return(steps: Sequence[int], returns: Sequence[float], total_steps: int) -> float | None:
+    """The mean return of the episodes that ended in the last ``FINAL_FRACTION`` of the run's env steps (after step
+    0.9 × ``total_steps``), or the return of the last one when none ended there; None without any.
+
+    Counted in steps, not in episodes: an agent's episodes lengthen as it learns, and the last 10% of its episodes
+    reached back into its early play (a 50k-step DQN CartPole run: returns 104–211 over the last 10% of episodes,
+    348–462 over the last 10% of steps, where its curve ends). Every runtime reports this window.
+
+    Args:
+      steps: the env step at which each episode ended (per seed), in order.
+      returns: their returns.
+      total_steps: the run's length in the same steps.
+    """
+    if len(steps) != len(returns):
+        raise ValueError(f"final_return: {len(steps)} steps for {len(returns)} returns")
     if not returns:
         return None
-    n = max(1, math.ceil(0.1 * len(returns)))
-    return float(np.mean(returns[-n:]))
+    late = [r for st, r in zip(steps, returns) if st > (1.0 - FINAL_FRACTION) * total_steps]
+    return float(np.mean(late)) if late else float(returns[-1])
 
 
 def evaluation_fields(returns: list[float]) -> dict:
@@ -641,12 +658,12 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     signals.close()  # what follows writes the summary: a signal acts at once again
     per_run = []
     for r, (point, seed) in enumerate(cfg.runs):
-        rets = [ret for _, ret, _ in episodes[r]]
+        ended_at, rets = [st for st, _, _ in episodes[r]], [ret for _, ret, _ in episodes[r]]
         per_run.append({
             "seed": seed,
             **({"hyperparams": cfg.grid[point]} if cfg.sweep else {}),
             "episodes": len(rets),
-            "final_return": final_return(rets),
+            "final_return": final_return(ended_at, rets, iteration * steps_per_iter),
             **evaluation_fields(eval_returns[r]),
         })
     per_point = _sweep_points(cfg, per_run) if cfg.sweep else []

@@ -1353,8 +1353,9 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
 
     ``total_steps``, ``start_step`` (where a ``--resume`` began) and ``sps`` count env steps (``per_update`` per
     update); ``total_updates`` and ``start_update`` count updates. The final return is the mean episodic
-    return of the last 10% of log points, read back from metrics.jsonl (the master sees the workers' episodes only
-    as per-step sums). ``eval_return`` is the mean of ``--eval-episodes`` greedy games of the final parameters (the
+    return of the log points in the last 10% of the run's env steps (:func:`jaxdp.loop.final_return`, each point the
+    mean of its episodes), read back from metrics.jsonl (the master sees the workers' episodes only as per-step
+    sums). ``eval_return`` is the mean of ``--eval-episodes`` greedy games of the final parameters (the
     server's θ, or the all-reduced θ every worker holds), played here as a single-process run plays them, after the
     other processes are done, and timed apart (``eval_seconds``). The runtime's ``params`` stay out: they are the
     checkpoint's (as JSON, a Nature CNN's would be 60 MB).
@@ -1367,14 +1368,14 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     from jaxdp.loop import evaluate_runs, evaluation_fields, final_return
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
-        returns = [r["episodic_return"] for r in map(json.loads, f) if r.get("episodic_return") is not None]
+        points = [(r["step"], r["episodic_return"]) for r in map(json.loads, f) if r.get("episodic_return") is not None]
     network = make_network(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker))
     (eval_returns,), eval_seconds = evaluate_runs(cfg, network, [summary["params"]], [cfg.seeds[0]])
     summary = {k: v for k, v in summary.items() if k != "params"}
     updates, start_update = int(summary["total_updates"]), int(summary["start_step"])
     # Steps in env steps, as in every jaxdp train summary; the runtime's update counts stand beside them.
     summary.update(total_steps=updates * per_update, start_step=start_update * per_update, start_update=start_update,
-                   final_return=final_return(returns),
+                   final_return=final_return([st for st, _ in points], [r for _, r in points], updates * per_update),
                    **evaluation_fields(eval_returns), eval_seconds=eval_seconds,
                    sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9),
                    provenance=provenance.describe())

@@ -907,9 +907,9 @@ def run(
     ``cfg.tensorboard`` is off), orbax checkpoints in ``checkpoints/`` (every ``cfg.checkpoint_interval`` seconds,
     checked after each chunk, and at the end) and ``summary.json`` with ``total_steps``, ``start_step`` (where a
     ``--resume`` began), ``wall_seconds``, ``compile_seconds``, ``sps`` (the steps from ``start_step``),
-    ``final_return`` (mean of the last 10% of finished episodes), ``eval_return`` (greedy episodes of the master's
-    final θ; ``eval_episodes_ended`` of them ended), ``episodes``, ``runtime``, ``accounting`` (see the module
-    docstring) and ``config``.
+    ``final_return`` (mean of the episodes that ended in the last 10% of the steps), ``eval_return`` (greedy
+    episodes of the master's final θ; ``eval_episodes_ended`` of them ended), ``episodes``, ``runtime``,
+    ``accounting`` (see the module docstring) and ``config``.
 
     A checkpoint holds the whole simulated state (θ, the master's optimizer and pending Δ's, every worker's anchor,
     inner optimizer, replay and target network) and the event count; the schedule is a function of the config, so
@@ -986,7 +986,7 @@ def run(
         "run_seconds": result.run_seconds,
         "eval_seconds": eval_seconds,
         "sps": (total - start_step) / wall,  # a resumed run: the steps this process trained, in its wall time
-        "final_return": loop_lib.final_return(returns),
+        "final_return": loop_lib.final_return([st for st, _, _ in result.episodes], returns, total),
         **loop_lib.evaluation_fields(eval_returns),
         "episodes": len(returns),
         "runtime": "async_sim",

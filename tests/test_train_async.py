@@ -396,7 +396,7 @@ def test_learns_cartpole(learned):
     name, cfg, summary, records = learned
     # A log record covers 1/50 of the run (>= 4k env steps); its mean return is over the episodes that ended in it.
     best = max(r["episodic_return"] for r in records if r["episodic_return"] is not None and r["episodes"] >= 5)
-    print(f"{name}: best chunk mean {best:.1f}, final_return {summary['final_return']:.1f} (last 10% of episodes), "
+    print(f"{name}: best chunk mean {best:.1f}, final_return {summary['final_return']:.1f} (last 10% of the steps), "
           f"run {summary['run_seconds']:.1f}s compile {summary['compile_seconds']:.1f}s")
     assert best >= TARGET, f"{name} reached only {best:.1f}"
     if cfg.algo == "a2c":
