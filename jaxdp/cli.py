@@ -336,13 +336,17 @@ def resolve_logdir(cfg: config_lib.TrainConfig) -> config_lib.TrainConfig:
     return dataclasses.replace(cfg, logdir=logdir)
 
 
-def _check_target_options(cfg: config_lib.TrainConfig, given: frozenset[str]) -> None:
-    """DQN's target-network options that this run would ignore, refused as options its agent does not read are."""
+def _check_dqn_options(cfg: config_lib.TrainConfig, given: frozenset[str]) -> None:
+    """DQN's replay and target-network options that this run would ignore, refused as options its agent does not
+    read are."""
     if not cfg.is_dqn:
         return
     flags = [_FLAG_OF[field] for field in ("target_update", "tau") if field in given]
     if flags and not cfg.target_network:
         raise config_lib.ConfigError(f"{flags[0]} sets the target network, which --no-target-network turns off")
+    if "buffer_size" in given and not cfg.replay:
+        raise config_lib.ConfigError(f"--buffer-size {cfg.buffer_size} sizes the replay, which --no-replay turns off "
+                                     f"(the latest steps of each env are kept, at least --batch-size)")
     if "target_update" in given and cfg.tau != 1.0:  # --tau 1 is hard copies, every --target-update steps
         # CleanRL and SB3 average every target_network_frequency steps; a user of theirs would get another target.
         raise config_lib.ConfigError(f"--target-update {cfg.target_update} is the period of hard target copies; "
@@ -408,7 +412,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for field, owner in config_lib.strategy_options_not_read(cfg, given):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner}; --strategy {cfg.strategy} on --runtime "
                                          f"{cfg.runtime} does not read it")
-        _check_target_options(cfg, given)
+        _check_dqn_options(cfg, given)
         _check_baseline_options(cfg, given)
         _check_job_size(args, cfg)
         from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment

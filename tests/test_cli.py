@@ -151,6 +151,9 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--tau", "0.005", "--target-update", "1000"], "--target-update 1000 is the period"),
     (["--algo", "double_dqn", "--no-target-network", "--tau", "0.5"], "--tau sets the target network"),
     (["--algo", "dqn", "--no-target-network", "--target-update", "100"], "--target-update sets the target"),
+    # The buffer is sized to the batch without replay: --buffer-size was ignored in silence.
+    (["--algo", "dqn", "--no-replay", "--buffer-size", "10000"], "--buffer-size 10000 sizes the replay, which "
+                                                                  "--no-replay turns off"),
     # A CNN torso on vector observations failed inside the first trace, after --logdir was made (traceback, exit 1).
     (["--torso", "nature"], "--torso nature"),
     (["--algo", "dqn", "--torso", "a3c"], "--torso a3c"),
