@@ -273,6 +273,10 @@ STRATEGY_OPTIONS = (
     ("threads", "--strategy hogwild", lambda c: c.strategy == "hogwild"),
     ("overwrite_prob", "--strategy hogwild", lambda c: c.strategy == "hogwild"),
     ("comm_time", "--runtime async_sim", lambda c: c.runtime == "async_sim"),
+    # B and M: validate refuses them away from 1 where they are not read; given as 1, they are refused here.
+    ("local_steps", "--strategy dpsgd", lambda c: c.strategy == "dpsgd"),
+    ("master_batch", "an asynchronous master (--strategy async or dpsgd on --runtime async_sim or mpi)",
+     lambda c: c.strategy in ("async", "dpsgd") and c.runtime in ("async_sim", "mpi")),
 )
 
 
@@ -417,7 +421,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail(f"--strategy single trains one learner; use --strategy sync/async/dpsgd for --workers {cfg.workers}")
     if cfg.strategy != "dpsgd" and cfg.local_steps != 1 and cfg.runtime != "async_sim":
         _fail(f"--local-steps {cfg.local_steps} needs --strategy dpsgd (or the async_sim runtime)")
-    if cfg.master_batch > cfg.workers:
+    if cfg.master_batch > cfg.workers and cfg.runtime != "mpi":  # mpi: the job's size sets N (train.run_mpi checks)
         _fail(f"--master-batch M={cfg.master_batch} is larger than --workers N={cfg.workers}")
     if cfg.master_batch != 1 and cfg.runtime not in ("async_sim", "mpi"):
         _fail(f"--master-batch needs an asynchronous master (--runtime async_sim or mpi), not {cfg.runtime}")

@@ -173,6 +173,9 @@ BAD_INPUTS = [
     # trained one worker in silence (a job of one process).
     (["--runtime", "mpi", "--strategy", "sync", "--workers", "2"], "needs 2 MPI processes, this job has 1"),
     (["--runtime", "mpi", "--strategy", "dpsgd", "--workers", "2"], "needs 3 MPI processes (rank 0 serves"),
+    # B and M given as 1 where they are not read: ignored in silence before.
+    (["--strategy", "sync", "--workers", "2", "--local-steps", "1"], "--local-steps is for --strategy dpsgd"),
+    (["--runtime", "mpi", "--strategy", "sync", "--master-batch", "1"], "--master-batch is for an asynchronous master"),
     (["--runtime", "distributed", "--strategy", "sync", "--workers", "3", "--coordinator", "localhost:1234",
       "--num-processes", "2", "--process-id", "0"], "--workers 3: the job has 2 processes"),
 ]

@@ -595,6 +595,28 @@ def test_jaxdp_train_under_mpirun_refuses_dqn_replays_that_their_host_cannot_hol
     assert not logdir.exists()
 
 
+def test_jaxdp_train_checks_the_master_batch_against_the_jobs_workers(tmp_path):
+    """--master-batch M is at most the job's workers, which mpirun's size decides: `mpirun -n 3 ... --strategy dpsgd
+    --master-batch 2` was refused as "larger than --workers N=1" (the default, checked before the job's size was
+    known) unless --workers 2 was given too. M = 2 now runs; M = 3 is refused once the job knows its 2 workers, in
+    one line and exit 2, before --logdir exists."""
+    base = mpirun_command(3, sys.executable, "-m", "jaxdp.cli", "train", "--runtime", "mpi", "--strategy", "dpsgd",
+                          "--algo", "a2c", "--total-steps", "20000", "--eval-episodes", "0", "--no-tensorboard",
+                          "--no-progress")
+    refused = subprocess.run([*base, "--master-batch", "3", "--logdir", str(tmp_path / "big")], capture_output=True,
+                             text=True, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert "--master-batch M=3 is larger than this job's 2 workers: start it with mpirun -n 4" in lines[0], lines[0]
+    assert not (tmp_path / "big").exists()
+    done = subprocess.run([*base, "--master-batch", "2", "--logdir", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["mode"], summary["num_workers"], summary["config"]["master_batch"]) == ("dpsgd", 2, 2)
+    assert summary["gradient_steps"] == 2 * summary["total_updates"]  # each update: M = 2 arrivals of one step
+
+
 def dqn_job_resumed(tmp_path, strategy: str, ranks: int) -> tuple[list[dict], list[dict]]:
     """`mpirun -n RANKS jaxdp train --runtime mpi --strategy S --algo dqn` for 16k env steps, then `--resume` to 32k
     (ε decays over half of the run, learning starts at 2k): the records of the first run, and those after it."""
