@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from jaxdp import atomic, provenance
-from jaxdp.config import TrainConfig, evaluation_shown, point_shown, save_run_config
+from jaxdp.config import TrainConfig, evaluation_shown, point_shown, save_run_config, validate
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 from jaxdp.stopping import RunStopped, stop_requests
 
@@ -495,7 +495,11 @@ def run(cfg: TrainConfig, *, inner: optax.GradientTransformation | None = None) 
 
     SIGINT (Ctrl-C), SIGTERM or SIGUSR1 stops the run after the current chunk: it logs, saves a checkpoint and raises
     :class:`RunStopped`; ``--resume`` continues it. A second signal stops it at once.
+
+    ``cfg`` is validated first (:func:`jaxdp.config.validate`), as the command line does: a script's bad value
+    raises ``ConfigError`` before anything is written (``total_steps=-5`` trained 10k steps of DQN warm-up).
     """
+    cfg = validate(cfg)
     with contextlib.ExitStack() as signals:
         return _run(cfg, signals, inner)
 

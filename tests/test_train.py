@@ -1028,3 +1028,13 @@ def test_the_final_return_averages_the_episodes_of_the_last_tenth_of_the_steps()
     assert loop.final_return([], [], 10_000) is None
     with pytest.raises(ValueError, match="2 steps for 1 returns"):
         loop.final_return([1, 2], [1.0], 10)
+
+
+def test_loop_run_validates_its_config_before_writing_anything(tmp_path):
+    """A script that skips the command line gets its checks: ``total_steps=-5`` trained DQN's 10k warm-up steps and
+    wrote a summary; it is a ConfigError now, and the logdir is not created."""
+    from jaxdp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="total-steps"):
+        loop.run(TrainConfig(algo="dqn", total_steps=-5, logdir=str(tmp_path / "run"), progress=False))
+    assert not (tmp_path / "run").exists()
