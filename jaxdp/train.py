@@ -1246,7 +1246,7 @@ def run_mpi(cfg: TrainConfig):
     worker_id = rank if mode == "sync" else max(rank - 1, 0)
     # The world size decides the workers (the epsilon schedule and learning-starts count all workers' env steps).
     cfg = dataclasses.replace(cfg, workers=size if mode == "sync" else max(1, size - 1))
-    if cfg.master_batch > cfg.workers:  # known now, before anything is written (config.validate leaves it here)
+    if mode != "sync" and cfg.master_batch > cfg.workers:  # known now, before anything is written (validate left it)
         raise ConfigError(f"--master-batch M={cfg.master_batch} is larger than this job's {cfg.workers} worker"
                           f"{'s' * (cfg.workers != 1)}: start it with mpirun -n {cfg.master_batch + 1} or more "
                           f"(rank 0 serves the parameters)")
