@@ -344,6 +344,22 @@ def checkpoint_steps(logdir) -> list[int]:
     return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
+def signal_when(job: subprocess.Popen, ready, signum: int, settle: float = 0.0) -> str:
+    """Sends ``signum`` to ``job`` once ``ready()`` holds (within 120 s, while the job runs) and ``settle`` seconds
+    more, then waits for the job to end; returns its stderr. The job is killed if anything fails first."""
+    try:
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
+            time.sleep(0.1)
+        time.sleep(settle)
+        job.send_signal(signum)
+        return job.communicate(timeout=60)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
 def first_return_at_least(records: list[dict], threshold: float) -> int | None:
     for r in records:
         if r["episodic_return"] is not None and r["episodic_return"] >= threshold:
@@ -365,16 +381,8 @@ def test_a_signal_stops_the_run_with_a_checkpoint_that_resumes(signum, tmp_path)
            "sys.argv[0] = 'jaxdp'; runpy.run_module('jaxdp.cli', run_name='__main__')")
     job = subprocess.Popen([sys.executable, "-c", cli, "train", "--no-progress", "--total-steps", "20000000", *args],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (metrics_path.exists() and len(read_jsonl(metrics_path)) >= 2):  # past the compile
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
-            time.sleep(0.1)
-        job.send_signal(signum)
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    # Past the compile: two log points.
+    err = signal_when(job, lambda: metrics_path.exists() and len(read_jsonl(metrics_path)) >= 2, signum)
     assert job.returncode == 128 + signum, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and signal.Signals(signum).name in lines[0] and "--resume" in lines[0], err[-2000:]
@@ -399,17 +407,9 @@ def test_a_signal_during_the_final_evaluation_is_one_line_and_resume_evaluates(t
     # A2C CartPole: 128 steps per iteration, the run ends at iteration 16. A million games: it is stopped.
     job = subprocess.Popen([sys.executable, "-c", cli, "train", *args, "--eval-episodes", "1000000"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while checkpoint_steps(logdir) != [16]:  # the training's end is saved; the evaluation follows at once
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
-            time.sleep(0.1)
-        time.sleep(1.0)  # into the games (the stop is the same a moment earlier: the training's requests carry over)
-        job.send_signal(signal.SIGTERM)
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    # Once the training's end is saved, and a second into the games (a signal a moment earlier stops them all the
+    # same: the training's stop requests carry over to the evaluation).
+    err = signal_when(job, lambda: checkpoint_steps(logdir) == [16], signal.SIGTERM, settle=1.0)
     assert job.returncode == 128 + signal.SIGTERM, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "stopped by SIGTERM during the final evaluation" in lines[0], err[-2000:]
