@@ -197,6 +197,9 @@ def test_async_master_learns_and_counts_arrivals(tmp_path):
     assert summary["communication_rounds"] == 300
     assert np.load(tmp_path / "params_rank0.npy").shape == (summary["num_params"],)
     assert all("staleness_mean" in m for m in metrics(tmp_path)[1:])
+    # A supervised workload has no episodes: its log points carry its loss and no episode fields (they read
+    # "train_episodes 0" and "episodic_return null" when the wire format filled absent metrics with 0).
+    assert all("train_loss" in m and not any("episode" in key for key in m) for m in metrics(tmp_path)[1:])
 
 
 def test_dpsgd_local_steps_with_full_master_batch_is_synchronous(tmp_path):
@@ -451,6 +454,10 @@ def test_log_points_and_checkpoints_also_follow_rank_0s_clock(mode, tmp_path):
         (["--checkpoint-seconds", "5"], "--checkpoint-seconds: needs --logdir"),
         (["--checkpoint-seconds", "5", "--outer-lr", "1", "--logdir", "x"], "sync rounds (--outer-lr)"),
         (["--log-seconds", "nan"], "--log-seconds: must be a finite number > 0"),
+        # Options the mode does not read, refused even at their default values (they were ignored in silence).
+        (["--master-batch", "1"], "--master-batch: --mode sync has no master"),
+        (["--aggregate", "sum", "--outer-lr", "1"], "--aggregate: --mode sync has no master"),
+        (["--outer-momentum", "0.9"], "--outer-momentum: --mode sync has no outer optimizer without --outer-lr"),
     ],
 )
 def test_command_line_rejects_bad_values_in_one_line(args, needle):
@@ -475,6 +482,10 @@ def test_run_mpi_validates_arguments_before_starting_mpi():
         run_mpi(workload, mode="dpsgd", inner=optax.sgd(0.1), aggregate="max", total_updates=1)
     with pytest.raises(ValueError, match="total_updates"):
         run_mpi(workload, mode="sync", inner=optax.sgd(0.1), total_updates=0)
+    with pytest.raises(ValueError, match="mode='sync' has no master: master_batch=2"):
+        run_mpi(workload, mode="sync", inner=optax.sgd(0.1), master_batch=2, total_updates=1)
+    with pytest.raises(ValueError, match="mode='sync' has no master: .* aggregate='sum'"):
+        run_mpi(workload, mode="sync", inner=optax.sgd(0.1), outer=optax.sgd(1.0), aggregate="sum", total_updates=1)
     with pytest.raises(ValueError, match="logdir"):
         run_mpi(workload, mode="sync", inner=optax.sgd(0.1), total_updates=1, resume=True)
     with pytest.raises(ValueError, match="checkpoint_seconds needs a logdir"):

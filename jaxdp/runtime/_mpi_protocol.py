@@ -40,13 +40,15 @@ VERSION = 0  # params: the master version of θ; delta: the version the worker's
 STOP = 1  # params: 1.0 tells the worker to stop
 LOCAL_STEPS = 1  # delta: number of local steps behind this Δ
 LOCAL_LOSS = 2  # delta: mean workload loss over those local steps
-EPISODES = 3  # delta: episodes the worker finished per local step (mean over the round; RL workloads)
-EPISODE_RETURN_SUM = 4  # delta: summed return of those episodes per local step (mean over the round)
+EPISODES = 3  # delta: episodes the worker finished per local step (mean over the round; NaN without episodes)
+EPISODE_RETURN_SUM = 4  # delta: summed return of those episodes per local step (mean over the round; NaN without)
 SIGNAL = 5  # delta: the stop signal (jaxdp.stopping.STOP_SIGNALS) the worker got, 0 for none: the master stops
 EPSILON = 6  # delta: DQN's exploration rate over the round (NaN for a workload without one)
 LEARNING = 7  # delta: the share of the round's local steps whose gradient counted (DQN; NaN otherwise)
-# The workload metrics a push carries beside the loss, by their name in the workload's metrics (absent: NaN).
-OPTIONAL_METRICS = {"epsilon": EPSILON, "learning": LEARNING}
+# The workload metrics a push carries beside the loss, by their name in the workload's metrics (absent: NaN, and
+# the master logs nothing for them: a supervised workload's metrics have no episodes in them).
+OPTIONAL_METRICS = {"episodes": EPISODES, "episode_return_sum": EPISODE_RETURN_SUM, "epsilon": EPSILON,
+                    "learning": LEARNING}
 
 
 def message_buffer(num_params: int) -> np.ndarray:

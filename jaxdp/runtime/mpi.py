@@ -336,6 +336,12 @@ def run_mpi(
         raise ValueError(
             f"run_mpi: local_steps must be 1 in mode='async' (Downpour), got {local_steps}; use mode='dpsgd'"
         )
+    if mode == "sync" and (master_batch != 1 or aggregate != "mean"):
+        # Every rank all-reduces in sync mode: there is no master to batch arrivals or choose how to add them.
+        raise ValueError(
+            f"run_mpi: mode='sync' has no master: master_batch={master_batch} and aggregate={aggregate!r} are read "
+            "by mode='async' and 'dpsgd' only (sync averages over every rank)"
+        )
     if mode == "sync" and outer is None and local_steps != 1:
         raise ValueError(
             f"run_mpi: local_steps={local_steps} in mode='sync' needs an outer optimizer (outer=optax.sgd(1.0) "
@@ -851,8 +857,6 @@ def _run_master(
             stats["arrivals"][w] += 1
             stats["gradient_steps"] += int(header[protocol.LOCAL_STEPS])
             interval["metrics"].append({"loss": float(header[protocol.LOCAL_LOSS]),
-                                        "episodes": float(header[protocol.EPISODES]),
-                                        "episode_return_sum": float(header[protocol.EPISODE_RETURN_SUM]),
                                         **{name: float(header[slot]) for name, slot in
                                            protocol.OPTIONAL_METRICS.items() if np.isfinite(header[slot])}})
         else:  # after the last update, or from a worker given up on: answer "stop"
@@ -1137,13 +1141,13 @@ def _run_worker(
                 anchor, inner_state, worker_state, jnp.asarray(counter, jnp.int32)
             )
             loss = float(metrics["loss"]) if "loss" in metrics else float("nan")
-            # RL workloads report finished episodes; the master turns them into the episodic return.
-            episodes = float(metrics.get("episodes", 0.0))
-            return_sum = float(metrics.get("episode_return_sum", 0.0))
+            header = [float("nan")] * protocol.HEADER_VALUES
+            header[protocol.VERSION] = pulled_version
+            header[protocol.LOCAL_STEPS] = local_steps
+            header[protocol.LOCAL_LOSS] = loss
             # A signal this worker got goes to the master, which stops the whole job (see "Stopping").
-            signum = requested[0] if requested else 0
-            header = [pulled_version, local_steps, loss, episodes, return_sum, signum]
-            header += [float("nan")] * (protocol.HEADER_VALUES - len(header))
+            header[protocol.SIGNAL] = requested[0] if requested else 0
+            # RL workloads report finished episodes, which the master turns into the episodic return.
             for name, slot in protocol.OPTIONAL_METRICS.items():
                 if name in metrics:
                     header[slot] = float(metrics[name])
@@ -1209,7 +1213,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+# The options that one mode or another does not read: refused when given there, even at their default value,
+# as `jaxdp train` refuses an option its run does not read (a comparison with the default cannot tell).
+_MODE_OPTIONS = ("master_batch", "aggregate", "outer_momentum")
+
+
+def _given_mode_options(argv: Sequence[str] | None) -> set[str]:
+    """Which of :data:`_MODE_OPTIONS` ``argv`` gives, whatever their values."""
+    not_given = object()  # not a string, which argparse would convert with the option's type
+    parser = build_parser()
+    parser.set_defaults(**dict.fromkeys(_MODE_OPTIONS, not_given))
+    return {name for name, value in vars(parser.parse_args(argv)).items() if name in _MODE_OPTIONS
+            and value is not not_given}
+
+
+def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                     given: set[str] = frozenset()) -> None:
+    if args.mode == "sync":  # every rank all-reduces: no master batches arrivals or adds them
+        for name in sorted(given & {"master_batch", "aggregate"}):
+            parser.error(f"argument --{name.replace('_', '-')}: --mode sync has no master (every rank all-reduces); "
+                         "it is read by --mode async and dpsgd")
+        if "outer_momentum" in given and args.outer_lr is None:
+            parser.error("argument --outer-momentum: --mode sync has no outer optimizer without --outer-lr (rounds "
+                         "of --local-steps with an all-reduce of Δ)")
     if args.mode == "async" and args.local_steps != 1:
         parser.error(f"argument --local-steps: must be 1 with --mode async (Downpour), got {args.local_steps}")
     if args.mode == "sync" and args.outer_lr is None and args.local_steps != 1:
@@ -1266,7 +1292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train_from_command_line(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_arguments(args, parser)  # everything that can be checked before MPI starts
+    _check_arguments(args, parser, _given_mode_options(argv))  # everything that can be checked before MPI starts
 
     MPI = _import_mpi()
     rank = MPI.COMM_WORLD.Get_rank()
