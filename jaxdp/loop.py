@@ -341,17 +341,18 @@ def evaluate(cfg: TrainConfig, network, params, episodes: int, seed: int, bar=No
 # ---------------------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------------------
-def communication_per_update(cfg: TrainConfig) -> float:
-    """Communication rounds per gradient update of one worker, for the vmap runtime's strategies.
+def communication_rounds(cfg: TrainConfig, updates: int) -> int:
+    """Communication rounds in the first ``updates`` gradient updates of one worker, for the vmap runtime's strategies.
 
     single: none; sync / async (stale-gradient server) / hogwild across workers: every update is one round;
-    dpsgd: one round every B local steps. A round moves each worker's update vector up and the result down.
+    dpsgd: one round at the end of every B local steps, so whole rounds only (77 updates of B = 3 hold 25 rounds,
+    and the last two steps are still local). A round moves each worker's update vector up and the result down.
     """
     if cfg.workers == 1 and cfg.strategy in ("single", "hogwild"):
-        return 0.0
+        return 0
     if cfg.strategy == "dpsgd":
-        return 1.0 / cfg.local_steps
-    return 1.0 if cfg.workers > 1 or cfg.strategy == "async" else 0.0
+        return updates // cfg.local_steps
+    return updates if cfg.workers > 1 or cfg.strategy == "async" else 0
 
 
 def _lane_params(lanes, seed_index: int):
@@ -549,7 +550,6 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
 
     # The paper's accounting (Fig. 5): data points per second are `sps`; updates, rounds and bytes below.
     param_bytes = sum(int(np.prod(x.shape[2:])) * x.dtype.itemsize for x in jax.tree.leaves(lanes.params))
-    comm_per_update = communication_per_update(cfg)
     bytes_per_round = 2 * param_bytes * cfg.workers  # each worker sends its vector up and gets the result back
     last_log_t = time.time()
     last_log_iter = iteration
@@ -580,7 +580,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         means = {k: np.mean([m[k] for m in pending_metrics], axis=0) for k in (pending_metrics[0] if
                                                                               pending_metrics else {})}
         learn_iters = max(0, iteration - trainer.warmup_iterations)
-        rounds = learn_iters * comm_per_update
+        rounds = communication_rounds(cfg, learn_iters)
         accounting = {"updates": learn_iters, "updates_per_second": (iteration - last_log_iter) * S /
                       max(now - last_log_t, 1e-9) if iteration > trainer.warmup_iterations else 0.0,
                       "comm_rounds": rounds, "bytes_sent": rounds * bytes_per_round}
@@ -693,8 +693,8 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         "updates": max(0, iteration - trainer.warmup_iterations),
         "data_points_per_second": trained_here / wall,
         "param_bytes": param_bytes,
-        "comm_rounds": max(0, iteration - trainer.warmup_iterations) * comm_per_update,
-        "bytes_sent": max(0, iteration - trainer.warmup_iterations) * comm_per_update * bytes_per_round,
+        "comm_rounds": communication_rounds(cfg, max(0, iteration - trainer.warmup_iterations)),
+        "bytes_sent": communication_rounds(cfg, max(0, iteration - trainer.warmup_iterations)) * bytes_per_round,
     }
     if cfg.strategy == "async" and "max_delay" not in dict(cfg.sweep):
         # Staleness of the stale-gradient server: the delay distribution the gradients were drawn from (a swept

@@ -4,6 +4,8 @@ Settings were chosen for robustness, not luck: each one reached a final return >
 (3-seed sweeps on the 2-core CI machine; numbers in the README). One seed runs here.
 """
 
+import json
+
 import pytest
 
 from jaxdp import loop
@@ -52,6 +54,21 @@ def test_agent_learns_cartpole_under_strategy(name, tmp_path):
     assert summary["final_return"] >= 400, (name, summary["final_return"])
     # The accounting of the paper: rounds and bytes follow the strategy.
     assert summary["updates"] > 0 and summary["data_points_per_second"] > 0
-    expected_rounds = summary["updates"] / (cfg.local_steps if cfg.strategy == "dpsgd" else 1)
-    assert summary["comm_rounds"] == pytest.approx(expected_rounds)
-    assert summary["bytes_sent"] == pytest.approx(expected_rounds * 2 * summary["param_bytes"] * cfg.workers)
+    expected_rounds = summary["updates"] // (cfg.local_steps if cfg.strategy == "dpsgd" else 1)
+    assert summary["comm_rounds"] == expected_rounds
+    assert summary["bytes_sent"] == expected_rounds * 2 * summary["param_bytes"] * cfg.workers
+
+
+def test_local_steps_count_whole_communication_rounds(tmp_path):
+    # 10 updates of B = 3 local steps hold 3 rounds; the last step is still local. The accounting read 10 / 3 =
+    # 3.33 rounds (and a third of a round's bytes) before it counted rounds as the strategy takes them.
+    cfg = validate(TrainConfig(algo="a2c", env="CartPole-v1", strategy="dpsgd", workers=2, num_envs=4, rollout_len=8,
+                               local_steps=3, total_steps=10 * 2 * 4 * 8, seeds=(0,), logdir=str(tmp_path / "run"),
+                               progress=False, tensorboard=False, eval_episodes=0, log_interval=1e-9))
+    summary = loop.run(cfg)
+    assert summary["updates"] == 10
+    assert summary["comm_rounds"] == 3 and isinstance(summary["comm_rounds"], int)
+    assert summary["bytes_sent"] == 3 * 2 * summary["param_bytes"] * cfg.workers
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["comm_rounds"] for r in records] == [r["updates"] // 3 for r in records]
+    assert records[-1]["updates"] == 10
