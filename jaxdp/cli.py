@@ -477,10 +477,33 @@ def _main(argv: Sequence[str] | None) -> int:
     else:
         print(f"jaxdp train: {_steps(summary)} in {_seconds(summary)}; "
               f"{_returns(summary, evaluated)}; outputs in {cfg.logdir}")
-    unfinished = _unfinished_evaluation(cfg, summary)
-    if unfinished:
-        print(f"  {unfinished}")
+    for note in (_diverged_runs(cfg, summary), _unfinished_evaluation(cfg, summary)):
+        if note:
+            print(f"  {note}")
     return 0
+
+
+def _diverged_runs(cfg: config_lib.TrainConfig, summary: dict) -> str | None:
+    """A note naming the runs whose loss became NaN or infinite, or whose final parameters are not finite: such a
+    run trains on to its end, and its returns would otherwise read as a poor agent's."""
+    from jaxdp.loop import diverged
+
+    runs = summary.get("runs") or summary.get("seeds") or [summary]
+    bad = [run for run in runs if diverged(run)]
+    if not bad:
+        return None
+
+    def how(run: dict) -> str:
+        step = run.get("diverged_at_step")
+        return f"loss NaN or infinite from step {step}" if step is not None else "final parameters not finite"
+
+    hint = "a lower --lr" + (" or --max-grad-norm" if cfg.max_grad_norm == 0 else "")
+    if len(runs) == 1:
+        return f"the run diverged ({how(bad[0])}): its returns are a broken policy's; try {hint}"
+    named = [f"{config_lib.point_shown(run['hyperparams']) + ' ' if 'hyperparams' in run else ''}seed {run['seed']}: "
+             f"{how(run)}" for run in bad]
+    shown = "; ".join(named[:4]) + (f"; and {len(named) - 4} more" if len(named) > 4 else "")
+    return f"{len(bad)} of {len(runs)} runs diverged ({shown}); try {hint}"
 
 
 def _unfinished_evaluation(cfg: config_lib.TrainConfig, summary: dict) -> str | None:

@@ -19,8 +19,11 @@ The device side (everything jitted) is :mod:`jaxdp.train`. Outputs in ``--logdir
   to ``<point>/`` (``lr_0.001``; its seeds in ``<point>/seed_<s>/``, and the mean over them in
   ``<point>/metrics.jsonl`` and ``<point>/summary.json``); the top-level metrics are the mean over every run;
   ``summary.json`` lists every point in ``grid`` (mean, std, CI over seeds), every run in ``runs``, and the best
-  point (by mean final return) in ``best``, ``final_return`` and ``eval_return``; the PNG has each point's mean and
-  range over seeds.
+  point (by mean final return, among the points none of whose runs diverged) in ``best``, ``final_return`` and
+  ``eval_return``; the PNG has each point's mean and range over seeds.
+* Divergence, in ``summary.json``: ``diverged_runs`` counts the runs whose loss became NaN or infinite or whose final
+  parameters are not finite; each run has ``diverged_at_step`` (the first such log point, or null) and
+  ``params_finite`` (:func:`divergence_fields`). Such a run trains on to its end; the closing lines name it.
 * ``tb/`` -- TensorBoard events; ``checkpoints/`` -- orbax checkpoints that ``--resume`` continues from;
   ``config.json`` -- the run's config, which a ``--resume`` must match but for its length and reporting
   (:data:`jaxdp.config.RESUMABLE_CHANGES`).
@@ -38,6 +41,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import chex
 import jax
@@ -102,6 +106,29 @@ def evaluation_fields(returns: list[float]) -> dict:
     """A run's evaluation in its summary: ``eval_return``, the mean return of the evaluation games that ended within
     their time limit (None if none did), and ``eval_episodes_ended``, how many did."""
     return {"eval_return": float(np.mean(returns)) if returns else None, "eval_episodes_ended": len(returns)}
+
+
+def divergence_fields(params: Any, metrics_path: str) -> dict:
+    """Whether a run diverged, for its summary: ``diverged_at_step``, the step of the first log point in
+    ``metrics_path`` whose learner loss is NaN or infinite (None if none is), and ``params_finite``, whether every
+    entry of the final parameters is finite. A diverged run trains on to its end without a word otherwise, and its
+    NaN policy still plays (argmax of NaN is action 0): its returns look like a bad agent's, not a broken one's."""
+    first = None
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                record = json.loads(line)
+                loss = record.get("loss", record.get("train_loss"))  # the MPI runtime logs the workers' train_loss
+                if isinstance(loss, (int, float)) and not math.isfinite(loss):
+                    first = record["step"]
+                    break
+    finite = all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(params))
+    return {"diverged_at_step": first, "params_finite": finite}
+
+
+def diverged(fields: dict) -> bool:
+    """A run's :func:`divergence_fields` say it diverged."""
+    return fields.get("diverged_at_step") is not None or fields.get("params_finite") is False
 
 
 def confidence_interval(values: list[float]) -> dict[str, float] | None:
@@ -669,10 +696,13 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
             "episodes": len(rets),
             "final_return": final_return(ended_at, rets, iteration * steps_per_iter),
             **evaluation_fields(eval_returns[r]),
+            **divergence_fields(params_of_runs[r], os.path.join(per_run_dirs[r], "metrics.jsonl")),
         })
     per_point = _sweep_points(cfg, per_run) if cfg.sweep else []
-    best = max(per_point, key=lambda q: -math.inf if q["final_return"] is None else q["final_return"],
-               default=None)
+    # The best point by mean final return, among the points none of whose runs diverged while any such point exists:
+    # a diverged run's return is a broken policy's, which on some games beats a poor one's.
+    stable = [q for q in per_point if not q["diverged_runs"]] or per_point
+    best = max(stable, key=lambda q: -math.inf if q["final_return"] is None else q["final_return"], default=None)
     trained_here = (iteration - start_iteration) * steps_per_iter * S  # env steps, all runs
     summary = {
         "total_steps": iteration * steps_per_iter,
@@ -682,6 +712,10 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         "eval_seconds": eval_seconds,
         # The games eval_return averages, over all runs: a game that did not end within its time limit has no return.
         "eval_episodes_ended": sum(p["eval_episodes_ended"] for p in per_run),
+        # How many runs diverged (a NaN or infinite loss, or final parameters that are not finite); each run's
+        # fields are under "seeds" / "runs", or here for a single run.
+        "diverged_runs": sum(diverged(p) for p in per_run),
+        **({k: per_run[0][k] for k in ("diverged_at_step", "params_finite")} if S == 1 else {}),
         "sps": trained_here / wall,
         # A sweep reports its best point (by the mean final return over seeds) here, and every point in "grid".
         "final_return": best["final_return"] if best else per_run[0]["final_return"] if S == 1 else
@@ -745,6 +779,7 @@ def _sweep_points(cfg: TrainConfig, per_run: list[dict]) -> list[dict]:
                     "final_return": None if finals is None else finals["mean"],
                     "eval_return": None if evals is None else evals["mean"],
                     "final_return_over_seeds": finals, "eval_return_over_seeds": evals,
+                    "diverged_runs": sum(diverged(p) for p in members),
                     **({"staleness_distribution": staleness_distribution(cfg.point_config(point))}
                        if cfg.strategy == "async" else {})})
     return out

@@ -1369,18 +1369,20 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
 
     from jaxdp import atomic, provenance
     from jaxdp import envs as envs_lib
-    from jaxdp.loop import evaluate_runs, evaluation_fields, final_return
+    from jaxdp.loop import divergence_fields, diverged, evaluate_runs, evaluation_fields, final_return
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         points = [(r["step"], r["episodic_return"]) for r in map(json.loads, f) if r.get("episodic_return") is not None]
     network = make_network(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker))
     (eval_returns,), eval_seconds = evaluate_runs(cfg, network, [summary["params"]], [cfg.seeds[0]])
+    divergence = divergence_fields(summary["params"], os.path.join(cfg.logdir, "metrics.jsonl"))
     summary = {k: v for k, v in summary.items() if k != "params"}
     updates, start_update = int(summary["total_updates"]), int(summary["start_step"])
     # Steps in env steps, as in every jaxdp train summary; the runtime's update counts stand beside them.
     summary.update(total_steps=updates * per_update, start_step=start_update * per_update, start_update=start_update,
                    final_return=final_return([st for st, _ in points], [r for _, r in points], updates * per_update),
                    **evaluation_fields(eval_returns), eval_seconds=eval_seconds,
+                   **divergence, diverged_runs=int(diverged(divergence)),
                    sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9),
                    provenance=provenance.describe())
     atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)

@@ -976,6 +976,7 @@ def run(
             raise RunStopped(requested[0], _steps_at(trainer, latest) if latest else 0, total, cfg.logdir)
     wall = time.time() - t_start  # training (compilation included); the evaluation is timed apart
     (eval_returns,), eval_seconds = loop_lib.evaluate_runs(cfg, result.network, [result.params], [cfg.seeds[0]])
+    divergence = loop_lib.divergence_fields(result.params, os.path.join(cfg.logdir, "metrics.jsonl"))
     returns = [r for _, r, _ in result.episodes]
     start_step = _steps_at(trainer, start) if start is not None else 0
     summary = {
@@ -988,6 +989,8 @@ def run(
         "sps": (total - start_step) / wall,  # a resumed run: the steps this process trained, in its wall time
         "final_return": loop_lib.final_return([st for st, _, _ in result.episodes], returns, total),
         **loop_lib.evaluation_fields(eval_returns),
+        **divergence,
+        "diverged_runs": int(loop_lib.diverged(divergence)),
         "episodes": len(returns),
         "runtime": "async_sim",
         "accounting": result.accounting,

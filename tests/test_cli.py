@@ -549,6 +549,27 @@ def test_the_closing_lines_say_when_evaluation_games_did_not_end(eval_epsilon, s
     assert cli._unfinished_evaluation(cfg, {}) is None  # a summary written before the count existed
 
 
+@pytest.mark.parametrize("max_grad_norm, summary, said", [
+    (-1.0, {"diverged_at_step": None, "params_finite": True}, None),
+    (-1.0, {}, None),  # a summary written before the fields existed
+    (0.0, {"diverged_at_step": 10200, "params_finite": False},
+     "the run diverged (loss NaN or infinite from step 10200): its returns are a broken policy's; try a lower --lr "
+     "or --max-grad-norm"),
+    (-1.0, {"diverged_at_step": None, "params_finite": False},
+     "the run diverged (final parameters not finite): its returns are a broken policy's; try a lower --lr"),
+    (-1.0, {"seeds": [{"seed": 0, "diverged_at_step": 384, "params_finite": False},
+                      {"seed": 1, "diverged_at_step": None, "params_finite": True}]},
+     "1 of 2 runs diverged (seed 0: loss NaN or infinite from step 384); try a lower --lr"),
+    (-1.0, {"runs": [{"seed": 0, "hyperparams": {"lr": 1000.0}, "diverged_at_step": 384, "params_finite": False},
+                     {"seed": 0, "hyperparams": {"lr": 0.001}, "diverged_at_step": None, "params_finite": True}]},
+     "1 of 2 runs diverged (--lr 1000 seed 0: loss NaN or infinite from step 384); try a lower --lr"),
+])
+def test_the_closing_lines_name_the_runs_that_diverged(max_grad_norm, summary, said):
+    """A diverged run trains on to its end, and its NaN policy's returns read as a poor agent's."""
+    cfg = dataclasses.replace(TrainConfig(), max_grad_norm=max_grad_norm)
+    assert cli._diverged_runs(cfg, summary) == said
+
+
 def test_an_option_given_again_takes_its_last_values():
     """argparse's convention, which a base command line followed by an override needs (``$BASE --lr 2e-3``): the
     last values given win, for an option that sweeps too. ``--lr 1e-3 --lr 2e-3`` trains 2e-3 alone, as README says;

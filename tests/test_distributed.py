@@ -305,6 +305,7 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     # Process 0 plays --eval-episodes greedy games of the all-reduced θ after jax.distributed has shut down.
     assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary
     assert summary["eval_episodes_ended"] == 10  # CartPole's time limit ends every game
+    assert summary["diverged_runs"] == 0 and summary["diverged_at_step"] is None and summary["params_finite"]
     assert f"greedy eval {round(summary['eval_return'], 1)}" in outputs[0]
     # The clock starts once every rank has compiled; what came before is counted apart, and the line says so.
     assert summary["startup_seconds"] > 0

@@ -528,6 +528,7 @@ def test_rl_agent_trains_under_mpirun_with_a_parameter_server(tmp_path):
     # (before, a multi-process run had no greedy evaluation at all: "greedy eval n/a").
     assert 0 < summary["eval_return"] <= 500 and summary["eval_seconds"] > 0, summary
     assert summary["eval_episodes_ended"] == 10  # CartPole's time limit ends every game
+    assert summary["diverged_runs"] == 0 and summary["diverged_at_step"] is None and summary["params_finite"]
     assert f"greedy eval {round(summary['eval_return'], 1)}" in done.stdout
     # TensorBoard gets every log point, as in a single-process run (before, a multi-process run wrote none).
     from tensorboard_events import scalar_steps

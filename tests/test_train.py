@@ -1038,3 +1038,54 @@ def test_loop_run_validates_its_config_before_writing_anything(tmp_path):
     with pytest.raises(ConfigError, match="total-steps"):
         loop.run(TrainConfig(algo="dqn", total_steps=-5, logdir=str(tmp_path / "run"), progress=False))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_run_is_named_in_its_summary_and_a_sweep_does_not_pick_it(tmp_path, monkeypatch):
+    """SGD at lr 1e4 without clipping drives A2C's loss to NaN within a few updates. The run trained on to its end
+    and reported "final return 9.3, greedy eval 9.1", a NaN policy's (argmax of NaN is action 0), with nothing to
+    tell it from a poor agent. Its summary now says where the loss stopped being finite and that θ is not."""
+    base = dict(algo="a2c", optimizer="sgd", max_grad_norm=0.0, total_steps=8 * 16 * 8, log_interval=1e-9)
+    summary = loop.run(make_cfg(tmp_path, "diverged", lr=1e4, **base))
+    assert summary["diverged_runs"] == 1 and summary["params_finite"] is False
+    records = read_jsonl(tmp_path / "diverged" / "metrics.jsonl")
+    first = next(r["step"] for r in records if "loss" in r and not math.isfinite(r["loss"]))
+    assert summary["diverged_at_step"] == first
+    healthy = loop.run(make_cfg(tmp_path, "healthy", lr=1e-3, **base))
+    assert healthy["diverged_runs"] == 0 and healthy["diverged_at_step"] is None and healthy["params_finite"]
+
+    # A sweep picks its best point among those none of whose runs diverged: mark the better point's runs as
+    # diverged (a broken policy can out-score a poor one), and the other becomes the best.
+    sweep = make_cfg(tmp_path, "sweep", lr=1e-3, **{**base, "total_steps": 4 * 16 * 8})
+    sweep = validate(dataclasses.replace(sweep, sweep=(("lr", (1e-3, 3e-3)),)))
+    honest = loop.run(sweep)
+    assert honest["diverged_runs"] == 0 and all(q["diverged_runs"] == 0 for q in honest["grid"])
+    better = honest["best"]
+    worse = next(q["hyperparams"] for q in honest["grid"] if q["hyperparams"] != better)
+    rerun = validate(dataclasses.replace(sweep, logdir=str(tmp_path / "sweep2")))
+    lr_of_dir = {os.path.join(rerun.logdir, loop.point_label(q["hyperparams"])): q["hyperparams"]
+                 for q in honest["grid"]}
+    real = loop.divergence_fields
+
+    def better_point_diverged(params, metrics_path):
+        fields = real(params, metrics_path)
+        if lr_of_dir.get(os.path.dirname(metrics_path)) == better:
+            fields = {"diverged_at_step": 128, "params_finite": False}
+        return fields
+
+    monkeypatch.setattr(loop, "divergence_fields", better_point_diverged)
+    shifted = loop.run(rerun)
+    assert shifted["diverged_runs"] == 1 and shifted["best"] == worse
+
+
+def test_divergence_fields_read_the_first_non_finite_loss_and_the_parameters(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "episodic_return": None}, {"step": 100, "loss": 1.5}, {"step": 200, "loss": math.inf},
+             {"step": 300, "loss": math.nan}]
+    path.write_text("".join(json.dumps(record) + "\n" for record in lines))
+    finite = {"w": jnp.ones(3)}
+    assert loop.divergence_fields(finite, str(path)) == {"diverged_at_step": 200, "params_finite": True}
+    broken = {"w": jnp.array([1.0, jnp.nan])}
+    path.write_text('{"step": 0, "train_loss": 0.5}\n')  # the MPI runtime's name for the workers' loss
+    assert loop.divergence_fields(broken, str(path)) == {"diverged_at_step": None, "params_finite": False}
+    assert loop.diverged({"diverged_at_step": None, "params_finite": False})
+    assert not loop.diverged({"diverged_at_step": None, "params_finite": True})

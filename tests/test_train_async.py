@@ -182,6 +182,7 @@ def test_a_finished_run_resumed_evaluates_again_and_counts_its_games(tmp_path):
     cfg = _cfg(strategy="dpsgd", workers=2, total_steps=10_000, eval_episodes=3, logdir=str(tmp_path / "run"))
     summary = train_async.run(cfg)
     assert summary["eval_episodes_ended"] == 3 and summary["eval_return"] > 0
+    assert summary["diverged_runs"] == 0 and summary["diverged_at_step"] is None and summary["params_finite"]
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         logged = f.read()
     again = train_async.run(dataclasses.replace(cfg, resume=True, eval_episodes=5))
