@@ -85,7 +85,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-interval", "checkpoint_interval", float, "seconds between checkpoints, or more after a slow "
                                                             "save: saving takes at most 5%% of the run (an Atari DQN "
                                                             "replay: about 3 s a save)"),
-    ("--resume", "resume", "flag", "continue from the latest checkpoint in --logdir"),
+    ("--resume", "resume", "flag",
+     "continue from the latest checkpoint in --logdir; the options not given are the run's (its config.json)"),
     ("--eval-episodes", "eval_episodes", int,
      "evaluation episodes at the end, greedy unless --eval-epsilon (0 = none)"),
     ("--eval-epsilon", "eval_epsilon", float, "probability of a uniformly random action in the evaluation episodes "
@@ -405,8 +406,13 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        cfg = config_lib.validate(config_from_args(args))
+        cfg = config_from_args(args)
         given = given_fields(argv)
+        if args.resume and args.logdir:  # the run as it was: what this command line does not give is the run's
+            seeds_given = given & {"seed", "seeds", "num_seeds"}
+            cfg = config_lib.resumed_config(cfg, (given - seeds_given) | ({"seeds"} if seeds_given else set()),
+                                            args.logdir)
+        cfg = config_lib.validate(cfg)
         for field, owner in config_lib.options_not_read(cfg, given):
             raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
         for field, owner in config_lib.strategy_options_not_read(cfg, given):

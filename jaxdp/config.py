@@ -576,6 +576,38 @@ def _sweep_shown(sweep: list) -> str:
                     for name, values in sweep) or "nothing"
 
 
+# What a resumed command line takes from its own invocation, never from the run it continues: the resume and its
+# folder, whether this terminal shows a progress bar, and where and as what this process meets a jax.distributed job.
+INVOCATION_FIELDS = ("resume", "logdir", "progress", "coordinator", "num_processes", "process_id")
+
+
+def resumed_config(cfg: TrainConfig, given: Collection[str], logdir: str) -> TrainConfig:
+    """``--resume``: the run's saved config (``logdir``'s RUN_CONFIG_FILE) with the fields this command line gave
+    (``given``: field names, values from ``cfg``) put over it, so that ``jaxdp train --resume --logdir DIR`` continues a
+    run as it was, to the end it had. A given field that differs from the run's is then refused by
+    :func:`check_resumable` unless it may change. Each swept field's values come from where its own value does. Without
+    a saved config (a run from before it existed), ``cfg`` as it is."""
+    import json
+    import os
+
+    path = os.path.join(logdir, RUN_CONFIG_FILE)
+    if not os.path.exists(path):
+        return cfg
+    with open(path) as f:
+        saved = json.load(f)
+
+    def as_tuples(value):  # JSON has lists where the config has tuples (seeds, hidden, sweep)
+        return tuple(map(as_tuples, value)) if isinstance(value, list) else value
+
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    kept = {name: as_tuples(value) for name, value in saved.items()
+            if name in names and name not in given and name not in INVOCATION_FIELDS and name != "sweep"}
+    saved_sweep, given_sweep = dict(as_tuples(saved.get("sweep", []))), dict(cfg.sweep)
+    sweep = tuple((name, values) for name in SWEEPABLE
+                  for values in [given_sweep.get(name) if name in given else saved_sweep.get(name)] if values)
+    return dataclasses.replace(cfg, **kept, sweep=sweep)
+
+
 def save_run_config(cfg: TrainConfig, logdir: str) -> None:
     """Writes ``cfg`` to ``logdir``'s RUN_CONFIG_FILE (atomically), what a later ``--resume`` must match; a resumed
     run is checked against the file first (:func:`check_resumable`). The multi-process runtimes pass ``cfg`` with

@@ -312,6 +312,35 @@ def test_resume_may_change_the_length_and_reporting(tmp_path):
     assert cfg.total_steps == 900_000 and cfg.resume
 
 
+def test_resume_alone_continues_the_run_as_it_was(tmp_path, monkeypatch, capsys):
+    """``jaxdp train --resume --logdir DIR`` takes every option it does not give from the run (config.json). It
+    compared the defaults with the run's instead: a DQN run was refused as "--algo is 'a2c' here but 'dqn'", so
+    the whole command had to be typed again, and a run resumed without its --total-steps went on to 500k."""
+    from jaxdp import train as train_lib
+
+    logdir = tmp_path / "run"
+    _saved_run(logdir, ["--algo", "dqn", "--lr", "1e-3", "--total-steps", "20000", "--no-tensorboard", "--gamma",
+                        "0.9", "0.99", "--seeds", "3", "4", "--no-progress"])
+    started: list[TrainConfig] = []
+    monkeypatch.setattr(train_lib, "run", lambda cfg: started.append(cfg))  # a summary of None: nothing printed
+    assert run_main(["train", "--resume", "--logdir", str(logdir)]) == 0
+    assert run_main(["train", "--resume", "--logdir", str(logdir), "--total-steps", "40000", "--seeds", "3", "4",
+                     "--gamma", "0.9", "0.99", "--eval-episodes", "0"]) == 0
+    alone, given = started
+    assert (alone.algo, alone.lr, alone.total_steps, alone.tensorboard, alone.seeds) == ("dqn", 1e-3, 20000, False,
+                                                                                          (3, 4))
+    assert alone.sweep == (("gamma", (0.9, 0.99)),) and alone.resume and alone.logdir == str(logdir)
+    assert alone.progress  # how this terminal shows the run is this invocation's, not the run's
+    assert (given.total_steps, given.eval_episodes, given.algo, given.sweep) == (40000, 0, "dqn", alone.sweep)
+    # A given option is still compared with the run's: the sweep's values, and a setting outside the length.
+    for change, said in ((["--gamma", "0.9"], "swept --gamma 0.9 0.99, this command sweeps nothing"),
+                         (["--lr", "3e-3"], "--lr is 0.003 here but 0.001")):
+        assert run_main(["train", "--resume", "--logdir", str(logdir), *change]) == 2, change
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    assert len(started) == 2
+
+
 def test_an_async_sim_run_is_resumed_at_its_own_length(tmp_path, capsys):
     """async_sim draws its schedule for the whole run: on a resume its --total-steps is refused like any setting,
     and the list of what may change leaves it out."""
