@@ -617,11 +617,18 @@ def save_run_config(cfg: TrainConfig, logdir: str) -> None:
     from jaxdp import atomic
 
     check_resumable(cfg, logdir)
+    make_logdir(logdir)
+    atomic.write_json(os.path.join(logdir, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
+
+
+def make_logdir(logdir: str) -> None:
+    """Creates ``logdir`` (and its parents) if need be; a folder that cannot be made is a ConfigError of one line."""
+    import os
+
     try:
         os.makedirs(logdir, exist_ok=True)
     except OSError as error:  # what no check can foresee (a read-only or virtual filesystem): still one line
         raise ConfigError(f"--logdir {logdir!r} cannot be created: {error.strerror}") from None
-    atomic.write_json(os.path.join(logdir, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
 
 
 def atari_dqn_defaults(algo: str, is_atari: bool, given: dict) -> dict:

@@ -50,7 +50,8 @@ import numpy as np
 import optax
 
 from jaxdp import atomic, provenance
-from jaxdp.config import TrainConfig, evaluation_shown, point_shown, save_run_config, validate
+from jaxdp.config import (ConfigError, TrainConfig, check_resumable, evaluation_shown, make_logdir, point_shown,
+                          save_run_config, validate)
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
 from jaxdp.stopping import RunStopped, stop_requests
 
@@ -248,8 +249,17 @@ def restore_checkpoint(manager, lanes_template, *, in_place_bytes: int | None = 
     item = jax.tree.map(lambda a, big: ocp.PLACEHOLDER if big else a, abstract, large)
     restore_args = jax.tree.map(lambda a, big: ocp.PLACEHOLDER if big else ocp.ArrayRestoreArgs(
         sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract, large)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        lanes=ocp.args.PyTreeRestore(item=item, restore_args=restore_args), host=ocp.args.JsonRestore()))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            lanes=ocp.args.PyTreeRestore(item=item, restore_args=restore_args), host=ocp.args.JsonRestore()))
+    except ValueError as error:
+        if "tree structures do not match" not in str(error):
+            raise
+        # Another state tree than this run builds: from Python, most often another optimizer chain (inner=...), which
+        # config.json cannot record. orbax's message names the subtree that differs ("opt_state: ...").
+        where = " ".join(line.strip() for line in str(error).splitlines()[1:4])
+        raise ConfigError(f"--resume: the checkpoint in {manager.directory} holds another state than this run builds "
+                          f"({where}): resume with the optimizer chain (inner=...) the run was started with") from None
     directory = os.path.join(str(manager.directory), str(step), "lanes")
     names = ocp.tree.get_param_names(abstract, include_empty_nodes=False)  # the paths orbax stored them under
     lanes = jax.tree.map(lambda leaf, a, big, name: _read_in_place(directory, name, a) if big else leaf,
@@ -537,7 +547,8 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
 
     t_start = time.time()
     S = len(cfg.runs)  # lanes: grid points x seeds
-    save_run_config(cfg, cfg.logdir)  # what a --resume must match; checks this one (a script may skip the CLI)
+    check_resumable(cfg, cfg.logdir)  # a resume of another run is refused before any work (a script may skip the CLI)
+    make_logdir(cfg.logdir)
     trainer = train_lib.make_train(cfg, inner=inner)
     keys = train_lib.seed_keys(cfg)
     handle = trainer.initial_handle()
@@ -559,6 +570,9 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         lanes = saved._replace(**fresh_env)
         iteration = int(host["iteration"])
         episodes = [[tuple(e) for e in per_seed] for per_seed in host["episodes"]]
+    # What a --resume must match, written once the run is built and its checkpoint restored: a resume that fails
+    # before (another optimizer chain, memory) leaves the run's config.json as it was.
+    save_run_config(cfg, cfg.logdir)
     start_iteration = iteration  # a resumed run's rates count the steps this process trains, in its wall time
 
     per_run_dirs = run_dirs(cfg)

@@ -33,7 +33,7 @@ from jaxdp import __version__ as jaxdp_version
 from jaxdp import envs as envs_lib
 from jaxdp import loop, stopping
 from jaxdp import train as train_lib
-from jaxdp.config import TrainConfig, validate
+from jaxdp.config import ConfigError, TrainConfig, validate
 
 
 def make_cfg(tmp_path, name: str = "run", **kw) -> TrainConfig:
@@ -970,6 +970,16 @@ def test_the_learner_takes_any_optax_chain(tmp_path):
     cfg = make_cfg(tmp_path, "logged", algo="a2c", total_steps=128 * 8, eval_episodes=0)
     summary = loop.run(cfg, inner=optax.adamw(1e-3, weight_decay=1e-2))
     assert summary["total_steps"] == 128 * 8
+    # A resume with another chain whose state differs is one clear error (it was orbax's "tree structures do not
+    # match ... pass partial_restore=True"), and the run's config.json is left as it was.
+    saved_config = (tmp_path / "logged" / "config.json").read_text()
+    longer = dataclasses.replace(cfg, resume=True, total_steps=128 * 12)
+    for other in (optax.sgd(1e-3), None):
+        with pytest.raises(ConfigError, match="holds another state than this run builds .*opt_state.* resume with "
+                                              "the optimizer chain"):
+            loop.run(longer, inner=other)
+        assert (tmp_path / "logged" / "config.json").read_text() == saved_config
+    assert loop.run(longer, inner=optax.adamw(1e-3, weight_decay=1e-2))["total_steps"] == 128 * 12
     train_fn, _ = train_lib.make_train_fn(validate(TrainConfig(algo="a2c", total_steps=128 * 4)),
                                           inner=optax.sgd(0.0))
     out = jax.jit(train_fn)(jax.random.PRNGKey(0))
@@ -1033,8 +1043,6 @@ def test_the_final_return_averages_the_episodes_of_the_last_tenth_of_the_steps()
 def test_loop_run_validates_its_config_before_writing_anything(tmp_path):
     """A script that skips the command line gets its checks: ``total_steps=-5`` trained DQN's 10k warm-up steps and
     wrote a summary; it is a ConfigError now, and the logdir is not created."""
-    from jaxdp.config import ConfigError
-
     with pytest.raises(ConfigError, match="total-steps"):
         loop.run(TrainConfig(algo="dqn", total_steps=-5, logdir=str(tmp_path / "run"), progress=False))
     assert not (tmp_path / "run").exists()
