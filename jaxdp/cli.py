@@ -392,64 +392,82 @@ def check_devices(workers: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    status = _main(argv)
+    try:
+        status = _main(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C, which acts at once (a first one stops the run with a checkpoint)
+        sys.stderr.write("jaxdp: interrupted at once; --resume continues from the run's last checkpoint, if any\n")
+        status = 130
     mpi_runtime = sys.modules.get("jaxdp.runtime.mpi")
     if mpi_runtime is not None:  # --runtime mpi: end MPI within a bounded time, keeping this exit status
         mpi_runtime.finalize(status)
     return status
 
 
+def _checked_config(args: argparse.Namespace, argv: Sequence[str] | None) -> config_lib.TrainConfig:
+    """The run's config from the parsed command line, with every check that needs no training code: a bad value, an
+    option the run does not read, an env jaxdp cannot play, a replay that cannot fit, a --logdir that cannot be
+    written or a --resume of another run raise ConfigError (or ValueError), before anything is written."""
+    cfg = config_from_args(args)
+    given = given_fields(argv)
+    if args.resume and args.logdir:  # the run as it was: what this command line does not give is the run's
+        seeds_given = given & {"seed", "seeds", "num_seeds"}
+        cfg = config_lib.resumed_config(cfg, (given - seeds_given) | ({"seeds"} if seeds_given else set()),
+                                        args.logdir)
+    cfg = config_lib.validate(cfg)
+    for field, owner in config_lib.options_not_read(cfg, given):
+        raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
+    for field, owner in config_lib.strategy_options_not_read(cfg, given):
+        raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner}; --strategy {cfg.strategy} on --runtime "
+                                     f"{cfg.runtime} does not read it")
+    _check_dqn_options(cfg, given)
+    _check_baseline_options(cfg, given)
+    _check_job_size(args, cfg)
+    from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment
+
+    if backend_of(cfg.env) != "envpool":  # raises on an unknown id
+        raise config_lib.ConfigError(f"--env {cfg.env!r} is a gymnasium-only id: jaxdp train steps envpool "
+                                     f"environments inside the compiled loop (use an envpool id)")
+    # make_spec also refuses continuous actions.
+    spec = make_spec(cfg.env, 1)
+    config_lib.check_torso_fits(cfg, spec.obs_shape)
+    config_lib.check_replay_fits(cfg, spec.is_atari)
+    torso = cfg.torso_for(spec.is_atari)  # as make_network builds it
+    if torso in config_lib.CNN_TORSOS and "hidden" in given:
+        raise config_lib.ConfigError(f"--hidden sets the MLP torso's widths; this run's torso is the {torso} CNN "
+                                     f"(--torso {cfg.torso} on {cfg.env}), which does not read it")
+    if cfg.runtime == "devices":
+        check_devices(cfg.workers)
+    # The replays must fit the memory left. Asking the device starts JAX's backend, which jax.distributed must
+    # start itself: such a job checks once it has (jaxdp.train.run_distributed).
+    if cfg.is_dqn and cfg.runtime != "distributed":
+        from jaxdp.train import check_replay_memory
+
+        check_replay_memory(cfg, spec)
+    cfg = resolve_logdir(cfg)
+    return cfg
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        cfg = config_from_args(args)
-        given = given_fields(argv)
-        if args.resume and args.logdir:  # the run as it was: what this command line does not give is the run's
-            seeds_given = given & {"seed", "seeds", "num_seeds"}
-            cfg = config_lib.resumed_config(cfg, (given - seeds_given) | ({"seeds"} if seeds_given else set()),
-                                            args.logdir)
-        cfg = config_lib.validate(cfg)
-        for field, owner in config_lib.options_not_read(cfg, given):
-            raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner} only: --algo {cfg.algo} does not read it")
-        for field, owner in config_lib.strategy_options_not_read(cfg, given):
-            raise config_lib.ConfigError(f"{_FLAG_OF[field]} is for {owner}; --strategy {cfg.strategy} on --runtime "
-                                         f"{cfg.runtime} does not read it")
-        _check_dqn_options(cfg, given)
-        _check_baseline_options(cfg, given)
-        _check_job_size(args, cfg)
-        from jaxdp.envs import backend_of, make_spec  # the registries and envpool's static spec: no environment
+    from jaxdp.stopping import RunStopped, exit_status, stop_requests
 
-        if backend_of(cfg.env) != "envpool":  # raises on an unknown id
-            raise config_lib.ConfigError(f"--env {cfg.env!r} is a gymnasium-only id: jaxdp train steps envpool "
-                                         f"environments inside the compiled loop (use an envpool id)")
-        # make_spec also refuses continuous actions.
-        spec = make_spec(cfg.env, 1)
-        config_lib.check_torso_fits(cfg, spec.obs_shape)
-        config_lib.check_replay_fits(cfg, spec.is_atari)
-        torso = cfg.torso_for(spec.is_atari)  # as make_network builds it
-        if torso in config_lib.CNN_TORSOS and "hidden" in given:
-            raise config_lib.ConfigError(f"--hidden sets the MLP torso's widths; this run's torso is the {torso} CNN "
-                                         f"(--torso {cfg.torso} on {cfg.env}), which does not read it")
-        if cfg.runtime == "devices":
-            check_devices(cfg.workers)
-        # The replays must fit the memory left. Asking the device starts JAX's backend, which jax.distributed must
-        # start itself: such a job checks once it has (jaxdp.train.run_distributed).
-        if cfg.is_dqn and cfg.runtime != "distributed":
-            from jaxdp.train import check_replay_memory
-
-            check_replay_memory(cfg, spec)
-        cfg = resolve_logdir(cfg)
-    except (config_lib.ConfigError, ValueError) as e:
-        return _report(e)
-
-    from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
-
-    from jaxdp.runtime.mpi import WorkersLost  # starts no MPI: mpi4py is imported when a run_mpi starts it
-    from jaxdp.stopping import RunStopped, exit_status
+    # Until the run's own loop takes the signals over (jaxdp.loop.run enters its handlers first thing): a signal while
+    # the command line is checked and JAX loads ends the command in one line, not in a traceback, nor in a
+    # KeyboardInterrupt that a callback swallowed while the run went on to its end.
+    with stop_requests() as early:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        try:
+            cfg = _checked_config(args, argv)
+        except (config_lib.ConfigError, ValueError) as e:
+            return _report(e)
+        from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
+        from jaxdp.runtime.mpi import WorkersLost  # starts no MPI: mpi4py is imported when a run_mpi starts it
+    if early:
+        return exit_status(RunStopped(early[0], 0, cfg.total_steps, cfg.logdir if cfg.resume else None,
+                                      report=_launcher_rank() == 0, starting=True), "jaxdp train")
 
     try:
         summary = train_lib.run(cfg)

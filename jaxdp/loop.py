@@ -50,6 +50,7 @@ import numpy as np
 import optax
 
 from jaxdp import atomic, provenance
+from jaxdp.cli_args import folder_problem
 from jaxdp.config import (ConfigError, TrainConfig, check_resumable, evaluation_shown, make_logdir, point_shown,
                           save_run_config, validate)
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
@@ -547,13 +548,23 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
 
     t_start = time.time()
     S = len(cfg.runs)  # lanes: grid points x seeds
+    # From the start: a signal while the run is built (envpool, the network, a checkpoint's restore: seconds) is
+    # honoured when the build ends, in one line. Python's own Ctrl-C could land in a callback that swallows it (JAX's
+    # garbage-collection hook), and the run then trained to its end.
+    requested = signals.enter_context(stop_requests())
     check_resumable(cfg, cfg.logdir)  # a resume of another run is refused before any work (a script may skip the CLI)
-    make_logdir(cfg.logdir)
+    problem = folder_problem(cfg.logdir, "--logdir")  # checked now, created once the run is built
+    if problem:
+        raise ConfigError(problem)
     trainer = train_lib.make_train(cfg, inner=inner)
     keys = train_lib.seed_keys(cfg)
     handle = trainer.initial_handle()
     lanes = trainer.init(keys)
+    total_steps = trainer.total_iterations * trainer.env_steps_per_iteration
+    if requested and not cfg.resume:  # nothing written yet
+        raise RunStopped(requested[0], 0, total_steps, None, starting=True)
 
+    make_logdir(cfg.logdir)
     manager = _checkpoint_manager(cfg.logdir)
     iteration = 0  # loop iterations done (warmup included)
     episodes: list[list[tuple[int, float, int]]] = [[] for _ in range(S)]  # (step, return, length)
@@ -570,6 +581,9 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         lanes = saved._replace(**fresh_env)
         iteration = int(host["iteration"])
         episodes = [[tuple(e) for e in per_seed] for per_seed in host["episodes"]]
+        if requested:  # nothing written yet: the checkpoint is as it was
+            raise RunStopped(requested[0], iteration * trainer.env_steps_per_iteration, total_steps, cfg.logdir,
+                             starting=True)
     # What a --resume must match, written once the run is built and its checkpoint restored: a resume that fails
     # before (another optimizer chain, memory) leaves the run's config.json as it was.
     save_run_config(cfg, cfg.logdir)
@@ -654,7 +668,6 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
             last_ckpt_t = time.time()
             last_ckpt_seconds = last_ckpt_t - started
 
-    requested = signals.enter_context(stop_requests())  # honoured between chunks, until the training ends
     # Warmup (DQN random play before learning starts).
     if trainer.warmup is not None and iteration < trainer.warmup_iterations:
         n = trainer.warmup_iterations - iteration

@@ -33,18 +33,26 @@ class RunStopped(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int, step: int, total_steps: int, logdir: str | None, report: bool = True,
-                 evaluating: bool = False):
-        where = "during the final evaluation" if evaluating else f"at step {step} of {total_steps}"
+                 evaluating: bool = False, starting: bool = False):
+        where = ("during the final evaluation" if evaluating else "before training began" if starting
+                 else f"at step {step} of {total_steps}")
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
         self.signum, self.step, self.total_steps, self.logdir, self.report = signum, step, total_steps, logdir, report
         self.evaluating = evaluating  # training had ended and was saved: a resume only evaluates
+        # While the run was being built (JAX loading, environments, compilation, a checkpoint's restore): nothing was
+        # trained or written, and a resumed run's checkpoint is as it was. ``logdir`` is that run's, else None.
+        self.starting = starting
 
 
 def exit_status(stop: RunStopped, prog: str) -> int:
     """How a command line ends a stopped run: one line on stderr (from the process that reports for the job) and
     the exit status 128 + the signal's number, the shell's convention for a process that a signal ended."""
     if stop.report:
-        if not stop.logdir:
+        if stop.starting:
+            where = ("nothing was written: run the command again" if not stop.logdir else
+                     f"the run is as its last checkpoint left it: continue with the same command and --resume "
+                     f"(--logdir {stop.logdir})")
+        elif not stop.logdir:
             where = "nothing saved (no --logdir)"
         elif stop.evaluating:
             where = (f"the trained parameters are saved: the same command with --resume evaluates them and writes the "

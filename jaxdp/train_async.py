@@ -939,30 +939,36 @@ def run(
     config_lib.check_resumable(cfg, cfg.logdir)  # before any work: a --resume must match the run it continues
     if cfg.resume and not os.path.isdir(os.path.join(cfg.logdir, "checkpoints")):
         raise config_lib.ConfigError(f"--resume: no checkpoint in {cfg.logdir}/checkpoints")
-    trainer = make_async_train(cfg, compute_time=compute_time, comm_time=comm_time, reply=reply,
-                               chunk_events=chunk_events, event_loop=event_loop)
-    manager = loop_lib._checkpoint_manager(cfg.logdir)
-    start = _restore(manager, trainer, cfg.logdir) if cfg.resume else None
-    config_lib.save_run_config(cfg, cfg.logdir)  # what a later --resume must match
-    metrics_path = os.path.join(cfg.logdir, "metrics.jsonl")
-    if start is not None:  # the records after the checkpoint will be logged again
-        truncate_json_lines(metrics_path, _steps_at(trainer, start))
-    total = trainer.warmup_env_steps + trainer.num_chunks * trainer.chunk_events * trainer.env_steps_per_event
-    last_save = time.time()
-    last_save_seconds = 0.0  # how long the last save took (see loop.checkpoint_due)
-    latest = start
-
-    def checkpoint(point: AsyncProgress, force: bool = False) -> None:
-        nonlocal last_save, last_save_seconds, latest
-        latest = point
-        if force or loop_lib.checkpoint_due(time.time() - last_save, last_save_seconds, cfg.checkpoint_interval):
-            started = time.time()
-            _save(manager, trainer, point)  # synchronous: the next chunk donates the carry's buffers
-            last_save = time.time()
-            last_save_seconds = last_save - started
-
     with contextlib.ExitStack() as stack:
+        # From the start: a signal while the run is built (its schedule, envpool, a checkpoint's restore) is honoured
+        # when the build ends, in one line (see jaxdp.loop.run).
         requested = stack.enter_context(stop_requests())
+        trainer = make_async_train(cfg, compute_time=compute_time, comm_time=comm_time, reply=reply,
+                                   chunk_events=chunk_events, event_loop=event_loop)
+        total = trainer.warmup_env_steps + trainer.num_chunks * trainer.chunk_events * trainer.env_steps_per_event
+        if requested and not cfg.resume:  # nothing written yet
+            raise RunStopped(requested[0], 0, total, None, starting=True)
+        manager = loop_lib._checkpoint_manager(cfg.logdir)
+        start = _restore(manager, trainer, cfg.logdir) if cfg.resume else None
+        if requested:  # nothing written yet: the checkpoint is as it was
+            raise RunStopped(requested[0], _steps_at(trainer, start), total, cfg.logdir, starting=True)
+        config_lib.save_run_config(cfg, cfg.logdir)  # what a later --resume must match
+        metrics_path = os.path.join(cfg.logdir, "metrics.jsonl")
+        if start is not None:  # the records after the checkpoint will be logged again
+            truncate_json_lines(metrics_path, _steps_at(trainer, start))
+        last_save = time.time()
+        last_save_seconds = 0.0  # how long the last save took (see loop.checkpoint_due)
+        latest = start
+
+        def checkpoint(point: AsyncProgress, force: bool = False) -> None:
+            nonlocal last_save, last_save_seconds, latest
+            latest = point
+            if force or loop_lib.checkpoint_due(time.time() - last_save, last_save_seconds, cfg.checkpoint_interval):
+                started = time.time()
+                _save(manager, trainer, point)  # synchronous: the next chunk donates the carry's buffers
+                last_save = time.time()
+                last_save_seconds = last_save - started
+
         writer = loop_lib.MetricsWriter(metrics_path, os.path.join(cfg.logdir, "tb") if cfg.tensorboard else None)
         stack.callback(writer.close)
         bar = loop_lib._progress(cfg, total)

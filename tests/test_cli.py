@@ -463,6 +463,43 @@ def test_validation_imports_no_training_code():
     assert out.stdout.split() == ["2", "False", "False", "False"], out.stdout + out.stderr
 
 
+def test_the_command_line_loads_jax_only_to_train():
+    """``import jaxdp`` loads the strategies (and JAX) on first use: ``jaxdp --help`` took 1.4 s, and a Ctrl-C while
+    JAX loaded was raised inside JAX's import, where its garbage-collection hook could swallow it."""
+    code = ("import sys, jaxdp.cli; print('jax' in sys.modules); import jaxdp; "
+            "print(callable(jaxdp.delayed), 'jax' in sys.modules, 'local_steps' in dir(jaxdp))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True", "True", "True"], out.stdout + out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'delay'"):
+        import jaxdp
+
+        jaxdp.delay  # noqa: B018
+
+
+def test_a_signal_before_training_ends_the_command_in_one_line(tmp_path, monkeypatch, capsys):
+    """A signal while the command line is checked and JAX loads: one line, 128 + the signal, nothing written, no
+    training started (the run's own loop takes the signals over once it starts)."""
+    import signal
+
+    from jaxdp import train as train_lib
+
+    checked = cli._checked_config
+
+    def checked_then_signalled(args, argv):
+        cfg = checked(args, argv)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return cfg
+
+    monkeypatch.setattr(cli, "_checked_config", checked_then_signalled)
+    monkeypatch.setattr(train_lib, "run", lambda cfg: pytest.fail("training started after the signal"))
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_main(["train", "--logdir", str(tmp_path / "run"), "--total-steps", "1000"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["jaxdp train: stopped by SIGTERM before training began; nothing was written: run the command "
+                   "again"], err
+    assert not (tmp_path / "run").exists() and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_real_process_bad_input_and_help(tmp_path):
     """What a user sees: ``python -m jaxdp.cli``, exit statuses, one line, no traceback."""
     bad = subprocess.run([sys.executable, "-m", "jaxdp.cli", "train", "--workers", "0", "--logdir",

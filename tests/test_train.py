@@ -1097,3 +1097,47 @@ def test_divergence_fields_read_the_first_non_finite_loss_and_the_parameters(tmp
     assert loop.divergence_fields(broken, str(path)) == {"diverged_at_step": None, "params_finite": False}
     assert loop.diverged({"diverged_at_step": None, "params_finite": False})
     assert not loop.diverged({"diverged_at_step": None, "params_finite": True})
+
+
+def test_a_signal_while_the_run_is_built_stops_it_before_training_and_writes_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C 1.5 s after `jaxdp train` started, while JAX loaded and the run was built, raised its
+    KeyboardInterrupt inside JAX's garbage-collection hook, which swallows exceptions: the run trained to its end
+    and exited 0. The handlers now come first, and a signal during the build stops the run once it is built: a fresh
+    run leaves no folder behind, and a resumed one leaves its checkpoint, config.json and metrics as they were."""
+    cfg = make_cfg(tmp_path, algo="a2c", total_steps=128 * 8, eval_episodes=0)
+    real_make_train = train_lib.make_train
+
+    def make_train_then(signum):
+        def make_train(*args, **kwargs):
+            trainer = real_make_train(*args, **kwargs)
+            os.kill(os.getpid(), signum)  # as if it came while envpool started and the network was built
+            return trainer
+        return make_train
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(train_lib, "make_train", make_train_then(signal.SIGINT))
+    with pytest.raises(stopping.RunStopped, match="stopped by SIGINT before training began") as stopped:
+        loop.run(cfg)
+    assert stopped.value.starting and stopped.value.logdir is None and not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGINT) == before
+
+    monkeypatch.setattr(train_lib, "make_train", real_make_train)
+    loop.run(cfg)
+    written = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    monkeypatch.setattr(train_lib, "make_train", make_train_then(signal.SIGTERM))
+    with pytest.raises(stopping.RunStopped, match="stopped by SIGTERM before training began") as stopped:
+        loop.run(dataclasses.replace(cfg, resume=True, total_steps=128 * 16))
+    assert stopped.value.starting and stopped.value.logdir == cfg.logdir and stopped.value.step == 128 * 8
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == written
+    assert "the run is as its last checkpoint left it: continue with the same command and --resume" in (
+        _stop_line(stopped.value))
+
+
+def _stop_line(stop: stopping.RunStopped) -> str:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert stopping.exit_status(stop, "jaxdp train") == 128 + stop.signum
+    return err.getvalue()
