@@ -577,8 +577,9 @@ def _sweep_shown(sweep: list) -> str:
 
 
 # What a resumed command line takes from its own invocation, never from the run it continues: the resume and its
-# folder, whether this terminal shows a progress bar, and where and as what this process meets a jax.distributed job.
-INVOCATION_FIELDS = ("resume", "logdir", "progress", "coordinator", "num_processes", "process_id")
+# folder, where and as what this process meets a jax.distributed job, and the progress bar and TensorBoard, whose
+# flags (--no-progress, --no-tensorboard) can only turn them off: inherited, a resume could never turn them back on.
+INVOCATION_FIELDS = ("resume", "logdir", "progress", "tensorboard", "coordinator", "num_processes", "process_id")
 
 
 def resumed_config(cfg: TrainConfig, given: Collection[str], logdir: str) -> TrainConfig:

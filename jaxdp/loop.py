@@ -731,6 +731,7 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     stable = [q for q in per_point if not q["diverged_runs"]] or per_point
     best = max(stable, key=lambda q: -math.inf if q["final_return"] is None else q["final_return"], default=None)
     trained_here = (iteration - start_iteration) * steps_per_iter * S  # env steps, all runs
+    rounds = communication_rounds(cfg, max(0, iteration - trainer.warmup_iterations))
     summary = {
         "total_steps": iteration * steps_per_iter,
         "start_step": start_iteration * steps_per_iter,
@@ -754,8 +755,8 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         "updates": max(0, iteration - trainer.warmup_iterations),
         "data_points_per_second": trained_here / wall,
         "param_bytes": param_bytes,
-        "comm_rounds": communication_rounds(cfg, max(0, iteration - trainer.warmup_iterations)),
-        "bytes_sent": communication_rounds(cfg, max(0, iteration - trainer.warmup_iterations)) * bytes_per_round,
+        "comm_rounds": rounds,
+        "bytes_sent": rounds * bytes_per_round,
     }
     if cfg.strategy == "async" and "max_delay" not in dict(cfg.sweep):
         # Staleness of the stale-gradient server: the delay distribution the gradients were drawn from (a swept

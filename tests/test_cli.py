@@ -327,10 +327,10 @@ def test_resume_alone_continues_the_run_as_it_was(tmp_path, monkeypatch, capsys)
     assert run_main(["train", "--resume", "--logdir", str(logdir), "--total-steps", "40000", "--seeds", "3", "4",
                      "--gamma", "0.9", "0.99", "--eval-episodes", "0"]) == 0
     alone, given = started
-    assert (alone.algo, alone.lr, alone.total_steps, alone.tensorboard, alone.seeds) == ("dqn", 1e-3, 20000, False,
-                                                                                          (3, 4))
+    assert (alone.algo, alone.lr, alone.total_steps, alone.seeds) == ("dqn", 1e-3, 20000, (3, 4))
     assert alone.sweep == (("gamma", (0.9, 0.99)),) and alone.resume and alone.logdir == str(logdir)
-    assert alone.progress  # how this terminal shows the run is this invocation's, not the run's
+    # The progress bar and TensorBoard are this invocation's: their flags can only turn them off.
+    assert alone.progress and alone.tensorboard
     assert (given.total_steps, given.eval_episodes, given.algo, given.sweep) == (40000, 0, "dqn", alone.sweep)
     # A given option is still compared with the run's: the sweep's values, and a setting outside the length.
     for change, said in ((["--gamma", "0.9"], "swept --gamma 0.9 0.99, this command sweeps nothing"),
