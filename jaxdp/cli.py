@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from jaxdp import config as config_lib
 from jaxdp.cli_args import OneLineParser as _OneLineParser
-from jaxdp.cli_args import folder_problem, integer
+from jaxdp.cli_args import folder_problem, given_options, integer
 
 EXIT_USAGE = 2
 
@@ -100,8 +100,6 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
 _FLAG_OF = {field: flag for flag, field, _, _ in _OPTIONS}
 # Every destination of `jaxdp train`'s options: those of _OPTIONS, --hidden and the three seed options.
 _TRAIN_DESTS = (*_FLAG_OF, "hidden", "seed", "seeds", "num_seeds")
-# Not a string: argparse runs an option's type on a string default it did not parse (argparse.SUPPRESS is one).
-_NOT_GIVEN = object()
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -152,9 +150,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
-    """The ``jaxdp`` parser. With ``given_only``, ``train``'s options have no defaults: what it parses holds the
-    options the command line gave, and the others as ``_NOT_GIVEN`` (see :func:`given_fields`)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxdp`` parser."""
+    return _build_parser()[0]
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``jaxdp`` parser and its ``train`` subparser."""
     parser = _OneLineParser(
         prog="jaxdp",
         description="jaxdp: distributed and parallel SGD as optax transforms, and the deep RL trained with it. "
@@ -163,18 +165,15 @@ def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_PrintVersion,
                         help="the versions of jaxdp and of the libraries behind its numbers, and the machine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
-    train = _train_parser(sub)
-    if given_only:
-        train.set_defaults(**dict.fromkeys(_TRAIN_DESTS, _NOT_GIVEN))
-    return parser
+    return parser, _train_parser(sub)
 
 
 def given_fields(argv: Sequence[str] | None) -> frozenset[str]:
     """The fields of the ``jaxdp train`` options that ``argv`` gives, whatever their values. An option the run does
     not read is refused when given, even at its default value (``--algo a2c --baseline mean``): a comparison with
     the default cannot tell that it was given."""
-    parsed = vars(build_parser(given_only=True).parse_args(argv))
-    return frozenset(dest for dest, value in parsed.items() if dest in _TRAIN_DESTS and value is not _NOT_GIVEN)
+    parser, train = _build_parser()
+    return given_options(parser, _TRAIN_DESTS, argv, holder=train)
 
 
 class _PrintVersion(argparse.Action):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Collection, Sequence
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -14,6 +15,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Not a string, which argparse would convert with the option's type; compared by identity.
+_NOT_GIVEN = object()
+
+
+def given_options(parser: argparse.ArgumentParser, dests: Collection[str], argv: Sequence[str] | None, *,
+                  holder: argparse.ArgumentParser | None = None) -> frozenset[str]:
+    """Which of ``dests`` the command line ``argv`` gives, whatever their values: an option given at its default
+    value counts, which a comparison with the default cannot tell. ``holder`` is the (sub)parser that declares the
+    options, ``parser`` itself by default. Used on a fresh parser: it loses the options' defaults."""
+    (holder or parser).set_defaults(**dict.fromkeys(dests, _NOT_GIVEN))
+    parsed = vars(parser.parse_args(argv))
+    return frozenset(dest for dest in dests if dest in parsed and parsed[dest] is not _NOT_GIVEN)
 
 
 def folder_problem(path: str, flag: str) -> str | None:

@@ -8,6 +8,7 @@ two of them run the real ``python -m jaxdp.cli`` process to check what a user se
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -421,6 +422,25 @@ def test_given_fields_names_the_options_given_whatever_their_values():
     assert cli.given_fields(["train", "--algo", "a2c", "--baseline", "mean", "--lr", "1e-3", "2e-3", "--seeds", "0",
                              "1", "--no-replay", "--hidden", "64", "64"]) == {"algo", "baseline", "lr", "seeds",
                                                                                "replay", "hidden"}
+
+
+def test_given_options_counts_an_option_given_at_its_default_on_a_parser_or_a_subparser():
+    from jaxdp.cli_args import given_options
+
+    def parser_and_sub():
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--top", type=int, default=1)
+        sub = parser.add_subparsers(dest="command").add_parser("go")
+        sub.add_argument("--lr", type=float, default=0.1)
+        sub.add_argument("--name", default="x")  # a string default, which argparse would run through its type
+        return parser, sub
+
+    parser, sub = parser_and_sub()
+    assert given_options(parser, ("top",), ["--top", "1", "go"]) == {"top"}
+    parser, sub = parser_and_sub()
+    assert given_options(parser, ("lr", "name"), ["go", "--lr", "0.1"], holder=sub) == {"lr"}
+    parser, sub = parser_and_sub()
+    assert given_options(parser, ("lr", "name"), ["go"], holder=sub) == frozenset()
 
 
 @pytest.mark.parametrize("argv,seeds", [

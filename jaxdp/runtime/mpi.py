@@ -116,6 +116,7 @@ from jaxdp.runtime.async_sim import worker_round
 from jaxdp.stopping import RunStopped, exit_status, stop_requests
 from jaxdp.workloads.base import Workload, restarted
 from jaxdp.cli_args import OneLineParser as _OneLineParser
+from jaxdp.cli_args import given_options
 from jaxdp.cli_args import non_negative_int as _non_negative_int
 from jaxdp.cli_args import positive_float as _positive_float
 from jaxdp.cli_args import positive_int as _positive_int
@@ -1218,17 +1219,13 @@ def build_parser() -> argparse.ArgumentParser:
 _MODE_OPTIONS = ("master_batch", "aggregate", "outer_momentum")
 
 
-def _given_mode_options(argv: Sequence[str] | None) -> set[str]:
+def _given_mode_options(argv: Sequence[str] | None) -> frozenset[str]:
     """Which of :data:`_MODE_OPTIONS` ``argv`` gives, whatever their values."""
-    not_given = object()  # not a string, which argparse would convert with the option's type
-    parser = build_parser()
-    parser.set_defaults(**dict.fromkeys(_MODE_OPTIONS, not_given))
-    return {name for name, value in vars(parser.parse_args(argv)).items() if name in _MODE_OPTIONS
-            and value is not not_given}
+    return given_options(build_parser(), _MODE_OPTIONS, argv)
 
 
 def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                     given: set[str] = frozenset()) -> None:
+                     given: frozenset[str] = frozenset()) -> None:
     if args.mode == "sync":  # every rank all-reduces: no master batches arrivals or adds them
         for name in sorted(given & {"master_batch", "aggregate"}):
             parser.error(f"argument --{name.replace('_', '-')}: --mode sync has no master (every rank all-reduces); "
