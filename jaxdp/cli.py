@@ -31,7 +31,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
                                           "chunks on --runtime async_sim"),
     ("--num-envs", "num_envs", int, "environments per worker (0 = algorithm default: dqn 4, a2c 16, reinforce 8)"),
     ("--optimizer", "optimizer", str, "inner optimizer: adam, rmsprop or sgd"),
-    ("--lr", "lr", float, "learning rate (0 = algorithm default: dqn 2.5e-4, a2c/reinforce 2e-3)"),
+    ("--lr", "lr", float, "learning rate (0 is a rate of 0: a control that does not learn)"),
     ("--anneal-lr", "anneal_lr", str, "linear learning-rate decay to 0: auto (on for a2c/reinforce, off for dqn), "
                                       "on, off"),
     ("--max-grad-norm", "max_grad_norm", float, "clip gradients to this global norm (0 = off, -1 = algorithm "
@@ -118,6 +118,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             # Several values sweep the option: every combination, with every seed, as one vmapped program.
             atari = config_lib.ATARI_DQN_DEFAULTS.get(field)
             shown = default if atari is None else f"{atari} on Atari DQN, else {default}"
+            if field == "lr":  # None: the algorithm's
+                shown = "dqn 2.5e-4 (1e-4 on Atari), a2c/reinforce 2e-3"  # TrainConfig.learning_rate
             p.add_argument(flag, dest=field, type=kind, nargs="+", default=None,
                            help=f"{help_text}; several values sweep it (default: {shown})%(default).0s")
         elif kind in ("flag", "noflag"):

@@ -66,7 +66,9 @@ class TrainConfig:
 
     # Optimizer (the inner optax chain every strategy wraps).
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
-    lr: float = 0.0  # 0 = the algorithm's default
+    # None = the algorithm's default (dqn 2.5e-4, 1e-4 on Atari; a2c/reinforce 2e-3). 0 is a rate of 0, a control
+    # that does not learn: it once meant the default, so `--lr 0 1e-3` swept the default under the label "--lr 0".
+    lr: float | None = None
     anneal_lr: str = "auto"  # linear decay to 0 over the run: auto = on for a2c/reinforce, off for DQN (CleanRL's)
     max_grad_norm: float = -1.0  # -1 = the algorithm's default (a2c/reinforce 0.5, dqn 10); 0 = off
     gamma: float = 0.99
@@ -177,7 +179,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        if self.lr:
+        if self.lr is not None:
             return self.lr
         return {"dqn": 2.5e-4, "double_dqn": 2.5e-4, "a2c": 2e-3, "reinforce": 2e-3}[self.algo]
 
@@ -370,7 +372,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _fail(f"{name} {value} is beyond {INT32_MAX} (2^31 - 1): the compiled loop counts in int32")
     if not math.isfinite(cfg.max_grad_norm) or (cfg.max_grad_norm < 0 and cfg.max_grad_norm != -1.0):
         _fail(f"--max-grad-norm must be >= 0 (or -1 for the default), got {cfg.max_grad_norm}")
-    for name, value in {"--lr": cfg.lr, "--ent-coef": cfg.ent_coef,
+    for name, value in {"--lr": cfg.learning_rate, "--ent-coef": cfg.ent_coef,
                         "--vf-coef": cfg.vf_coef}.items():
         if not math.isfinite(value) or value < 0:
             _fail(f"{name} must be a finite number >= 0, got {value}")

@@ -619,12 +619,11 @@ def lane_functions(cfg: TrainConfig, env, network, tx, hparams: Hyperparams | No
 
 def run_hyperparams(cfg: TrainConfig) -> Hyperparams:
     """The swept hyperparameters of every run of ``cfg`` (``cfg.runs``), arrays ``[runs]`` (float32; a swept
-    ``--max-delay`` is the int32 ``delay``); ``None`` for the fields not swept (all of them without a sweep). A
-    learning rate of 0 is the algorithm's default, as alone."""
+    ``--max-delay`` is the int32 ``delay``); ``None`` for the fields not swept (all of them without a sweep)."""
     values = {}
     for name, _ in cfg.sweep:
-        # (config attribute holding the resolved value, Hyperparams field): a learning rate of 0 resolves to the
-        # algorithm's default; --max-delay under --delay fixed is the delay.
+        # (config attribute holding the resolved value, Hyperparams field): --max-delay under --delay fixed is the
+        # delay.
         attribute, field = {"lr": ("learning_rate", "learning_rate"), "max_delay": ("max_delay", "delay")}.get(
             name, (name, name))
         column = [getattr(cfg.point_config(point), attribute) for point, _ in cfg.runs]

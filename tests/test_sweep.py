@@ -61,11 +61,13 @@ def test_cli_sweep_is_the_grid_times_the_seeds():
     np.testing.assert_allclose(train_lib.run_hyperparams(cfg).eps_end, [0.05, 0.05, 0.1, 0.1, 0.2, 0.2] * 2,
                                rtol=1e-7)
     assert train_lib.run_hyperparams(cfg).eps_start is None  # not swept: the config's value, a constant
-    # One value is no sweep; the default learning rate (0) resolves per algorithm, as in a run alone.
+    # One value is no sweep; a rate left out resolves per algorithm; a swept 0 is a rate of 0, as its label says.
     one = validate(cli.config_from_args(cli.build_parser().parse_args(["train", "--lr", "1e-3"])))
     assert one.sweep == () and one.lr == 1e-3 and one.grid == ({},) and one.runs == ((0, 0),)
-    default = validate(TrainConfig(algo="a2c", sweep=(("lr", (0.0, 1e-3)),)))
-    np.testing.assert_allclose(train_lib.run_hyperparams(default).learning_rate, [2e-3, 1e-3], rtol=1e-7)
+    assert validate(TrainConfig(algo="a2c")).learning_rate == 2e-3
+    assert validate(TrainConfig(algo="dqn")).learning_rate == 2.5e-4
+    zero = validate(TrainConfig(algo="a2c", sweep=(("lr", (0.0, 1e-3)),)))
+    np.testing.assert_allclose(train_lib.run_hyperparams(zero).learning_rate, [0.0, 1e-3], rtol=1e-7)
     # A swept --max-delay (under --delay fixed) is each run's delay; the program's ring holds the largest.
     stale = validate(TrainConfig(algo="a2c", strategy="async", delay="fixed", seeds=(0, 1),
                                  sweep=(("max_delay", (0, 1, 4)),)))
@@ -115,6 +117,22 @@ def test_each_run_of_a_sweep_is_its_own_single_run(name, tmp_path):
     # Different points are different runs: the same seed with another learning rate ends elsewhere.
     other = len(cfg.runs) - len(cfg.seeds)  # the last point's first seed: the same seed as run 0
     assert max(float(np.max(np.abs(leaf[0] - leaf[other]))) for leaf in jax.tree.leaves(lanes.params)) > 1e-3
+
+
+def test_a_learning_rate_of_0_trains_nothing_alone_and_in_a_sweep(tmp_path):
+    """``--lr 0`` is a rate of 0, a control run whose parameters never move. It used to stand for the algorithm's
+    default, so ``--lr 0 2e-3`` trained the default twice and labelled one of them "--lr 0"."""
+    alone = make_cfg(tmp_path, "alone", algo="a2c", total_steps=128 * 20, lr=0.0)
+    initial = jax.device_get(train_lib.make_train(alone).init(train_lib.seed_keys(alone)).params)
+    lanes, _ = run_train(alone)
+    for a, b in zip(jax.tree.leaves(lanes.params), jax.tree.leaves(initial)):
+        np.testing.assert_array_equal(a, b)
+    swept = make_cfg(tmp_path, "swept", algo="a2c", total_steps=128 * 20, sweep=(("lr", (0.0, 2e-3)),))
+    lanes, _ = run_train(swept)
+    moved = [float(np.max(np.abs(a[r] - b[0]))) for r in (0, 1)
+             for a, b in zip(jax.tree.leaves(lanes.params), jax.tree.leaves(initial))]
+    half = len(moved) // 2
+    assert max(moved[:half]) == 0.0 and max(moved[half:]) > 1e-3, moved
 
 
 def test_a_point_is_shown_as_its_options_and_named_as_its_folder():
