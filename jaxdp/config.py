@@ -456,7 +456,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not math.isfinite(cfg.comm_time) or cfg.comm_time < 0:
         _fail(f"--comm-time must be a finite number >= 0, got {cfg.comm_time}")
     if len(cfg.seeds) > 1 and cfg.runtime in ("mpi", "distributed", "async_sim"):
-        _fail(f"--seeds with several seeds runs as one vmapped program; --runtime {cfg.runtime} takes one seed")
+        _fail(f"--seeds with several seeds runs as one vmapped program; --runtime {cfg.runtime} trains one run: "
+              f"give one --seed per command (--runtime vmap and devices train them together)")
     _validate_sweep(cfg)
     if cfg.pipeline == "overlap" and cfg.runtime != "vmap":
         _fail(f"--pipeline overlap runs an actor thread beside the learner in one process: use --runtime vmap, "
@@ -495,7 +496,8 @@ def _validate_sweep(cfg: TrainConfig) -> None:
         _fail(f"sweep: a field is swept twice: {names}")
     if cfg.sweep and cfg.runtime in ("mpi", "distributed", "async_sim"):
         _fail(f"a sweep (several values of {', '.join(SWEEPABLE[n] for n in names)}) runs as one vmapped program; "
-              f"--runtime {cfg.runtime} trains one")
+              f"--runtime {cfg.runtime} trains one run: give each option one value per command (--runtime vmap and "
+              f"devices sweep)")
     for point in cfg.grid if cfg.sweep else ():
         validate(dataclasses.replace(cfg, sweep=(), **point))  # the ranges, and how each value fits the rest
 

@@ -169,7 +169,10 @@ BAD_INPUTS = [
     (["--algo", "dqn", "--ent-coef", "0.01", "0.1"], "--ent-coef"),  # DQN's loss has no entropy term
     (["--strategy", "async", "--max-delay", "1", "2"], "--max-delay"),  # a uniform delay: not each run's alone
     (["--strategy", "sync", "--workers", "2", "--delay", "fixed", "--max-delay", "1", "2"], "--max-delay"),
-    (["--lr", "1e-3", "2e-3", "--runtime", "async_sim", "--strategy", "async", "--workers", "2"], "--runtime"),
+    (["--lr", "1e-3", "2e-3", "--runtime", "async_sim", "--strategy", "async", "--workers", "2"],
+     "--runtime async_sim trains one run: give each option one value per command (--runtime vmap and devices sweep)"),
+    (["--seeds", "0", "1", "--runtime", "async_sim", "--strategy", "async", "--workers", "2"],
+     "--runtime async_sim trains one run: give one --seed per command (--runtime vmap and devices train them"),
     # A job whose size sets the workers: a --workers given must be its size. Run outside mpirun, `--workers 2`
     # trained one worker in silence (a job of one process).
     (["--runtime", "mpi", "--strategy", "sync", "--workers", "2"], "needs 2 MPI processes, this job has 1"),
