@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -418,6 +419,31 @@ def test_options_a_run_reads_are_accepted_at_their_defaults(argv, tmp_path, monk
     monkeypatch.setattr(train, "run", lambda cfg: started.append(cfg))  # None: the summary of a non-zero MPI rank
     assert run_main(["train", *argv, "--logdir", str(tmp_path / "run"), "--no-progress"]) == 0
     assert len(started) == 1
+
+
+def test_a_total_that_whole_iterations_cut_short_is_told_before_training(tmp_path, capsys, monkeypatch):
+    """REINFORCE's 500-step rollouts of 3 workers x 8 envs make one iteration 12,000 steps: --total-steps 20000
+    trained 12,000, which only the closing line told, once the run was over. A line now says so before training,
+    with the number the run then trains; a total that whole iterations keep to within 1% gets no line."""
+    argv = ["train", "--algo", "reinforce", "--strategy", "sync", "--workers", "3", "--total-steps", "20000",
+            "--eval-episodes", "1", "--no-progress", "--no-tensorboard", "--logdir", str(tmp_path / "cut")]
+    assert run_main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("jaxdp train: --total-steps 20000 trains 12000 steps, 1 whole iteration of 12000 (workers x "
+                      "num-envs x rollout); a multiple of 12000 trains them all"), err
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["total_steps"] == 12000
+
+    from jaxdp import train
+
+    monkeypatch.setattr(train, "run", lambda cfg: None)
+    for kept in (["--total-steps", "500000"],  # A2C: 499,968 steps, 3,906 iterations of 128
+                 ["--algo", "dqn", "--total-steps", "10001", "--learning-starts", "1000"]):
+        assert run_main(["train", *kept, "--no-progress", "--logdir", str(tmp_path / "kept")]) == 0
+        assert "whole iteration" not in capsys.readouterr().err
+    assert run_main(["train", "--algo", "dqn", "--num-envs", "8", "--train-frequency", "64", "--total-steps", "1000",
+                     "--learning-starts", "100", "--no-progress", "--logdir", str(tmp_path / "dqn")]) == 0
+    assert ("--total-steps 1000 trains 960 steps, 15 whole iterations of 64 (workers x num-envs x env steps per "
+            "update); a multiple of 64 trains them all") in capsys.readouterr().err
 
 
 def test_given_fields_names_the_options_given_whatever_their_values():
