@@ -40,7 +40,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import chex
@@ -110,20 +110,23 @@ def evaluation_fields(returns: list[float]) -> dict:
     return {"eval_return": float(np.mean(returns)) if returns else None, "eval_episodes_ended": len(returns)}
 
 
-def divergence_fields(params: Any, metrics_path: str) -> dict:
-    """Whether a run diverged, for its summary: ``diverged_at_step``, the step of the first log point in
-    ``metrics_path`` whose learner loss is NaN or infinite (None if none is), and ``params_finite``, whether every
-    entry of the final parameters is finite. A diverged run trains on to its end without a word otherwise, and its
-    NaN policy still plays (argmax of NaN is action 0): its returns look like a bad agent's, not a broken one's."""
+def divergence_fields(params: Any, metrics: str | Iterable[dict]) -> dict:
+    """Whether a run diverged, for its summary: ``diverged_at_step``, the step of the first log point of ``metrics``
+    (the path of a ``metrics.jsonl``, or its records already read) whose learner loss is NaN or infinite (None if none
+    is), and ``params_finite``, whether every entry of the final parameters is finite. A diverged run trains on to
+    its end without a word otherwise, and its NaN policy still plays (argmax of NaN is action 0): its returns look
+    like a bad agent's, not a broken one's."""
+    if isinstance(metrics, str):
+        path, metrics = metrics, []
+        if os.path.exists(path):
+            with open(path) as f:
+                metrics = [json.loads(line) for line in f]
     first = None
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                record = json.loads(line)
-                loss = record.get("loss", record.get("train_loss"))  # the MPI runtime logs the workers' train_loss
-                if isinstance(loss, (int, float)) and not math.isfinite(loss):
-                    first = record["step"]
-                    break
+    for record in metrics:
+        loss = record.get("loss", record.get("train_loss"))  # the MPI runtime logs the workers' train_loss
+        if isinstance(loss, (int, float)) and not math.isfinite(loss):
+            first = record["step"]
+            break
     finite = all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(params))
     return {"diverged_at_step": first, "params_finite": finite}
 

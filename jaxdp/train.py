@@ -1371,10 +1371,11 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
     from jaxdp.loop import divergence_fields, diverged, evaluate_runs, evaluation_fields, final_return
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
-        points = [(r["step"], r["episodic_return"]) for r in map(json.loads, f) if r.get("episodic_return") is not None]
+        records = [json.loads(line) for line in f]
+    points = [(r["step"], r["episodic_return"]) for r in records if r.get("episodic_return") is not None]
     network = make_network(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker))
     (eval_returns,), eval_seconds = evaluate_runs(cfg, network, [summary["params"]], [cfg.seeds[0]])
-    divergence = divergence_fields(summary["params"], os.path.join(cfg.logdir, "metrics.jsonl"))
+    divergence = divergence_fields(summary["params"], records)
     summary = {k: v for k, v in summary.items() if k != "params"}
     updates, start_update = int(summary["total_updates"]), int(summary["start_step"])
     # Steps in env steps, as in every jaxdp train summary; the runtime's update counts stand beside them.

@@ -1092,6 +1092,8 @@ def test_divergence_fields_read_the_first_non_finite_loss_and_the_parameters(tmp
     path.write_text("".join(json.dumps(record) + "\n" for record in lines))
     finite = {"w": jnp.ones(3)}
     assert loop.divergence_fields(finite, str(path)) == {"diverged_at_step": 200, "params_finite": True}
+    assert loop.divergence_fields(finite, lines) == {"diverged_at_step": 200, "params_finite": True}  # read already
+    assert loop.divergence_fields(finite, str(tmp_path / "none.jsonl"))["diverged_at_step"] is None
     broken = {"w": jnp.array([1.0, jnp.nan])}
     path.write_text('{"step": 0, "train_loss": 0.5}\n')  # the MPI runtime's name for the workers' loss
     assert loop.divergence_fields(broken, str(path)) == {"diverged_at_step": None, "params_finite": False}
