@@ -336,3 +336,21 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     from tensorboard_events import scalar_steps
 
     assert scalar_steps(logdir / "tb")["updates"] == [s for s in steps if s > resumed["start_step"]]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(total_updates=0), "run_distributed: total_updates must be >= 1, got 0"),
+    (dict(seed=-1), "run_distributed: seed must be >= 0, got -1"),
+    (dict(log_every=0), "run_distributed: log_every must be >= 1, got 0"),
+    (dict(checkpoint_every=-1), "run_distributed: checkpoint_every must be >= 0, got -1"),
+    (dict(log_seconds=float("nan")), "run_distributed: log_seconds must be a finite number > 0, got nan"),
+    (dict(checkpoint_seconds=0.0), "run_distributed: checkpoint_seconds must be a finite number > 0, got 0.0"),
+])
+def test_run_distributed_checks_its_schedule_before_joining_a_job(bad, message):
+    """A bad length, seed or interval is one error naming it, before jax.distributed is touched: no coordinator is
+    given here, so a call that went on would fail on that instead."""
+    from jaxdp.runtime.distributed import run_distributed
+
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        run_distributed(lambda: digits_workload(batch_size=4, hidden=(4,)), inner=optax.sgd(0.1),
+                        **{"total_updates": 1, **bad})

@@ -280,14 +280,8 @@ def run_distributed(
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"run_distributed: inner must be an optax.GradientTransformation, got {type(inner).__name__}")
-    total_updates = _checks.check_int("run_distributed", "total_updates", total_updates, 1)
-    seed = _checks.check_int("run_distributed", "seed", seed, 0)
-    log_every = _checks.check_int("run_distributed", "log_every", log_every, 1)
-    checkpoint_every = _checks.check_int("run_distributed", "checkpoint_every", checkpoint_every, 0)
-    if log_seconds is not None:
-        log_seconds = _checks.check_positive_float("run_distributed", "log_seconds", log_seconds)
-    if checkpoint_seconds is not None:
-        checkpoint_seconds = _checks.check_positive_float("run_distributed", "checkpoint_seconds", checkpoint_seconds)
+    total_updates, seed, log_every, checkpoint_every, log_seconds, checkpoint_seconds = _checks.check_schedule(
+        "run_distributed", total_updates, seed, log_every, checkpoint_every, log_seconds, checkpoint_seconds)
     if (resume or checkpoint_every or checkpoint_seconds) and logdir is None:
         raise ValueError("run_distributed: resume, checkpoint_every and checkpoint_seconds need a logdir")
     if not isinstance(workload, Workload) and not callable(workload):

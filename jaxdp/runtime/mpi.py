@@ -318,14 +318,9 @@ def run_mpi(
     master_batch = _checks.check_int("run_mpi", "master_batch", master_batch, 1)
     if aggregate not in AGGREGATES:
         raise ValueError(f"run_mpi: aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    total_updates = _checks.check_int("run_mpi", "total_updates", total_updates, 1)
-    seed = _checks.check_int("run_mpi", "seed", seed, 0)
-    log_every = _checks.check_int("run_mpi", "log_every", log_every, 1)
-    checkpoint_every = _checks.check_int("run_mpi", "checkpoint_every", checkpoint_every, 0)
-    if log_seconds is not None:
-        log_seconds = _checks.check_positive_float("run_mpi", "log_seconds", log_seconds)
+    total_updates, seed, log_every, checkpoint_every, log_seconds, checkpoint_seconds = _checks.check_schedule(
+        "run_mpi", total_updates, seed, log_every, checkpoint_every, log_seconds, checkpoint_seconds)
     if checkpoint_seconds is not None:
-        checkpoint_seconds = _checks.check_positive_float("run_mpi", "checkpoint_seconds", checkpoint_seconds)
         if logdir is None:
             raise ValueError("run_mpi: checkpoint_seconds needs a logdir to write checkpoints to")
         if mode == "sync" and outer is not None:
