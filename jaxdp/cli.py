@@ -465,6 +465,7 @@ def _main(argv: Sequence[str] | None) -> int:
         except (config_lib.ConfigError, ValueError) as e:
             return _report(e)
         from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
+        from jaxdp.loop import WriteFailed
         from jaxdp.runtime.mpi import WorkersLost  # starts no MPI: mpi4py is imported when a run_mpi starts it
     if early:
         return exit_status(RunStopped(early[0], 0, cfg.total_steps, cfg.logdir if cfg.resume else None,
@@ -479,6 +480,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return _report(e, job_started=True)
     except RunStopped as stop:  # a signal: the run logged and saved a checkpoint, then stopped
         return exit_status(stop, "jaxdp train")
+    except WriteFailed as failed:  # a full or read-only disk: the run stopped, its last checkpoint whole
+        sys.stderr.write(f"jaxdp train: {failed}\n")
+        return 1
     except WorkersLost as lost:  # the parameter server of --runtime mpi, alone: it saved a checkpoint where it stopped
         sys.stderr.write(f"jaxdp train: {lost}; --resume continues from its checkpoint\n")
         return 1

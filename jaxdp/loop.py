@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import chex
@@ -182,6 +183,89 @@ class MetricsWriter:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# The errors of a full or read-only disk: a run cannot go on, and its last checkpoint is what it has. orbax's
+# tensorstore reports them as a ValueError whose message carries the system's text, so the texts are matched too.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class WriteFailed(Exception):
+    """A run could not write in its ``logdir`` (the disk or the quota is full, or the filesystem is read-only): it
+    stopped there. ``checkpoint_step`` is the env step of its last whole checkpoint (None if it saved none), which
+    ``--resume`` continues from once there is room; the checkpoint being written was removed."""
+
+    def __init__(self, logdir: str, reason: str, doing: str, checkpoint_step: int | None):
+        last = (f"the last checkpoint, at step {checkpoint_step}, is whole: make room and continue with --resume"
+                if checkpoint_step is not None else "it had saved no checkpoint, and what it wrote was removed: make "
+                "room and run the command again")
+        super().__init__(f"cannot write in --logdir {logdir} ({reason}) while {doing}; {last}")
+        self.logdir, self.reason, self.checkpoint_step = logdir, reason, checkpoint_step
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """The system's text when ``error`` (or an error it was raised from) is a full or read-only disk, else None."""
+    texts = [os.strerror(code) for code in _DISK_ERRNOS]
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            return os.strerror(error.errno)
+        found = next((text for text in texts if text in str(error)), None)
+        if found:
+            return found
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def discard_unfinished_checkpoints(logdir: str, settle: float = 0.5, patience: float = 10.0) -> None:
+    """Removes what a failed save left in ``logdir``'s checkpoints: orbax writes a checkpoint under a temporary name
+    and renames it once whole, so a failed one is a folder with ``.orbax-checkpoint-tmp`` in its name. orbax's
+    threads may still write in it after the save has raised (measured: they made its folders again), so it is removed
+    until none has come back for ``settle`` seconds, for ``patience`` seconds at most."""
+    import shutil
+
+    folder = os.path.join(logdir, "checkpoints")
+
+    def unfinished() -> list[str]:
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        return [os.path.join(folder, name) for name in names if ".orbax-checkpoint-tmp" in name]
+
+    deadline, quiet_since = time.monotonic() + patience, time.monotonic()
+    while time.monotonic() < deadline:
+        found = unfinished()
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        now = time.monotonic()
+        if found:
+            quiet_since = now
+        elif now - quiet_since >= settle:
+            return
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def writes_in(logdir: str, doing: str, checkpoint_step: Callable[[], int | None], manager=None,
+              nothing_saved: Callable[[], None] | None = None):
+    """Turns a full or read-only disk met inside the block into :class:`WriteFailed` (one line on the command line,
+    not a library's traceback), after removing the unfinished checkpoint: once ``manager``'s (orbax's) own threads,
+    which go on writing it after the save has failed, are done. When no checkpoint was saved, ``nothing_saved``
+    removes what the run had written, which could not be resumed and would keep its ``--logdir`` from another try.
+    Other errors pass as they are."""
+    try:
+        yield
+    except Exception as error:
+        reason = disk_problem(error)
+        if reason is None:
+            raise
+        if manager is not None:
+            with contextlib.suppress(Exception):  # the same failure, from the threads that met it
+                manager.wait_until_finished()
+        discard_unfinished_checkpoints(logdir)
+        step = checkpoint_step()
+        if step is None and nothing_saved is not None:
+            nothing_saved()
+        raise WriteFailed(logdir, reason, doing, step) from error
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -567,8 +651,28 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     if requested and not cfg.resume:  # nothing written yet
         raise RunStopped(requested[0], 0, total_steps, None, starting=True)
 
+    there_before = set(os.listdir(cfg.logdir)) if os.path.isdir(cfg.logdir) else None
     make_logdir(cfg.logdir)
     manager = _checkpoint_manager(cfg.logdir)
+
+    def last_checkpoint() -> int | None:  # the env step of the last whole checkpoint, for WriteFailed
+        saved = manager.latest_step()
+        return None if saved is None else saved * trainer.env_steps_per_iteration
+
+    def forget_run() -> None:  # a full disk before the first checkpoint: what this run made goes (see writes_in)
+        import shutil
+
+        made = [cfg.logdir] if there_before is None else [
+            os.path.join(cfg.logdir, name) for name in os.listdir(cfg.logdir) if name not in there_before]
+        for path in made:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+    writing = functools.partial(writes_in, cfg.logdir, checkpoint_step=last_checkpoint, manager=manager,
+                                nothing_saved=None if cfg.resume else forget_run)
+
     iteration = 0  # loop iterations done (warmup included)
     episodes: list[list[tuple[int, float, int]]] = [[] for _ in range(S)]  # (step, return, length)
     if cfg.resume:
@@ -589,17 +693,19 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
                              starting=True)
     # What a --resume must match, written once the run is built and its checkpoint restored: a resume that fails
     # before (another optimizer chain, memory) leaves the run's config.json as it was.
-    save_run_config(cfg, cfg.logdir)
+    with writing("writing its config.json"):
+        save_run_config(cfg, cfg.logdir)
     start_iteration = iteration  # a resumed run's rates count the steps this process trains, in its wall time
 
     per_run_dirs = run_dirs(cfg)
     groups = mean_groups(cfg)
-    if cfg.resume:  # continue the curves from the checkpoint: steps logged after it will be logged again
-        for d in dict.fromkeys([cfg.logdir, *per_run_dirs, *(d for d, _ in groups)]):
-            truncate_json_lines(os.path.join(d, "metrics.jsonl"), iteration * trainer.env_steps_per_iteration)
-    writers = [MetricsWriter(os.path.join(d, "metrics.jsonl"), os.path.join(d, "tb") if cfg.tensorboard else None)
-               for d in per_run_dirs]
-    mean_writers = [(MetricsWriter(os.path.join(d, "metrics.jsonl"), None), members) for d, members in groups]
+    with writing("opening its logs"):
+        if cfg.resume:  # continue the curves from the checkpoint: steps logged after it will be logged again
+            for d in dict.fromkeys([cfg.logdir, *per_run_dirs, *(d for d, _ in groups)]):
+                truncate_json_lines(os.path.join(d, "metrics.jsonl"), iteration * trainer.env_steps_per_iteration)
+        writers = [MetricsWriter(os.path.join(d, "metrics.jsonl"), os.path.join(d, "tb") if cfg.tensorboard else None)
+                   for d in per_run_dirs]
+        mean_writers = [(MetricsWriter(os.path.join(d, "metrics.jsonl"), None), members) for d, members in groups]
     steps_per_iter = trainer.env_steps_per_iteration
     total_iters = trainer.total_iterations
     bar = _progress(cfg, total_iters * steps_per_iter)
@@ -642,19 +748,18 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         accounting = {"updates": learn_iters, "updates_per_second": (iteration - last_log_iter) * S /
                       max(now - last_log_t, 1e-9) if iteration > trainer.warmup_iterations else 0.0,
                       "comm_rounds": rounds, "bytes_sent": rounds * bytes_per_round}
-        recs = []
-        for s in range(S):
-            rec = {"step": iteration * steps_per_iter, **accounting,
-                   "episodic_return": float(np.mean(pending[s])) if pending[s] else None,
-                   "episodes": len(pending[s]), "sps": sps,
-                   **{k: float(v[s]) for k, v in means.items()}}
-            writers[s].write(rec)
-            recs.append(rec)
-        for mean_writer, members in mean_writers:
-            rets = [recs[r]["episodic_return"] for r in members if recs[r]["episodic_return"] is not None]
-            mean_writer.write({"step": iteration * steps_per_iter,
-                               "episodic_return": float(np.mean(rets)) if rets else None,
-                               "episodes": sum(recs[r]["episodes"] for r in members), "sps": sps})
+        recs = [{"step": iteration * steps_per_iter, **accounting,
+                 "episodic_return": float(np.mean(pending[s])) if pending[s] else None,
+                 "episodes": len(pending[s]), "sps": sps,
+                 **{k: float(v[s]) for k, v in means.items()}} for s in range(S)]
+        with writing(f"logging step {iteration * steps_per_iter}"):
+            for writer, rec in zip(writers, recs):
+                writer.write(rec)
+            for mean_writer, members in mean_writers:
+                rets = [recs[r]["episodic_return"] for r in members if recs[r]["episodic_return"] is not None]
+                mean_writer.write({"step": iteration * steps_per_iter,
+                                   "episodic_return": float(np.mean(rets)) if rets else None,
+                                   "episodes": sum(recs[r]["episodes"] for r in members), "sps": sps})
         if bar is not None:
             recent = [r for s in range(S) for _, r, _ in episodes[s][-20:]]
             bar.set_postfix({"sps": f"{sps:,.0f}", "return": f"{np.mean(recent):.1f}" if recent else "-"})
@@ -667,7 +772,8 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         nonlocal last_ckpt_t, last_ckpt_seconds
         if force or checkpoint_due(time.time() - last_ckpt_t, last_ckpt_seconds, cfg.checkpoint_interval):
             started = time.time()
-            save_checkpoint(manager, iteration, lanes, {"iteration": iteration, "episodes": episodes})
+            with writing(f"saving the checkpoint at step {iteration * steps_per_iter}"):
+                save_checkpoint(manager, iteration, lanes, {"iteration": iteration, "episodes": episodes})
             last_ckpt_t = time.time()
             last_ckpt_seconds = last_ckpt_t - started
 
@@ -705,8 +811,9 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     maybe_checkpoint(force=True)
     if bar is not None:
         bar.close()
-    for w in writers + [mean_writer for mean_writer, _ in mean_writers]:  # the curves are whole: nothing follows
-        w.close()
+    with writing("closing the logs"):
+        for w in writers + [mean_writer for mean_writer, _ in mean_writers]:  # the curves are whole: nothing follows
+            w.close()
     if requested:
         raise RunStopped(requested[0], iteration * steps_per_iter, total_iters * steps_per_iter, cfg.logdir)
 
@@ -765,27 +872,28 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
         # Staleness of the stale-gradient server: the delay distribution the gradients were drawn from (a swept
         # delay: each point's, in "grid").
         summary["staleness_distribution"] = staleness_distribution(cfg)
-    if cfg.sweep:
-        summary["best"] = best["hyperparams"]
-        summary["grid"] = per_point
-        summary["runs"] = per_run
-        if len(cfg.seeds) > 1:
-            for q in per_point:
-                atomic.write_json(os.path.join(cfg.logdir, point_label(q["hyperparams"]), "summary.json"),
-                                  {**q, "config": summary["config"]})
-    elif S > 1:
-        summary["seeds"] = per_run
-        summary["final_return_over_seeds"] = confidence_interval([p["final_return"] for p in per_run])
-        summary["eval_return_over_seeds"] = confidence_interval([p["eval_return"] for p in per_run])
-    if S > 1:
-        for r, d in enumerate(per_run_dirs):
-            atomic.write_json(os.path.join(d, "summary.json"), {**per_run[r], "config": summary["config"]})
-        by_point: dict[str, list] = {}
-        for r, (point, _) in enumerate(cfg.runs):
-            # Labelled as the closing lines name the points: by their options.
-            by_point.setdefault(point_shown(cfg.grid[point]), []).append(_curve(episodes[r]))
-        plot_learning_curves(os.path.join(cfg.logdir, "learning_curves.png"), by_point, f"{cfg.algo} on {cfg.env}")
-    atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
+    with writing("writing the summary"):
+        if cfg.sweep:
+            summary["best"] = best["hyperparams"]
+            summary["grid"] = per_point
+            summary["runs"] = per_run
+            if len(cfg.seeds) > 1:
+                for q in per_point:
+                    atomic.write_json(os.path.join(cfg.logdir, point_label(q["hyperparams"]), "summary.json"),
+                                      {**q, "config": summary["config"]})
+        elif S > 1:
+            summary["seeds"] = per_run
+            summary["final_return_over_seeds"] = confidence_interval([p["final_return"] for p in per_run])
+            summary["eval_return_over_seeds"] = confidence_interval([p["eval_return"] for p in per_run])
+        if S > 1:
+            for r, d in enumerate(per_run_dirs):
+                atomic.write_json(os.path.join(d, "summary.json"), {**per_run[r], "config": summary["config"]})
+            by_point: dict[str, list] = {}
+            for r, (point, _) in enumerate(cfg.runs):
+                # Labelled as the closing lines name the points: by their options.
+                by_point.setdefault(point_shown(cfg.grid[point]), []).append(_curve(episodes[r]))
+            plot_learning_curves(os.path.join(cfg.logdir, "learning_curves.png"), by_point, f"{cfg.algo} on {cfg.env}")
+        atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 
 

@@ -425,6 +425,94 @@ def test_a_signal_during_the_final_evaluation_is_one_line_and_resume_evaluates(t
     assert "greedy eval" in done.stdout
 
 
+def test_a_full_disk_stops_the_run_in_one_line_and_its_last_checkpoint_resumes(tmp_path, monkeypatch, capsys):
+    """A save that meets a full disk (orbax reports it as a ValueError carrying the system's text, from its own
+    threads) was a traceback of hundreds of lines, and it left the half-written checkpoint. Now the run stops with one
+    line naming the folder, the reason and the last whole checkpoint, exit 1; the unfinished checkpoint is removed;
+    and once there is room ``--resume`` continues from that checkpoint. The disk is simulated here (the second save
+    fails as orbax fails); the next test fills a real one."""
+    from jaxdp import cli
+
+    logdir = tmp_path / "run"
+    real_save, saves = loop.save_checkpoint, []
+
+    def save_until_the_disk_is_full(manager, iteration, lanes, host_state):
+        saves.append(iteration)
+        if len(saves) == 1:
+            return real_save(manager, iteration, lanes, host_state)
+        unfinished = logdir / "checkpoints" / f"{iteration}.orbax-checkpoint-tmp" / "lanes.orbax-checkpoint-tmp"
+        unfinished.mkdir(parents=True)
+        (unfinished / "part").write_bytes(b"x" * 100)
+        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local file "{unfinished}": '
+                         f"Failed to write 188 bytes to file 21: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_until_the_disk_is_full)
+    args = ["train", "--total-steps", "2048", "--checkpoint-interval", "1e-9", "--eval-episodes", "1", "--no-progress",
+            "--no-tensorboard", "--logdir", str(logdir)]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(saves) == 2 and checkpoint_steps(logdir) == [saves[0]]
+    assert err == [f"jaxdp train: cannot write in --logdir {logdir} (No space left on device) while saving the "
+                   f"checkpoint at step {saves[1] * 128}; the last checkpoint, at step {saves[0] * 128}, is whole: "
+                   f"make room and continue with --resume"], err
+    assert os.listdir(logdir / "checkpoints") == [str(saves[0])]  # the unfinished one is gone
+    assert not (logdir / "summary.json").exists()
+
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert cli.main(["train", "--resume", "--logdir", str(logdir), "--no-progress"]) == 0
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["start_step"] == saves[0] * 128 and summary["total_steps"] == 2048
+
+
+def test_a_full_disk_before_the_first_checkpoint_removes_what_the_run_wrote(tmp_path, monkeypatch, capsys):
+    """With no checkpoint there is nothing to resume, and the run's config.json and logs would make ``--logdir``
+    refuse the same command again ("already holds a run"): they are removed, and only they (a file that was in the
+    folder before stays)."""
+    from jaxdp import cli
+
+    def full(manager, iteration, lanes, host_state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    (logdir / "notes.txt").write_text("mine")
+    args = ["train", "--total-steps", "1024", "--checkpoint-interval", "1e-9", "--eval-episodes", "1", "--no-progress",
+            "--logdir", str(logdir)]
+    assert cli.main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"jaxdp train: cannot write in --logdir {logdir} (No space left on device) while saving the checkpoint at "
+        f"step 128; it had saved no checkpoint, and what it wrote was removed: make room and run the command again"]
+    assert os.listdir(logdir) == ["notes.txt"]
+    monkeypatch.undo()
+    assert cli.main(args) == 0  # the same command, once there is room
+    fresh = tmp_path / "fresh"  # a folder the run made is removed whole
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    assert cli.main([*args[:-1], str(fresh)]) == 1 and not fresh.exists()
+
+
+def test_a_real_full_disk_stops_the_run_in_one_line(tmp_path):
+    """The same on a real filesystem: a 300 kB tmpfs, which the run's logs and first checkpoints fill."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root with CAP_SYS_ADMIN: {mounted.stderr.strip()}")
+    try:
+        logdir = disk / "run"
+        done = run_cli(["--total-steps", "100000", "--checkpoint-interval", "1e-9", "--eval-episodes", "1",
+                        "--logdir", str(logdir)], timeout=600)
+        assert done.returncode == 1, done.stderr[-3000:]
+        ours = [line for line in done.stderr.splitlines() if line.startswith("jaxdp train:")]
+        assert len(ours) == 1 and f"cannot write in --logdir {logdir} (No space left on device) while " in ours[0], (
+            done.stderr[-3000:])
+        left = os.listdir(logdir / "checkpoints")
+        assert left and all(name.isdigit() for name in left), left  # whole checkpoints, no unfinished one
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_the_evaluation_alone_records_its_own_stop_requests(monkeypatch):
     """The multi-process and async_sim runs evaluate after their training's signal handling has ended: the
     evaluation installs its own, ends its games at the next step and gives the handlers back."""
