@@ -244,6 +244,25 @@ def discard_unfinished_checkpoints(logdir: str, settle: float = 0.5, patience: f
         time.sleep(0.05)
 
 
+def remover_of_new_files(logdir: str) -> Callable[[], None]:
+    """A function that removes what appears in ``logdir`` from now on, and ``logdir`` itself if it does not exist
+    yet: what a run wrote, and only that, when it must leave nothing behind (see :func:`writes_in`)."""
+    import shutil
+
+    there_before = set(os.listdir(logdir)) if os.path.isdir(logdir) else None
+
+    def remove() -> None:
+        made = [logdir] if there_before is None else [
+            os.path.join(logdir, name) for name in os.listdir(logdir) if name not in there_before]
+        for path in made:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+    return remove
+
+
 @contextlib.contextmanager
 def writes_in(logdir: str, doing: str, checkpoint_step: Callable[[], int | None], manager=None,
               nothing_saved: Callable[[], None] | None = None):
@@ -651,24 +670,13 @@ def _run(cfg: TrainConfig, signals: contextlib.ExitStack, inner: optax.GradientT
     if requested and not cfg.resume:  # nothing written yet
         raise RunStopped(requested[0], 0, total_steps, None, starting=True)
 
-    there_before = set(os.listdir(cfg.logdir)) if os.path.isdir(cfg.logdir) else None
+    forget_run = remover_of_new_files(cfg.logdir)  # a full disk before the first checkpoint (see writes_in)
     make_logdir(cfg.logdir)
     manager = _checkpoint_manager(cfg.logdir)
 
     def last_checkpoint() -> int | None:  # the env step of the last whole checkpoint, for WriteFailed
         saved = manager.latest_step()
         return None if saved is None else saved * trainer.env_steps_per_iteration
-
-    def forget_run() -> None:  # a full disk before the first checkpoint: what this run made goes (see writes_in)
-        import shutil
-
-        made = [cfg.logdir] if there_before is None else [
-            os.path.join(cfg.logdir, name) for name in os.listdir(cfg.logdir) if name not in there_before]
-        for path in made:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
 
     writing = functools.partial(writes_in, cfg.logdir, checkpoint_step=last_checkpoint, manager=manager,
                                 nothing_saved=None if cfg.resume else forget_run)

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -948,10 +949,16 @@ def run(
         total = trainer.warmup_env_steps + trainer.num_chunks * trainer.chunk_events * trainer.env_steps_per_event
         if requested and not cfg.resume:  # nothing written yet
             raise RunStopped(requested[0], 0, total, None, starting=True)
+        forget_run = loop_lib.remover_of_new_files(cfg.logdir)  # a full disk before the first checkpoint
         manager = loop_lib._checkpoint_manager(cfg.logdir)
         start = _restore(manager, trainer, cfg.logdir) if cfg.resume else None
         if requested:  # nothing written yet: the checkpoint is as it was
             raise RunStopped(requested[0], _steps_at(trainer, start), total, cfg.logdir, starting=True)
+        # A full or read-only disk: one line (loop.WriteFailed), the unfinished checkpoint removed. The checkpoints
+        # are numbered by env step.
+        writing = functools.partial(loop_lib.writes_in, cfg.logdir, checkpoint_step=manager.latest_step,
+                                    manager=manager, nothing_saved=None if cfg.resume else forget_run)
+        stack.enter_context(writing("training (logging or saving a checkpoint)"))
         config_lib.save_run_config(cfg, cfg.logdir)  # what a later --resume must match
         metrics_path = os.path.join(cfg.logdir, "metrics.jsonl")
         if start is not None:  # the records after the checkpoint will be logged again
@@ -1003,5 +1010,6 @@ def run(
         "config": dataclasses.asdict(cfg),
         "provenance": provenance.describe(),
     }
-    atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
+    with writing("writing the summary"):
+        atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
