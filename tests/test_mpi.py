@@ -326,7 +326,7 @@ def test_finalize_ends_a_rank_whose_mpi_finalize_hangs_after_a_failure(exit_stat
     MPI_Finalize never returns (an agreement on the failed ranks that spins; measured: every time). ``finalize``
     ends each of them after its timeout with the status it was given (0 here; 1 from the exit hook run_mpi sets),
     in one line, and mpirun exits with a non-zero status of its ranks instead of hanging. When the rank that left exited
-    0, MPI_Finalize returns at once on the others."""
+    0, MPI_Finalize mostly returns at once on the others; when it does not, they end as above, with status 0."""
     script = Path(__file__).parent / "mpi_scripts" / "finalize_after_exit.py"
     cmd = mpirun_command(3, sys.executable, str(script), "--exiting-rank", "1", "--exit-status", str(exit_status),
                          "--timeout", "5", *(["--at-exit"] if at_exit else []))
@@ -342,9 +342,14 @@ def test_finalize_ends_a_rank_whose_mpi_finalize_hangs_after_a_failure(exit_stat
                     f"without it") in output, output
         assert "MPI_Finalize returned" not in output
     else:
+        # Mostly MPI_Finalize returns at once here, but not always: in 2 of about 10 full CI runs (sessions 20 and 24)
+        # Open MPI's finalize hung on ranks 0 and 2 after rank 1 left with status 0 too, and finalize ended each of
+        # them after its timeout, with status 0 as it must. Either way every rank ends, and says how, in one line.
         for rank in (0, 2):
-            assert f"rank {rank}: MPI_Finalize returned True, MPI.Is_finalized() True" in output, output
-        assert "did not return" not in output
+            returned = f"rank {rank}: MPI_Finalize returned True, MPI.Is_finalized() True" in output
+            ended = (f"jaxdp.mpi: rank {rank}: MPI_Finalize did not return within 5 s (Open MPI's fault-tolerant "
+                     f"finalize can hang after a process failure); exiting with status 0 without it") in output
+            assert returned != ended, output
     assert time.monotonic() - started < 60
 
 
