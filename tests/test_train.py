@@ -425,7 +425,8 @@ def test_a_signal_during_the_final_evaluation_is_one_line_and_resume_evaluates(t
     assert "greedy eval" in done.stdout
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_its_last_checkpoint_resumes(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_stops_the_run_in_one_line_and_its_last_checkpoint_resumes(tmp_path, monkeypatch, capsys,
+                                                                                 disk_full_after_one_save):
     """A save that meets a full disk (orbax reports it as a ValueError carrying the system's text, from its own
     threads) was a traceback of hundreds of lines, and it left the half-written checkpoint. Now the run stops with one
     line naming the folder, the reason and the last whole checkpoint, exit 1; the unfinished checkpoint is removed;
@@ -434,19 +435,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_its_last_checkpoint_resumes(t
     from jaxdp import cli
 
     logdir = tmp_path / "run"
-    real_save, saves = loop.save_checkpoint, []
-
-    def save_until_the_disk_is_full(manager, iteration, lanes, host_state):
-        saves.append(iteration)
-        if len(saves) == 1:
-            return real_save(manager, iteration, lanes, host_state)
-        unfinished = logdir / "checkpoints" / f"{iteration}.orbax-checkpoint-tmp" / "lanes.orbax-checkpoint-tmp"
-        unfinished.mkdir(parents=True)
-        (unfinished / "part").write_bytes(b"x" * 100)
-        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local file "{unfinished}": '
-                         f"Failed to write 188 bytes to file 21: No space left on device [os_error_code='28']")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_until_the_disk_is_full)
+    saves = disk_full_after_one_save(logdir)
     args = ["train", "--total-steps", "2048", "--checkpoint-interval", "1e-9", "--eval-episodes", "1", "--no-progress",
             "--no-tensorboard", "--logdir", str(logdir)]
     assert cli.main(args) == 1
@@ -458,7 +447,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_its_last_checkpoint_resumes(t
     assert os.listdir(logdir / "checkpoints") == [str(saves[0])]  # the unfinished one is gone
     assert not (logdir / "summary.json").exists()
 
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.undo()  # room again
     assert cli.main(["train", "--resume", "--logdir", str(logdir), "--no-progress"]) == 0
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["start_step"] == saves[0] * 128 and summary["total_steps"] == 2048

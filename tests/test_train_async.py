@@ -446,22 +446,14 @@ def test_run_files_and_accounting_are_consistent(learned):
 
 
 def test_a_full_disk_stops_an_async_sim_run_in_one_line_and_its_last_checkpoint_resumes(tmp_path, monkeypatch,
-                                                                                        capsys):
+                                                                                        capsys,
+                                                                                        disk_full_after_one_save):
     """As jaxdp.loop.run (tests/test_train.py): the second save meets a full disk as orbax meets it; the run stops
     with one line, exit 1, the unfinished checkpoint removed, and ``--resume`` continues from the first."""
-    from jaxdp import cli, loop
+    from jaxdp import cli
 
     logdir = tmp_path / "run"
-    real_save, saves = loop.save_checkpoint, []
-
-    def save_until_the_disk_is_full(manager, step, carry, host_state):
-        saves.append(step)
-        if len(saves) == 1:
-            return real_save(manager, step, carry, host_state)
-        (logdir / "checkpoints" / f"{step}.orbax-checkpoint-tmp").mkdir()
-        raise ValueError("RESOURCE_EXHAUSTED: Failed to write 188 bytes to file 21: No space left on device")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_until_the_disk_is_full)
+    saves = disk_full_after_one_save(logdir)
     args = ["train", "--runtime", "async_sim", "--strategy", "dpsgd", "--workers", "2", "--total-steps", "20000",
             "--checkpoint-interval", "1e-9", "--eval-episodes", "1", "--no-progress", "--no-tensorboard",
             "--logdir", str(logdir)]
@@ -471,6 +463,6 @@ def test_a_full_disk_stops_an_async_sim_run_in_one_line_and_its_last_checkpoint_
         f"jaxdp train: cannot write in --logdir {logdir} (No space left on device) while training (logging or saving "
         f"a checkpoint); the last checkpoint, at step {saves[0]}, is whole: make room and continue with --resume"], err
     assert os.listdir(logdir / "checkpoints") == [str(saves[0])]
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.undo()  # room again
     assert cli.main(["train", "--resume", "--logdir", str(logdir), "--no-progress"]) == 0
     assert json.loads((logdir / "summary.json").read_text())["start_step"] == saves[0]
