@@ -449,7 +449,7 @@ def _checked_config(args: argparse.Namespace, argv: Sequence[str] | None) -> con
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from jaxdp.stopping import RunStopped, exit_status, stop_requests
+    from jaxdp.stopping import RunStopped, WriteFailed, exit_status, stop_requests
 
     # Until the run's own loop takes the signals over (jaxdp.loop.run enters its handlers first thing): a signal while
     # the command line is checked and JAX loads ends the command in one line, not in a traceback, nor in a
@@ -465,7 +465,6 @@ def _main(argv: Sequence[str] | None) -> int:
         except (config_lib.ConfigError, ValueError) as e:
             return _report(e)
         from jaxdp import train as train_lib  # JAX is imported only once the input is known to be good
-        from jaxdp.loop import WriteFailed
         from jaxdp.runtime.mpi import WorkersLost  # starts no MPI: mpi4py is imported when a run_mpi starts it
     if early:
         return exit_status(RunStopped(early[0], 0, cfg.total_steps, cfg.logdir if cfg.resume else None,
@@ -481,7 +480,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except RunStopped as stop:  # a signal: the run logged and saved a checkpoint, then stopped
         return exit_status(stop, "jaxdp train")
     except WriteFailed as failed:  # a full or read-only disk: the run stopped, its last checkpoint whole
-        sys.stderr.write(f"jaxdp train: {failed}\n")
+        if failed.report:  # process 0 speaks for a multi-process job
+            sys.stderr.write(f"jaxdp train: {failed}\n")
         return 1
     except WorkersLost as lost:  # the parameter server of --runtime mpi, alone: it saved a checkpoint where it stopped
         sys.stderr.write(f"jaxdp train: {lost}; --resume continues from its checkpoint\n")

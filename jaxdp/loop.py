@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import math
@@ -55,7 +54,7 @@ from jaxdp.cli_args import folder_problem
 from jaxdp.config import (ConfigError, TrainConfig, check_resumable, evaluation_shown, make_logdir, point_shown,
                           save_run_config, validate)
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
-from jaxdp.stopping import RunStopped, stop_requests
+from jaxdp.stopping import RunStopped, WriteFailed, disk_problem, stop_requests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,39 +184,6 @@ class MetricsWriter:
             self._tb.close()
 
 
-# The errors of a full or read-only disk: a run cannot go on, and its last checkpoint is what it has. orbax's
-# tensorstore reports them as a ValueError whose message carries the system's text, so the texts are matched too.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-class WriteFailed(Exception):
-    """A run could not write in its ``logdir`` (the disk or the quota is full, or the filesystem is read-only): it
-    stopped there. ``checkpoint_step`` is the env step of its last whole checkpoint (None if it saved none), which
-    ``--resume`` continues from once there is room; the checkpoint being written was removed."""
-
-    def __init__(self, logdir: str, reason: str, doing: str, checkpoint_step: int | None):
-        last = (f"the last checkpoint, at step {checkpoint_step}, is whole: make room and continue with --resume"
-                if checkpoint_step is not None else "it had saved no checkpoint, and what it wrote was removed: make "
-                "room and run the command again")
-        super().__init__(f"cannot write in --logdir {logdir} ({reason}) while {doing}; {last}")
-        self.logdir, self.reason, self.checkpoint_step = logdir, reason, checkpoint_step
-
-
-def disk_problem(error: BaseException) -> str | None:
-    """The system's text when ``error`` (or an error it was raised from) is a full or read-only disk, else None."""
-    texts = [os.strerror(code) for code in _DISK_ERRNOS]
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
-            return os.strerror(error.errno)
-        found = next((text for text in texts if text in str(error)), None)
-        if found:
-            return found
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def discard_unfinished_checkpoints(logdir: str, settle: float = 0.5, patience: float = 10.0) -> None:
     """Removes what a failed save left in ``logdir``'s checkpoints: orbax writes a checkpoint under a temporary name
     and renames it once whole, so a failed one is a folder with ``.orbax-checkpoint-tmp`` in its name. orbax's
@@ -252,13 +218,16 @@ def remover_of_new_files(logdir: str) -> Callable[[], None]:
     there_before = set(os.listdir(logdir)) if os.path.isdir(logdir) else None
 
     def remove() -> None:
+        if not os.path.isdir(logdir):
+            return
         made = [logdir] if there_before is None else [
             os.path.join(logdir, name) for name in os.listdir(logdir) if name not in there_before]
         for path in made:
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
+            else:  # another process of the job may remove its own file (a rank's pid file) meanwhile
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
     return remove
 

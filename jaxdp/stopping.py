@@ -8,15 +8,24 @@ scheduler sends before it kills a job, e.g. SLURM's ``--signal`` or a preemption
 :class:`RunStopped`. ``--resume`` continues from that checkpoint. Every training loop of jaxdp uses it: the
 single-process loop (:mod:`jaxdp.loop`) and the multi-process runtimes (:mod:`jaxdp.runtime.mpi`,
 :mod:`jaxdp.runtime.distributed`), where the processes first agree to stop at the same step.
+
+A run also stops where it cannot write in its ``logdir`` (a full disk or quota, a read-only filesystem): it raises
+:class:`WriteFailed`, which a command line reports in one line, and ``--resume`` continues from the last whole
+checkpoint once there is room. In a multi-process job only process 0 writes, while the others wait for it in a
+collective: :func:`disk_problems_noted` keeps such a failure for the job to stop on together, at its next step
+(:data:`WRITE_FAILED`, a stop request that no signal makes), rather than leaving the others to find a peer gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 #: The signals a run turns into a stop request.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -91,4 +100,82 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(signum, action)
 
 
-__all__ = ["STOP_SIGNALS", "RunStopped", "exit_status", "stop_requests"]
+# The errors of a full or read-only disk: a run cannot go on, and its last checkpoint is what it has. orbax's
+# tensorstore reports them as a ValueError whose message carries the system's text, so the texts are matched too.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+#: The stop request that process 0 of a multi-process job makes when it cannot write: larger than any signal's number,
+#: so that the job's agreement (a maximum over the processes) stops on it whatever else was requested.
+WRITE_FAILED = 1 << 16
+
+
+class WriteFailed(Exception):
+    """A run could not write in its ``logdir`` (the disk or the quota is full, or the filesystem is read-only): it
+    stopped there. ``checkpoint_step`` is the step of its last whole checkpoint (None if it saved none), which
+    ``--resume`` continues from once there is room; the checkpoint being written was removed (or, written under a
+    temporary name, never replaced the last one). ``removed``: a run that saved no checkpoint removed what it had
+    written, so that the same command can run again. In a multi-process job every process raises it; ``report`` is
+    True on the one that speaks for the job (process 0), as with :class:`RunStopped`."""
+
+    def __init__(self, logdir: str, reason: str, doing: str, checkpoint_step: int | None, removed: bool = True,
+                 report: bool = True):
+        if checkpoint_step is not None:
+            last = f"the last checkpoint, at step {checkpoint_step}, is whole: make room and continue with --resume"
+        else:
+            last = (f"it had saved no checkpoint{', and what it wrote was removed' if removed else ''}: make room and "
+                    f"run the command again")
+        super().__init__(f"cannot write in --logdir {logdir} ({reason}) while {doing}; {last}")
+        self.logdir, self.reason, self.doing, self.checkpoint_step = logdir, reason, doing, checkpoint_step
+        self.removed, self.report = removed, report
+
+    def counted(self, per_step: int, removed: bool | None = None) -> WriteFailed:
+        """The same failure with its checkpoint's step counted ``per_step`` times finer (a runtime's updates as env
+        steps), and ``removed`` when given."""
+        step = None if self.checkpoint_step is None else self.checkpoint_step * per_step
+        return WriteFailed(self.logdir, self.reason, self.doing, step, self.removed if removed is None else removed,
+                           self.report)
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """The system's text when ``error`` (or an error it was raised from) is a full or read-only disk, else None."""
+    texts = [os.strerror(code) for code in _DISK_ERRNOS]
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            return os.strerror(error.errno)
+        found = next((text for text in texts if text in str(error)), None)
+        if found:
+            return found
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class DiskProblem(NamedTuple):
+    """A write that met a full or read-only disk: the system's text, what was being written, the error."""
+
+    reason: str
+    doing: str
+    error: BaseException
+
+    def failed(self, logdir: str, checkpoint_step: int | None, report: bool = True) -> WriteFailed:
+        """The :class:`WriteFailed` to raise (``from self.error``) once the job has stopped."""
+        return WriteFailed(logdir, self.reason, self.doing, checkpoint_step, removed=False, report=report)
+
+
+@contextlib.contextmanager
+def disk_problems_noted(noted: list[DiskProblem], doing: str) -> Iterator[None]:
+    """Process 0's writes in a multi-process job: a full or read-only disk met in the block is appended to ``noted``
+    (with ``doing``, e.g. "saving the checkpoint") instead of raised, so that the job can stop together at its next
+    step; other errors pass. The callers write nothing more once something is noted: a full disk stays full."""
+    try:
+        yield
+    except Exception as error:
+        reason = disk_problem(error)
+        if reason is None:
+            raise
+        noted.append(DiskProblem(reason, doing, error))
+
+
+__all__ = ["STOP_SIGNALS", "WRITE_FAILED", "DiskProblem", "RunStopped", "WriteFailed", "disk_problem",
+           "disk_problems_noted", "exit_status", "stop_requests"]

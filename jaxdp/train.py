@@ -1232,11 +1232,15 @@ def run_mpi(cfg: TrainConfig):
     """
     from mpi4py import MPI
 
+    from jaxdp.loop import remover_of_new_files
     from jaxdp.runtime import mpi as mpi_runtime
     from jaxdp.workloads.rl import rl_workload
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    # What rank 0 would remove after a full disk met before any checkpoint (_stops_in_env_steps), taken before any
+    # rank writes there. The folder is its own: each rank stamped its default --logdir, and rank 0's is the job's.
+    forget_run = remover_of_new_files(cfg.logdir) if rank == 0 and not cfg.resume else None
     # Every rank has checked --logdir (jaxdp.cli.resolve_logdir); rank 0 writes nothing there before all have.
     comm.Barrier()
     # One folder for the job: each rank stamped its own default --logdir, maybe a second apart.
@@ -1274,7 +1278,8 @@ def run_mpi(cfg: TrainConfig):
     # Each worker's own optimizer steps over the run (the annealing horizon): all env steps / its share.
     worker_steps = max(1, cfg.total_steps // (per_local_step * cfg.workers))
     record_hook = lambda record, steps: {**record, **_in_env_steps(record, per_update)}  # noqa: E731
-    with _stops_in_env_steps(per_update), _mirrored_to_tensorboard(cfg, record_hook, rank == 0) as record_hook:
+    with (_stops_in_env_steps(per_update, forget_run),
+          _mirrored_to_tensorboard(cfg, record_hook, rank == 0) as record_hook):
         summary = mpi_runtime.run_mpi(
             workload, mode=mode, inner=make_inner_optimizer(cfg, decay_steps=worker_steps), outer=outer,
             local_steps=cfg.local_steps if mode == "dpsgd" else 1, master_batch=cfg.master_batch,
@@ -1311,16 +1316,23 @@ def _in_env_steps(record: dict, per_update: int) -> dict:
 
 
 @contextlib.contextmanager
-def _stops_in_env_steps(per_update: int) -> Iterator[None]:
-    """A multi-process runtime's :class:`~jaxdp.stopping.RunStopped` (counted in updates) counted in env steps, as
-    every ``jaxdp train`` run counts."""
-    from jaxdp.stopping import RunStopped
+def _stops_in_env_steps(per_update: int, forget_run: Callable[[], None] | None = None) -> Iterator[None]:
+    """A multi-process runtime's :class:`~jaxdp.stopping.RunStopped` and :class:`~jaxdp.stopping.WriteFailed`
+    (counted in updates) counted in env steps, as every ``jaxdp train`` run counts. A full disk met before the first
+    checkpoint leaves nothing to resume, and what the run wrote would make ``--logdir`` refuse the same command:
+    ``forget_run`` (process 0's) removes it, as a single-process run does (:func:`jaxdp.loop.writes_in`)."""
+    from jaxdp.stopping import RunStopped, WriteFailed
 
     try:
         yield
     except RunStopped as stop:
         raise RunStopped(stop.signum, stop.step * per_update, stop.total_steps * per_update, stop.logdir,
                          report=stop.report, evaluating=stop.evaluating) from None
+    except WriteFailed as failed:
+        removed = failed.checkpoint_step is None and forget_run is not None
+        if removed:
+            forget_run()
+        raise failed.counted(per_update, removed) from failed.__cause__
 
 
 @contextlib.contextmanager
@@ -1368,7 +1380,7 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
 
     from jaxdp import atomic, provenance
     from jaxdp import envs as envs_lib
-    from jaxdp.loop import divergence_fields, diverged, evaluate_runs, evaluation_fields, final_return
+    from jaxdp.loop import divergence_fields, diverged, evaluate_runs, evaluation_fields, final_return, writes_in
 
     with open(os.path.join(cfg.logdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -1385,7 +1397,9 @@ def _write_rl_summary(cfg: TrainConfig, summary: dict, per_update: int) -> dict:
                    **divergence, diverged_runs=int(diverged(divergence)),
                    sps=(updates - start_update) * per_update / max(summary["wall_seconds"], 1e-9),
                    provenance=provenance.describe())
-    atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
+    # The checkpoint at the last update is whole: a full disk now loses only the summary, which --resume rewrites.
+    with writes_in(cfg.logdir, "writing the summary", checkpoint_step=lambda: summary["total_steps"]):
+        atomic.write_json(os.path.join(cfg.logdir, "summary.json"), summary)
     return summary
 
 
@@ -1401,6 +1415,7 @@ def run_distributed(cfg: TrainConfig):
     """
     import jax
 
+    from jaxdp.loop import remover_of_new_files
     from jaxdp.runtime import distributed as dist
     from jaxdp.workloads.rl import rl_workload
 
@@ -1422,6 +1437,9 @@ def run_distributed(cfg: TrainConfig):
     cfg = dataclasses.replace(cfg, workers=num_workers)
     if cfg.is_dqn:  # checked here, not by the command line: asking the device would have started JAX's backend
         check_shared_replay_memory(cfg, envs_lib.make_spec(cfg.env, cfg.envs_per_worker), dist.memories())
+    # What process 0 would remove after a full disk met before any checkpoint (_stops_in_env_steps); the others write
+    # nothing in --logdir.
+    forget_run = remover_of_new_files(cfg.logdir) if jax.process_index() == 0 and not cfg.resume else None
     _save_run_config(cfg, jax.process_index())
     per_update = cfg.steps_per_iteration  # env steps of all workers per synchronous update
     total_updates = max(1, cfg.total_steps // per_update)
@@ -1437,7 +1455,7 @@ def run_distributed(cfg: TrainConfig):
         out.update({k.removeprefix("train_"): v for k, v in record.items() if k not in ("step", "sps")})
         return out
 
-    with (_stops_in_env_steps(per_update),
+    with (_stops_in_env_steps(per_update, forget_run),
           _mirrored_to_tensorboard(cfg, record_hook, jax.process_index() == 0) as record_hook):
         summary = dist.run_distributed(
             workload, inner=make_inner_optimizer(cfg, decay_steps=total_updates), total_updates=total_updates,

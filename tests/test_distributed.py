@@ -338,6 +338,43 @@ def test_jaxdp_train_runtime_distributed_learns_cartpole_and_resumes(tmp_path):
     assert scalar_steps(logdir / "tb")["updates"] == [s for s in steps if s > resumed["start_step"]]
 
 
+def test_a_full_disk_on_process_0_stops_jaxdp_train_in_one_line_and_its_last_checkpoint_resumes(tmp_path):
+    """Process 0 cannot save its second checkpoint (its disk fills: tests/mpi_scripts/full_disk.py). Both processes
+    stop after the next step, the request riding with the step's all-reduce as a signal's does; nothing more is
+    written; process 0 says so in one line, naming the last whole checkpoint, and both exit 1 without a traceback
+    (before, process 0's traceback ended it and process 1 waited for the coordination service to give up on it).
+    ``--resume`` continues from that checkpoint."""
+    logdir = tmp_path / "rl"
+    address = f"127.0.0.1:{free_port()}"
+    args = ["train", "--runtime", "distributed", "--strategy", "sync", "--algo", "a2c", "--total-steps", "20000",
+            "--coordinator", address, "--num-processes", "2", "--logdir", str(logdir), "--no-progress"]
+    full_disk = Path(__file__).parent / "mpi_scripts" / "full_disk.py"
+    processes = [
+        subprocess.Popen([sys.executable, str(full_disk), "jaxdp.cli", *args, "--process-id", str(i)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(child_environment(), FULL_DISK_AT="checkpoint.npz:2" if i == 0 else "none:1"))
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=400) for p in processes]
+    finally:
+        kill_leftovers(processes)
+    per_update = 2 * 16 * 8  # workers x envs x rollout
+    saved = int(protocol.load_checkpoint(str(logdir / "checkpoint.npz"))["step"])
+    assert saved == (20000 // per_update) // 10  # the first of ten
+    for i, (p, (out, err)) in enumerate(zip(processes, outputs)):
+        ours = [line for line in err.splitlines() if "jaxdp" in line]
+        assert p.returncode == 1 and "Traceback" not in out + err, f"process {i} exited {p.returncode}:\n{err[-3000:]}"
+        assert ours == ([f"jaxdp train: cannot write in --logdir {logdir} (No space left on device) while saving the "
+                         f"checkpoint; the last checkpoint, at step {saved * per_update}, is whole: make room and "
+                         f"continue with --resume"] if i == 0 else []), err[-3000:]
+    updates = [json.loads(line)["updates"] for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert max(updates) == 2 * saved and not (logdir / "summary.json").exists()  # nothing after the failure
+    train_job(20000, "--strategy", "sync", "--algo", "a2c", "--logdir", str(logdir), "--no-progress", "--resume")
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["start_step"] == saved * per_update and summary["total_steps"] == (20000 // per_update) * per_update
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(total_updates=0), "run_distributed: total_updates must be >= 1, got 0"),
     (dict(seed=-1), "run_distributed: seed must be >= 0, got -1"),

@@ -282,6 +282,68 @@ def test_a_master_that_loses_every_worker_checkpoints_and_says_so_in_one_line(tm
     assert resumed["completed"] and resumed["start_step"] == stopped
 
 
+FULL_DISK = Path(__file__).parent / "mpi_scripts" / "full_disk.py"
+
+
+def full_disk_job(num_processes: int, at: str, *command: str) -> subprocess.CompletedProcess:
+    """``mpirun -n K python -m COMMAND...`` where rank 0's disk fills at the write ``at`` (NAME:K, see
+    tests/mpi_scripts/full_disk.py)."""
+    return subprocess.run(mpirun_command(num_processes, sys.executable, str(FULL_DISK), *command), capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", FULL_DISK_AT=at))
+
+
+def test_a_full_disk_on_the_master_stops_the_job_in_one_line_and_its_last_checkpoint_resumes(tmp_path):
+    """The master (rank 0) cannot save its second checkpoint: the disk is full. It answers every worker "stop", as
+    on a signal, and ends with one line naming the last whole checkpoint, exit 1, no traceback; the workers return
+    without a word. (Before, its traceback ended the job, and every worker said it had lost the master.)"""
+    common = ["--mode", "async", "--lr", "0.05", "--log-every", "10", "--checkpoint-every", "20", *SMALL]
+    done = full_disk_job(3, "checkpoint.npz:2", "jaxdp.runtime.mpi", *common, "--total-updates", "200",
+                         "--logdir", str(tmp_path))
+    ours = [line for line in done.stderr.splitlines() if "jaxdp" in line]
+    assert done.returncode == 1 and ours == [
+        f"python -m jaxdp.runtime.mpi: cannot write in --logdir {tmp_path} (No space left on device) while saving the "
+        f"checkpoint; the last checkpoint, at step 20, is whole: make room and continue with --resume"], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and checkpoint_step(tmp_path) == 20
+    resumed = run(3, tmp_path, *common, "--total-updates", "60", "--resume")
+    assert resumed["completed"] and resumed["start_step"] == 20 and resumed["total_updates"] == 60
+
+
+@pytest.mark.parametrize("strategy, ranks", [("sync", 2), ("dpsgd", 3)])
+def test_a_full_disk_ends_jaxdp_train_under_mpirun_in_one_line(strategy, ranks, tmp_path):
+    """``jaxdp train --runtime mpi`` on a disk that fills. sync: rank 0 cannot save its second checkpoint; every
+    rank stops after the next step (the request rides with the step, as a signal's does), nothing more is written,
+    and rank 0 says so in one line, naming the last whole checkpoint in env steps; ``--resume`` continues from it.
+    (Before, rank 0's traceback ended the job, and the other rank said it had lost a peer.) dpsgd: the master cannot
+    log before its first checkpoint: there is nothing to resume, so what the run wrote is removed, as a
+    single-process run removes it, and the same command can run again."""
+    logdir = tmp_path / "rl"
+    command = ["jaxdp.cli", "train", "--runtime", "mpi", "--strategy", strategy, "--algo", "a2c", "--total-steps",
+               "20000", "--logdir", str(logdir), "--no-progress"]
+    done = full_disk_job(ranks, "checkpoint.npz:2" if strategy == "sync" else "metrics.jsonl:2", *command)
+    ours = [line for line in done.stderr.splitlines() if "jaxdp" in line]
+    assert done.returncode == 1 and len(ours) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr and "lost" not in done.stderr, done.stderr[-3000:]
+    if strategy == "dpsgd":
+        assert ours[0] == (f"jaxdp train: cannot write in --logdir {logdir} (No space left on device) while logging; "
+                           f"it had saved no checkpoint, and what it wrote was removed: make room and run the command "
+                           f"again")
+        assert not logdir.exists()
+        return
+    per_update = 2 * 16 * 8  # ranks x envs x rollout
+    saved = checkpoint_step(logdir)
+    assert ours[0] == (f"jaxdp train: cannot write in --logdir {logdir} (No space left on device) while saving the "
+                       f"checkpoint; the last checkpoint, at step {saved * per_update}, is whole: make room and "
+                       f"continue with --resume")
+    assert saved == (20000 // per_update) // 10  # the first of ten
+    assert max(r["updates"] for r in metrics(logdir)) == 2 * saved  # the second's log point, then nothing
+    assert not (logdir / "summary.json").exists()
+    resumed = subprocess.run(mpirun_command(ranks, sys.executable, "-m", *command, "--resume"), capture_output=True,
+                             text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["start_step"] == saved * per_update and summary["total_steps"] == (20000 // per_update) * per_update
+
+
 def running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (a zombie has)."""
     try:

@@ -14,6 +14,7 @@ CPU budget: the learning tests are marked ``slow`` (about a minute together on 2
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import math
@@ -500,6 +501,31 @@ def test_a_real_full_disk_stops_the_run_in_one_line(tmp_path):
         assert left and all(name.isdigit() for name in left), left  # whole checkpoints, no unfinished one
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_process_0_notes_a_full_disk_for_the_job_to_stop_on_and_passes_other_errors():
+    """The multi-process runtimes' writes (jaxdp.stopping.disk_problems_noted): a full or read-only disk is kept
+    for the job to stop on together, not raised into a collective the others wait in; any other error passes. The
+    failure then counts its checkpoint in env steps for ``jaxdp train``, and says whether the run's files went."""
+    from jaxdp.stopping import WriteFailed, disk_problems_noted
+
+    noted = []
+    with disk_problems_noted(noted, "saving the checkpoint"):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs/a/checkpoint.npz")
+    assert [(n.reason, n.doing) for n in noted] == [("Read-only file system", "saving the checkpoint")]
+    with pytest.raises(KeyError), disk_problems_noted(noted, "logging"):
+        raise KeyError("not a disk")
+    assert len(noted) == 1
+    failed = noted[0].failed("/runs/a", 7)
+    assert isinstance(failed, WriteFailed) and failed.report
+    assert str(failed.counted(256)) == ("cannot write in --logdir /runs/a (Read-only file system) while saving the "
+                                        "checkpoint; the last checkpoint, at step 1792, is whole: make room and "
+                                        "continue with --resume")
+    none_saved = noted[0].failed("/runs/a", None, report=False)
+    assert not none_saved.report and str(none_saved).endswith(
+        "it had saved no checkpoint: make room and run the command again")
+    assert str(none_saved.counted(256, removed=True)).endswith(
+        "it had saved no checkpoint, and what it wrote was removed: make room and run the command again")
 
 
 def test_the_evaluation_alone_records_its_own_stop_requests(monkeypatch):

@@ -23,6 +23,10 @@ Stopping: SIGINT, SIGTERM or SIGUSR1 sent to any process (``srun`` and scheduler
 job after the same step on every process, with a log point and a checkpoint there, and raises
 :class:`jaxdp.stopping.RunStopped` in every process; ``resume=True`` continues. The request rides with the step's
 own collective (a ``pmax`` of one integer per worker), so no process needs to hear of the signal but through it.
+Where process 0 cannot write its log or checkpoint (a full disk or quota, a read-only filesystem), the job stops the
+same way after the next step (the request :data:`jaxdp.stopping.WRITE_FAILED`), writing nothing more, and every
+process raises :class:`jaxdp.stopping.WriteFailed` (process 0's reports the last whole checkpoint, which ``resume=True``
+continues from); a failure at the last step ends process 0 alone that way, the others being done.
 
 Faults: ``jax.distributed`` health-checks the processes; when one dies the coordination service
 stops the others (after ``heartbeat_timeout_seconds``), so a synchronous job ends instead of
@@ -61,7 +65,8 @@ from jaxdp.runtime import _checks
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime import devices as devices_runtime
 from jaxdp.runtime.vmap import AXIS_NAME
-from jaxdp.stopping import RunStopped, exit_status, stop_requests
+from jaxdp.stopping import (WRITE_FAILED, DiskProblem, RunStopped, WriteFailed, disk_problems_noted, exit_status,
+                             stop_requests)
 from jaxdp.strategies import allreduce
 from jaxdp.workloads.base import Workload, restarted
 from jaxdp.cli_args import OneLineParser as _OneLineParser
@@ -350,12 +355,15 @@ def run_distributed(
     global_worker_state = to_global(worker_state)
 
     metrics_path = None if logdir is None else os.path.join(logdir, METRICS_NAME)
+    disk: list[DiskProblem] = []  # process 0: a write that met a full disk, which stops the job at its next step
+    saved_step = start_step if resume else None  # the step of the last whole checkpoint
     if process_id == 0 and logdir is not None:
-        os.makedirs(logdir, exist_ok=True)
-        if not resume:
-            open(metrics_path, "w").close()
-        else:  # records logged after the checkpoint (a killed run) are logged again from it: keep one curve
-            protocol.truncate_json_lines(metrics_path, start_step, key="updates" if record_hook else "step")
+        with disk_problems_noted(disk, "starting metrics.jsonl"):
+            os.makedirs(logdir, exist_ok=True)
+            if not resume:
+                open(metrics_path, "w").close()
+            else:  # records logged after the checkpoint (a killed run) are logged again from it: keep one curve
+                protocol.truncate_json_lines(metrics_path, start_step, key="updates" if record_hook else "step")
 
     def log_point(step_count, sps, history):
         local_params = _local(global_params)
@@ -372,8 +380,9 @@ def run_distributed(
             print(f"[jaxdp.distributed] step {step_count}/{total_updates} {shown}", flush=True)
 
     def stop_flags(requested: list[int]) -> jax.Array:
-        # Every worker of this process carries this process's request (a signal's number, 0 for none).
-        return to_global(np.full(num_workers, requested[0] if requested else 0, np.int32), stacked=True)
+        # Every worker of this process carries this process's request (a signal's number, WRITE_FAILED, 0 for none).
+        stop = WRITE_FAILED if disk else requested[0] if requested else 0
+        return to_global(np.full(num_workers, stop, np.int32), stacked=True)
 
     # Warm-up: compile the step ahead of time (it lands in jit's cache), then meet, so that wall_seconds
     # and sps measure training, not compilation. Compile only, never run: a workload's step may have
@@ -383,8 +392,9 @@ def run_distributed(
                   to_global(np.asarray(keys_fn(start_step)), stacked=True), stop_flags([])).compile()  # fmt: skip
     if num_processes > 1:
         multihost_utils.sync_global_devices("jaxdp.distributed warm-up")
-    if process_id == 0 and start_step == 0:
-        log_point(0, None, [])
+    if process_id == 0 and start_step == 0 and not disk:
+        with disk_problems_noted(disk, "logging"):
+            log_point(0, None, [])
     startup_seconds = time.perf_counter() - launched  # joining the cluster, restoring and compiling
     history: list[dict] = []
     started = time.perf_counter()
@@ -401,21 +411,25 @@ def run_distributed(
             jax.block_until_ready(global_params)  # one step at a time: a deep queue of collectives can time out
             step_count += 1
             stopped_by = int(np.asarray(agreed.addressable_shards[0].data).reshape(-1)[0])
-            if process_id == 0:
+            if process_id == 0 and not disk:
                 history.append({k: float(np.mean(np.asarray(v.addressable_shards[0].data)))
                                 for k, v in metrics.items()})
                 timed = log_seconds and time.perf_counter() - interval_start >= log_seconds
                 if step_count % log_every == 0 or step_count == total_updates or stopped_by or timed:
                     now = time.perf_counter()
-                    log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
+                    with disk_problems_noted(disk, "logging"):
+                        log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9),
+                                  history)
                     history, interval_start, interval_step = [], time.perf_counter(), step_count
             # Also at the end (a longer --resume continues exactly from here) and where the job stops.
             due = checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates)
             due = due or (checkpoint_seconds and time.monotonic() - last_checkpoint >= checkpoint_seconds)
-            if process_id == 0 and logdir is not None and (due or stopped_by):
+            if process_id == 0 and logdir is not None and (due or stopped_by) and not disk:
                 arrays = {"step": np.array(step_count), "params": np.asarray(ravel_pytree(_local(global_params))[0])}
                 arrays.update(protocol.tree_to_arrays("opt_", _local(global_opt_state)))
-                protocol.save_checkpoint(os.path.join(logdir, CHECKPOINT_NAME), arrays)
+                with disk_problems_noted(disk, "saving the checkpoint"):
+                    protocol.save_checkpoint(os.path.join(logdir, CHECKPOINT_NAME), arrays)
+                    saved_step = step_count
                 last_checkpoint = time.monotonic()
     wall_seconds = time.perf_counter() - started
     if stopped_by:
@@ -423,7 +437,14 @@ def run_distributed(
         if num_processes > 1:
             multihost_utils.sync_global_devices("jaxdp.distributed stop")
         jax.distributed.shutdown()
+        if disk:
+            raise disk[0].failed(logdir, saved_step) from disk[0].error
+        if stopped_by == WRITE_FAILED:
+            raise WriteFailed(logdir, "process 0 could not write", "training", saved_step, removed=False, report=False)
         raise RunStopped(stopped_by, step_count, total_updates, logdir, report=process_id == 0)
+    if disk:  # at the last step: the others are done
+        jax.distributed.shutdown()
+        raise disk[0].failed(logdir, saved_step) from disk[0].error
 
     final_params = _local(global_params)
     result = {"params": final_params, "num_workers": num_workers, "process_id": process_id}
@@ -459,8 +480,12 @@ def run_distributed(
             }
         )
         if logdir is not None:
-            protocol.write_json(os.path.join(logdir, SUMMARY_NAME), {k: v for k, v in result.items() if k != "params"})
+            with disk_problems_noted(disk, "writing the summary"):
+                protocol.write_json(os.path.join(logdir, SUMMARY_NAME),
+                                    {k: v for k, v in result.items() if k != "params"})
     jax.distributed.shutdown()
+    if disk:
+        raise disk[0].failed(logdir, saved_step) from disk[0].error
     return result
 
 
@@ -543,6 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except RunStopped as stop:
         return exit_status(stop, "python -m jaxdp.runtime.distributed")
+    except WriteFailed as failed:  # a full disk: process 0 reports, and every process that knew ends with status 1
+        if failed.report:
+            print(f"python -m jaxdp.runtime.distributed: {failed}", file=sys.stderr, flush=True)
+        return 1
     if result["process_id"] == 0:
         final = " ".join(f"{k} {v:.4g}" for k, v in result["final"].items())
         print(f"[jaxdp.distributed] done: {result['total_updates']} steps in {result['wall_seconds']:.1f} s, {final}")

@@ -63,6 +63,13 @@ workers return normally. Open MPI 5's ``mpirun`` kills its ranks at once on SIGI
 on to every rank: stop an ``mpirun`` job with ``kill -USR1 <mpirun's pid>``, or signal the ranks themselves (their
 pids are in ``logdir/rank{r}.pid``). A second signal acts at once.
 
+A full disk: where rank 0 cannot write its log or checkpoint (a full disk or quota, a read-only filesystem), the
+job stops as on a signal, without writing more: in sync mode every rank stops after the next step (the request
+:data:`jaxdp.stopping.WRITE_FAILED` rides with it), in the async modes the master answers every worker "stop". Rank 0
+then raises :class:`jaxdp.stopping.WriteFailed` (a one-line report naming the last whole checkpoint, which
+``resume=True`` continues from: checkpoints are replaced atomically); the other ranks of a sync job raise it too,
+with nothing to report, and the async workers return normally.
+
 Start-up: every rank compiles and runs its step once (result discarded) before the clock starts, and
 in the async modes all ranks then meet at a barrier, so that neither ``wall_seconds`` nor the
 staleness statistics include compilation (``startup_seconds`` is reported apart).
@@ -113,7 +120,8 @@ from jax.flatten_util import ravel_pytree
 from jaxdp.runtime import _checks
 from jaxdp.runtime import _mpi_protocol as protocol
 from jaxdp.runtime.async_sim import worker_round
-from jaxdp.stopping import RunStopped, exit_status, stop_requests
+from jaxdp.stopping import (WRITE_FAILED, DiskProblem, RunStopped, WriteFailed, disk_problems_noted, exit_status,
+                             stop_requests)
 from jaxdp.workloads.base import Workload, restarted
 from jaxdp.cli_args import OneLineParser as _OneLineParser
 from jaxdp.cli_args import given_options
@@ -452,6 +460,15 @@ def _removed_when_done(pid_file: str | None) -> Iterator[None]:
                     os.remove(pid_file)
 
 
+def _write_summary(logdir: str, summary: dict, saved_step: int | None) -> None:
+    """Rank 0 writes ``summary.json`` once the others are done: a full disk is a :class:`WriteFailed` at once."""
+    disk: list[DiskProblem] = []
+    with disk_problems_noted(disk, "writing the summary"):
+        protocol.write_json(os.path.join(logdir, SUMMARY_NAME), summary)
+    if disk:
+        raise disk[0].failed(logdir, saved_step) from disk[0].error
+
+
 def _say(message: str) -> None:
     print(f"jaxdp.mpi: {message}", file=sys.stderr, flush=True)
 
@@ -606,8 +623,11 @@ def _run_sync(
             state = (restored, inner_state, outer_state, worker_state)
 
     metrics_path = None if logdir is None else os.path.join(logdir, METRICS_NAME)
+    disk: list[DiskProblem] = []  # rank 0: a write that met a full disk, which stops the job at its next step
+    saved_step = start_step if resume else None  # the step of the last whole checkpoint
     if rank == 0 and metrics_path is not None:
-        _start_metrics(metrics_path, resume, start_step, record_hook)
+        with disk_problems_noted(disk, "starting metrics.jsonl"):
+            _start_metrics(metrics_path, resume, start_step, record_hook)
 
     def log_point(step_count, sps, history):
         record = {"step": step_count, "sps": sps, **_mean_metrics(history)}
@@ -621,9 +641,10 @@ def _run_sync(
             print(f"[jaxdp.mpi sync] step {step_count}/{total_updates} {shown}", flush=True)
 
     def checkpoint(step_count):
+        nonlocal saved_step
         # In round mode each rank's inner state differs: gather them (a collective; all ranks are here).
         inner_states = comm.gather(jax.tree.map(np.asarray, state[1]), root=0) if not gradient_mode else None
-        if rank != 0:
+        if rank != 0 or disk:
             return
         arrays = {
             "mode": np.array("sync"),
@@ -636,7 +657,9 @@ def _run_sync(
             for r, tree in enumerate(inner_states):
                 arrays.update(protocol.tree_to_arrays(f"inner{r}_", tree))
             arrays.update(protocol.tree_to_arrays("outer_", state[2]))
-        protocol.save_checkpoint(_checkpoint_path(logdir), arrays)
+        with disk_problems_noted(disk, "saving the checkpoint"):
+            protocol.save_checkpoint(_checkpoint_path(logdir), arrays)
+            saved_step = step_count
 
     watchdog = _Watchdog(step_timeout, rank)
     # Warm-up: compile the step ahead of time (it lands in jit's cache), then meet, so that wall_seconds
@@ -647,8 +670,9 @@ def _run_sync(
     step.lower(state, jnp.asarray(start_step, jnp.int32), no_stop).compile()
     comm.Barrier()
     watchdog.beat(start_step)
-    if rank == 0 and start_step == 0:
-        log_point(0, None, [])
+    if rank == 0 and start_step == 0 and not disk:
+        with disk_problems_noted(disk, "logging"):
+            log_point(0, None, [])
     startup_seconds = time.perf_counter() - launched
     history: list[dict] = []
     started = time.perf_counter()
@@ -657,23 +681,25 @@ def _run_sync(
     step_count = start_step
     stopped_by = 0  # the signal every rank agreed to stop on
     while step_count < total_updates and not stopped_by:
-        stop = jnp.asarray(requested[0], jnp.int32) if requested else no_stop
+        stop = jnp.asarray(WRITE_FAILED if disk else requested[0] if requested else 0, jnp.int32)
         state, metrics, agreed = step(state, jnp.asarray(step_count, jnp.int32), stop)
         jax.block_until_ready(state)
         step_count += 1
         stopped_by = int(agreed)
         watchdog.beat(step_count)
-        if rank == 0:
+        if rank == 0 and not disk:
             history.append(jax.device_get(metrics))
             timed = log_seconds and time.perf_counter() - interval_start >= log_seconds
             if step_count % log_every == 0 or step_count == total_updates or stopped_by or timed:
                 now = time.perf_counter()
-                log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
+                with disk_problems_noted(disk, "logging"):
+                    log_point(step_count, (step_count - interval_step) / max(now - interval_start, 1e-9), history)
                 history, interval_start, interval_step = [], time.perf_counter(), step_count
         due = checkpoint_every and (step_count % checkpoint_every == 0 or step_count == total_updates)
         # Rank 0 alone writes a gradient-mode checkpoint (no collective), so its own clock may decide.
         timed = rank == 0 and checkpoint_seconds and time.monotonic() - last_checkpoint >= checkpoint_seconds
-        if logdir is not None and (due or timed or stopped_by):
+        # Not where rank 0 could not write: a full disk stays full, and every rank knows it here.
+        if logdir is not None and (due or timed or stopped_by) and stopped_by != WRITE_FAILED:
             checkpoint(step_count)  # also at the end and at a stop: --resume continues exactly from here
             last_checkpoint = time.monotonic()
         watchdog.beat(step_count)
@@ -682,7 +708,13 @@ def _run_sync(
     comm.Set_errhandler(MPI.ERRORS_RETURN)
     if stopped_by:
         comm.Barrier()  # every rank stays until rank 0 has written the checkpoint
+        if disk:  # rank 0 (a failure at the last step needs no agreement: the others are done)
+            raise disk[0].failed(logdir, saved_step) from disk[0].error
+        if stopped_by == WRITE_FAILED:
+            raise WriteFailed(logdir, "rank 0 could not write", "training", saved_step, removed=False, report=False)
         raise RunStopped(stopped_by, step_count, total_updates, logdir, report=rank == 0)
+    if disk:
+        raise disk[0].failed(logdir, saved_step) from disk[0].error
 
     if rank != 0:
         return {"rank": rank, "role": "worker", "params": state[0]}
@@ -709,7 +741,7 @@ def _run_sync(
         "config": run_config,
     }
     if logdir is not None:
-        protocol.write_json(os.path.join(logdir, SUMMARY_NAME), summary)
+        _write_summary(logdir, summary, saved_step)
     return {**summary, "params": state[0]}
 
 
@@ -762,8 +794,11 @@ def _run_master(
     theta_host = np.array(ravel_pytree(params)[0], np.float32)
 
     metrics_path = None if logdir is None else os.path.join(logdir, METRICS_NAME)
+    disk: list[DiskProblem] = []  # a write that met a full disk: the job stops as on a signal, writing nothing more
+    saved_step = start_version if resume else None  # the version of the last whole checkpoint
     if metrics_path is not None:
-        _start_metrics(metrics_path, resume, start_version, record_hook)
+        with disk_problems_noted(disk, "starting metrics.jsonl"):
+            _start_metrics(metrics_path, resume, start_version, record_hook)
     if not fault_tolerance_enabled():
         _say(
             "fault tolerance is off: if a worker dies, Open MPI ends the whole job; launch with "
@@ -816,6 +851,12 @@ def _run_master(
         outbox[:] = still
 
     def write_log(step_count, sps, interval):
+        if disk:
+            return
+        with disk_problems_noted(disk, "logging"):
+            log_record(step_count, sps, interval)
+
+    def log_record(step_count, sps, interval):
         record = {"step": step_count, "sps": sps, **_mean_metrics(interval["metrics"])}
         if interval["staleness"]:
             record["staleness_mean"] = float(np.mean(interval["staleness"]))
@@ -831,6 +872,9 @@ def _run_master(
             print(f"[jaxdp.mpi {run_config['mode']}] update {step_count}/{total_updates} {shown}", flush=True)
 
     def checkpoint():
+        nonlocal saved_step
+        if disk:
+            return
         arrays = {
             "mode": np.array(run_config["mode"]),
             "step": np.array(version),
@@ -838,7 +882,9 @@ def _run_master(
             "stats": np.array(json.dumps(protocol.to_builtin(stats))),
         }
         arrays.update(protocol.tree_to_arrays("outer_", outer_state))
-        protocol.save_checkpoint(_checkpoint_path(logdir), arrays)
+        with disk_problems_noted(disk, "saving the checkpoint"):
+            protocol.save_checkpoint(_checkpoint_path(logdir), arrays)
+            saved_step = version
 
     def on_push(w: int) -> None:
         stats["bytes_received_master"] += mpi_status.Get_count(MPI.FLOAT) * 4
@@ -933,11 +979,12 @@ def _run_master(
             if status[w] == "computing" and now - last_heard[w] > worker_timeout:
                 declare_lost(w, f"no push for {worker_timeout:.0f} s")
 
-        # 3. A stop request, this rank's signal or a worker's: end as after the last update, at θ as it stands. The
-        # Δ's not applied yet are dropped, as if they had never arrived (the checkpoint holds θ_version, and a resumed
-        # worker redraws their batches); their workers, and every other one at its next push, are answered "stop".
-        if not finished and (requested or heard):
-            stopped_by, finished = (requested or heard)[0], True
+        # 3. A stop request, this rank's signal or a worker's, or a disk this rank could not write: end as after the
+        # last update, at θ as it stands. The Δ's not applied yet are dropped, as if they had never arrived (the
+        # checkpoint holds θ_version, and a resumed worker redraws their batches); their workers, and every other one
+        # at its next push, are answered "stop".
+        if not finished and (requested or heard or disk):
+            stopped_by, finished = (requested or heard or [WRITE_FAILED])[0], True
             for w, _ in pending:
                 stats["arrivals"][w] -= 1
                 stats["gradient_steps"] -= local_steps
@@ -1021,6 +1068,8 @@ def _run_master(
         flush_outbox()
         time.sleep(0.001)
     cancel_receive(request)  # the wildcard receive posted for a push that will never come
+    if disk:  # the workers were answered "stop", as on a signal
+        raise disk[0].failed(logdir, saved_step) from disk[0].error
     if stopped_by:  # the run has not ended: no summary
         raise RunStopped(stopped_by, version, total_updates, logdir)
 
@@ -1062,7 +1111,7 @@ def _run_master(
         "config": run_config,
     }
     if logdir is not None:
-        protocol.write_json(os.path.join(logdir, SUMMARY_NAME), summary)
+        _write_summary(logdir, summary, saved_step)
     if not completed:
         raise WorkersLost(f"every worker was lost; stopped at update {version}/{total_updates}")
     return {**summary, "params": params}
@@ -1304,6 +1353,10 @@ def _train_from_command_line(argv: Sequence[str] | None) -> int:
         return 2
     except RunStopped as stop:
         return exit_status(stop, parser.prog)
+    except WriteFailed as failed:  # a full disk: rank 0 reports, and every rank that knew ends with status 1
+        if failed.report:
+            print(f"{parser.prog}: {failed}", file=sys.stderr, flush=True)
+        return 1
     except WorkersLost as error:  # rank 0; the workers are gone
         print(f"{parser.prog}: {error}", file=sys.stderr, flush=True)
         return 1
