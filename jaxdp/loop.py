@@ -54,7 +54,7 @@ from jaxdp.cli_args import folder_problem
 from jaxdp.config import (ConfigError, TrainConfig, check_resumable, evaluation_shown, make_logdir, point_shown,
                           save_run_config, validate)
 from jaxdp.runtime._mpi_protocol import truncate_json_lines
-from jaxdp.stopping import RunStopped, WriteFailed, disk_problem, stop_requests
+from jaxdp.stopping import DiskProblem, RunStopped, WriteFailed, disk_problems_noted, stop_requests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,12 +240,10 @@ def writes_in(logdir: str, doing: str, checkpoint_step: Callable[[], int | None]
     which go on writing it after the save has failed, are done. When no checkpoint was saved, ``nothing_saved``
     removes what the run had written, which could not be resumed and would keep its ``--logdir`` from another try.
     Other errors pass as they are."""
-    try:
+    noted: list[DiskProblem] = []
+    with disk_problems_noted(noted, doing):
         yield
-    except Exception as error:
-        reason = disk_problem(error)
-        if reason is None:
-            raise
+    if noted:
         if manager is not None:
             with contextlib.suppress(Exception):  # the same failure, from the threads that met it
                 manager.wait_until_finished()
@@ -253,7 +251,7 @@ def writes_in(logdir: str, doing: str, checkpoint_step: Callable[[], int | None]
         step = checkpoint_step()
         if step is None and nothing_saved is not None:
             nothing_saved()
-        raise WriteFailed(logdir, reason, doing, step) from error
+        raise WriteFailed(logdir, noted[0].reason, doing, step) from noted[0].error
 
 
 # ---------------------------------------------------------------------------------------------------------------
