@@ -138,17 +138,21 @@ class WriteFailed(Exception):
 
 def disk_problem(error: BaseException) -> str | None:
     """The system's text when ``error`` (or an error it was raised from) is a full or read-only disk, else None."""
-    texts = [os.strerror(code) for code in _DISK_ERRNOS]
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
             return os.strerror(error.errno)
-        found = next((text for text in texts if text in str(error)), None)
+        found = disk_problem_in(str(error))
         if found:
             return found
         error = error.__cause__ or error.__context__
     return None
+
+
+def disk_problem_in(text: str) -> str | None:
+    """The system's text of a full or read-only disk when ``text`` (a message) carries it, else None."""
+    return next((os.strerror(code) for code in _DISK_ERRNOS if os.strerror(code) in text), None)
 
 
 class DiskProblem(NamedTuple):
@@ -178,4 +182,4 @@ def disk_problems_noted(noted: list[DiskProblem], doing: str) -> Iterator[None]:
 
 
 __all__ = ["STOP_SIGNALS", "WRITE_FAILED", "DiskProblem", "RunStopped", "WriteFailed", "disk_problem",
-           "disk_problems_noted", "exit_status", "stop_requests"]
+           "disk_problem_in", "disk_problems_noted", "exit_status", "stop_requests"]

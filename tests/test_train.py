@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import glob
 import json
+import logging
 import math
 import os
 import signal
@@ -526,6 +527,45 @@ def test_process_0_notes_a_full_disk_for_the_job_to_stop_on_and_passes_other_err
         "it had saved no checkpoint: make room and run the command again")
     assert str(none_saved.counted(256, removed=True)).endswith(
         "it had saved no checkpoint, and what it wrote was removed: make room and run the command again")
+
+
+def test_a_full_disk_reported_in_one_line_holds_back_orbaxs_own_reports_of_it(tmp_path, monkeypatch, caplog):
+    """orbax's threads log a failed save's error with its traceback, and tensorstore's callbacks, still running once
+    orbax has closed its event loop, report "Event loop is closed" as unraisable errors: 160 lines before jaxdp's one
+    on a real full disk. ``loop.writes_in`` holds both while it runs and drops them when it raises WriteFailed, which
+    says the same; without a disk failure they are reported as they came, and other reports are not held."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+    class ClosedLoopCallback:  # an object whose finalizer fails as tensorstore's callbacks do
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    def orbax_reports_the_failure(other: Exception) -> None:
+        logging.getLogger("absl").error("_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED: Failed to "
+                                        "write 188 bytes to file 21: No space left on device [os_error_code='28']")
+        logging.getLogger("absl").error("an unrelated error")
+        ClosedLoopCallback(RuntimeError("Event loop is closed"))  # finalized at once: an unraisable error
+        ClosedLoopCallback(other)
+
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(loop.WriteFailed), loop.writes_in(str(tmp_path), "saving", checkpoint_step=lambda: 7):
+        orbax_reports_the_failure(ValueError("not the closed loop"))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert [r.getMessage() for r in caplog.records] == ["an unrelated error"]
+    assert [str(u.exc_value) for u in reported] == ["not the closed loop"]  # reported at once, not held
+    assert sys.unraisablehook == reported.append  # given back
+
+    caplog.clear()
+    reported.clear()
+    with loop.writes_in(str(tmp_path), "saving", checkpoint_step=lambda: 7):  # no failure: nothing is dropped
+        orbax_reports_the_failure(ValueError("not the closed loop"))
+        assert [str(u.exc_value) for u in reported] == ["not the closed loop"]
+    assert [str(u.exc_value) for u in reported] == ["not the closed loop", "Event loop is closed"]
+    assert len(caplog.records) == 2 and "No space left on device" in caplog.records[1].getMessage()
 
 
 def test_the_evaluation_alone_records_its_own_stop_requests(monkeypatch):
