@@ -162,9 +162,9 @@ class DiskProblem(NamedTuple):
     doing: str
     error: BaseException
 
-    def failed(self, logdir: str, checkpoint_step: int | None, report: bool = True) -> WriteFailed:
-        """The :class:`WriteFailed` to raise (``from self.error``) once the job has stopped."""
-        return WriteFailed(logdir, self.reason, self.doing, checkpoint_step, removed=False, report=report)
+    def failed(self, logdir: str, checkpoint_step: int | None) -> WriteFailed:
+        """The :class:`WriteFailed` that process 0 raises (``from self.error``) once the job has stopped."""
+        return WriteFailed(logdir, self.reason, self.doing, checkpoint_step, removed=False)
 
 
 @contextlib.contextmanager

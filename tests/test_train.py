@@ -522,7 +522,7 @@ def test_process_0_notes_a_full_disk_for_the_job_to_stop_on_and_passes_other_err
     assert str(failed.counted(256)) == ("cannot write in --logdir /runs/a (Read-only file system) while saving the "
                                         "checkpoint; the last checkpoint, at step 1792, is whole: make room and "
                                         "continue with --resume")
-    none_saved = noted[0].failed("/runs/a", None, report=False)
+    none_saved = WriteFailed("/runs/a", noted[0].reason, noted[0].doing, None, removed=False, report=False)
     assert not none_saved.report and str(none_saved).endswith(
         "it had saved no checkpoint: make room and run the command again")
     assert str(none_saved.counted(256, removed=True)).endswith(
